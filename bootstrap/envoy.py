@@ -1,0 +1,251 @@
+"""Workload identity + xDS address -> an Envoy bootstrap (protobuf), rendered as JSON or YAML.
+
+Values may be Kubernetes `$(VAR)` references (e.g. `$(POD_IP)`): the injector passes the
+bootstrap inline in the container's args, where Kubernetes expands them from the Downward API.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import yaml
+from envoy.config.bootstrap.v3 import bootstrap_pb2
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
+from envoy.config.core.v3 import address_pb2, backoff_pb2, base_pb2, config_source_pb2, grpc_service_pb2, protocol_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.overload.v3 import overload_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
+from envoy.extensions.resource_monitors.downstream_connections.v3 import downstream_connections_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from google.protobuf import json_format, struct_pb2, wrappers_pb2
+
+from controlplane.generate.common import pack as _pack
+from controlplane.generate.common import seconds as _seconds
+from controlplane.generate.common import socket_address as _address
+
+XDS_CLUSTER = "xds-grpc"
+ADMIN_CLUSTER = "prometheus_stats"
+_VAR = re.compile(r"^\$\([A-Z_][A-Z0-9_]*\)$")
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+
+
+class BootstrapError(ValueError):
+    """An identity or address that cannot make a working bootstrap; says which value and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadIdentity:
+    name: str
+    namespace: str
+    service_account: str = "default"
+    ip: str = "$(INSTANCE_IP)"
+    labels: Mapping[str, str] = field(default_factory=dict)
+    domain_suffix: str = "cluster.local"
+
+    @property
+    def node_id(self) -> str:
+        return f"sidecar~{self.ip}~{self.name}.{self.namespace}~{self.namespace}.svc.{self.domain_suffix}"
+
+
+@dataclass(frozen=True, slots=True)
+class Ports:
+    admin: int = 15000
+    stats: int = 15090
+    health: int = 15021
+
+
+def bootstrap(identity: WorkloadIdentity, xds_address: str, ports: Ports = Ports()) -> bootstrap_pb2.Bootstrap:
+    """The bootstrap for a sidecar of `identity` that gets its config over ADS from `xds_address`."""
+    _check(identity)
+    host, port = split_address(xds_address)
+    labels = dict(identity.labels)
+    app = labels.get("app") or labels.get("app.kubernetes.io/name") or identity.name
+    metadata = struct_pb2.Struct()
+    metadata.update(
+        {
+            "NAME": identity.name,
+            "NAMESPACE": identity.namespace,
+            "SERVICE_ACCOUNT": identity.service_account,
+            "INSTANCE_IPS": identity.ip,
+            "LABELS": labels,
+            "WORKLOAD_NAME": identity.name,
+        }
+    )
+    ads = config_source_pb2.ConfigSource(
+        ads=config_source_pb2.AggregatedConfigSource(), resource_api_version=config_source_pb2.V3
+    )
+    return bootstrap_pb2.Bootstrap(
+        node=base_pb2.Node(id=identity.node_id, cluster=f"{app}.{identity.namespace}", metadata=metadata),
+        static_resources=bootstrap_pb2.Bootstrap.StaticResources(
+            clusters=[_xds_cluster(host, port), _admin_cluster(ports.admin)],
+            listeners=[
+                _admin_listener("prometheus", ports.stats, "/stats/prometheus", "/stats/prometheus"),
+                _admin_listener("health", ports.health, "/healthz/ready", "/ready"),
+            ],
+        ),
+        dynamic_resources=bootstrap_pb2.Bootstrap.DynamicResources(
+            ads_config=config_source_pb2.ApiConfigSource(
+                api_type=config_source_pb2.ApiConfigSource.GRPC,
+                transport_api_version=config_source_pb2.V3,
+                set_node_on_first_message_only=True,
+                grpc_services=[
+                    grpc_service_pb2.GrpcService(
+                        envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(
+                            cluster_name=XDS_CLUSTER,
+                            retry_policy=base_pb2.RetryPolicy(
+                                retry_back_off=backoff_pb2.BackoffStrategy(
+                                    base_interval=_seconds(0.5), max_interval=_seconds(5)
+                                ),
+                                num_retries=wrappers_pb2.UInt32Value(value=10),
+                            ),
+                        )
+                    )
+                ],
+            ),
+            cds_config=ads,
+            lds_config=ads,
+        ),
+        admin=bootstrap_pb2.Admin(address=_address("127.0.0.1", ports.admin)),
+        overload_manager=_overload_manager(),
+    )
+
+
+def render(msg: bootstrap_pb2.Bootstrap, fmt: str = "json") -> str:
+    doc = json_format.MessageToDict(msg)
+    if fmt == "json":
+        return json.dumps(doc, indent=2) + "\n"
+    if fmt == "yaml":
+        return yaml.safe_dump(doc, sort_keys=False)
+    raise BootstrapError(f"unknown format {fmt!r} (json or yaml)")
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise BootstrapError(f"xDS address {address!r} must be HOST:PORT (e.g. meshplane.mesh-system.svc:15010)")
+    return host, int(port)
+
+
+def _check(identity: WorkloadIdentity) -> None:
+    for what, value in (
+        ("name", identity.name),
+        ("namespace", identity.namespace),
+        ("service account", identity.service_account),
+    ):
+        if not (_NAME.match(value) or _VAR.match(value)):
+            raise BootstrapError(f"{what} {value!r} must be a lowercase DNS name or a $(VAR) reference")
+    if not _VAR.match(identity.ip):
+        try:
+            ipaddress.ip_address(identity.ip)
+        except ValueError:
+            raise BootstrapError(f"IP {identity.ip!r} is not an IP address or a $(VAR) reference") from None
+
+
+def _xds_cluster(host: str, port: int) -> cluster_pb2.Cluster:
+    try:
+        ipaddress.ip_address(host)
+        kind = cluster_pb2.Cluster.STATIC
+    except ValueError:
+        kind = cluster_pb2.Cluster.STRICT_DNS
+    cluster = cluster_pb2.Cluster(
+        name=XDS_CLUSTER,
+        type=kind,
+        connect_timeout=_seconds(1),
+        load_assignment=_assignment(XDS_CLUSTER, host, port),
+        upstream_connection_options=cluster_pb2.UpstreamConnectionOptions(
+            tcp_keepalive=address_pb2.TcpKeepalive(keepalive_time=wrappers_pb2.UInt32Value(value=300))
+        ),
+        circuit_breakers=circuit_breaker_pb2.CircuitBreakers(
+            thresholds=[
+                circuit_breaker_pb2.CircuitBreakers.Thresholds(
+                    priority=base_pb2.DEFAULT,
+                    max_connections=wrappers_pb2.UInt32Value(value=100000),
+                    max_pending_requests=wrappers_pb2.UInt32Value(value=100000),
+                    max_requests=wrappers_pb2.UInt32Value(value=100000),
+                )
+            ]
+        ),
+    )
+    cluster.typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].Pack(
+        http_protocol_options_pb2.HttpProtocolOptions(
+            explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+                http2_protocol_options=protocol_pb2.Http2ProtocolOptions(
+                    connection_keepalive=protocol_pb2.KeepaliveSettings(interval=_seconds(30), timeout=_seconds(10))
+                )
+            )
+        )
+    )
+    return cluster
+
+
+def _admin_cluster(admin_port: int) -> cluster_pb2.Cluster:
+    return cluster_pb2.Cluster(
+        name=ADMIN_CLUSTER,
+        type=cluster_pb2.Cluster.STATIC,
+        connect_timeout=_seconds(0.25),
+        load_assignment=_assignment(ADMIN_CLUSTER, "127.0.0.1", admin_port),
+    )
+
+
+def _admin_listener(name: str, port: int, path: str, rewrite: str) -> listener_pb2.Listener:
+    """Exposes one admin path on all interfaces without exposing the admin API itself."""
+    route = route_components_pb2.Route(
+        match=route_components_pb2.RouteMatch(path=path),
+        route=route_components_pb2.RouteAction(cluster=ADMIN_CLUSTER, prefix_rewrite=rewrite),
+    )
+    manager = hcm.HttpConnectionManager(
+        stat_prefix=name,
+        codec_type=hcm.HttpConnectionManager.AUTO,
+        route_config=route_pb2.RouteConfiguration(
+            virtual_hosts=[route_components_pb2.VirtualHost(name=name, domains=["*"], routes=[route])]
+        ),
+        http_filters=[hcm.HttpFilter(name="envoy.filters.http.router", typed_config=_pack(router_pb2.Router()))],
+    )
+    return listener_pb2.Listener(
+        name=name,
+        address=_address("0.0.0.0", port),
+        filter_chains=[
+            listener_components_pb2.FilterChain(
+                filters=[
+                    listener_components_pb2.Filter(
+                        name="envoy.filters.network.http_connection_manager", typed_config=_pack(manager)
+                    )
+                ]
+            )
+        ],
+    )
+
+
+def _assignment(cluster: str, host: str, port: int) -> endpoint_pb2.ClusterLoadAssignment:
+    return endpoint_pb2.ClusterLoadAssignment(
+        cluster_name=cluster,
+        endpoints=[
+            endpoint_components_pb2.LocalityLbEndpoints(
+                lb_endpoints=[
+                    endpoint_components_pb2.LbEndpoint(
+                        endpoint=endpoint_components_pb2.Endpoint(address=_address(host, port))
+                    )
+                ]
+            )
+        ],
+    )
+
+
+def _overload_manager() -> overload_pb2.OverloadManager:
+    # Envoy warns at start-up unless a global downstream connection limit is configured.
+    limit = downstream_connections_pb2.DownstreamConnectionsConfig(max_active_downstream_connections=100_000)
+    return overload_pb2.OverloadManager(
+        resource_monitors=[
+            overload_pb2.ResourceMonitor(
+                name="envoy.resource_monitors.global_downstream_max_connections", typed_config=_pack(limit)
+            )
+        ]
+    )

@@ -1,0 +1,123 @@
+"""Versioned resources, packed and serialized once per distinct proxy view. No I/O.
+
+The cache knows nothing of gRPC: streams ask it for a view's resources and compare
+versions with what they last sent. A new model drops every memo at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import Protocol
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
+from google.protobuf import message
+
+from .generate import SECRET_DEFAULT, SECRET_ROOTCA, MeshConfig, ProxyView
+from .generate.common import pack
+from .generate.secrets import root_secret, workload_secret
+from .model import MeshModel, spiffe_id
+from .resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Resource, Resources
+
+
+class CertificateSource(Protocol):
+    root_pem: bytes
+
+    def workload_certificate(self, spiffe_id: str) -> _Issued: ...
+
+
+class _Issued(Protocol):
+    cert_pem: bytes
+    key_pem: bytes
+
+
+class InconsistentSnapshot(RuntimeError):
+    """Generated config references something it does not contain: a generator bug."""
+
+
+def resource(msg: message.Message) -> Resource:
+    packed = pack(msg)
+    version = hashlib.blake2b(packed.value, digest_size=8).hexdigest()
+    return Resource(getattr(msg, "name", "") or getattr(msg, "cluster_name", ""), version, packed)
+
+
+class ConfigCache:
+    """Per model: `MeshConfig`; per view: a snapshot of packed resources; per message: one packing."""
+
+    def __init__(
+        self, model: MeshModel, ca: CertificateSource, config: Callable[[MeshModel], MeshConfig] = MeshConfig
+    ) -> None:
+        self._config_factory = config
+        self._ca = ca
+        self._root = resource(root_secret(ca.root_pem))
+        self._secrets: dict[str, tuple[bytes, Resource]] = {}
+        self.update(model)
+
+    @property
+    def model(self) -> MeshModel:
+        return self._model
+
+    def update(self, model: MeshModel) -> None:
+        self._model = model
+        self._config = self._config_factory(model)
+        self._views: dict[ProxyView, dict[str, Resources]] = {}
+        self._packed: dict[int, tuple[message.Message, Resource]] = {}
+
+    def resources(self, view: ProxyView, type_url: str) -> Resources:
+        """All resources of `type_url` for a proxy with `view`, keyed by name."""
+        if type_url == SECRET:
+            return self._secret_resources(view)
+        snap = self._views.get(view)
+        if snap is None:
+            generated = self._config.resources(view)
+            snap = {t: {r.name: r for r in map(self._pack_once, msgs)} for t, msgs in generated.items()}
+            check_consistent(snap)
+            self._views[view] = snap
+        return snap.get(type_url, {})
+
+    def views(self) -> int:
+        return len(self._views)
+
+    def _pack_once(self, msg: message.Message) -> Resource:
+        # Views share message objects for shared config: pack and hash each object once.
+        hit = self._packed.get(id(msg))
+        if hit is None or hit[0] is not msg:
+            hit = (msg, resource(msg))
+            self._packed[id(msg)] = hit
+        return hit[1]
+
+    def _secret_resources(self, view: ProxyView) -> Resources:
+        """Only the proxy's own identity: a proxy can never be sent another identity's key."""
+        identity = spiffe_id(self._model.trust_domain, view.namespace, view.service_account)
+        issued = self._ca.workload_certificate(identity)
+        cached = self._secrets.get(identity)
+        if cached is None or cached[0] != issued.cert_pem:
+            cached = (issued.cert_pem, resource(workload_secret(issued.cert_pem, issued.key_pem)))
+            self._secrets[identity] = cached
+        return {SECRET_DEFAULT: cached[1], SECRET_ROOTCA: self._root}
+
+
+def check_consistent(snap: dict[str, Resources]) -> None:
+    """Every EDS name a cluster uses and every RDS name a listener uses is in the snapshot."""
+    for res in snap.get(CLUSTER, {}).values():
+        cluster = cluster_pb2.Cluster()
+        res.packed.Unpack(cluster)
+        if cluster.type == cluster_pb2.Cluster.EDS:
+            name = cluster.eds_cluster_config.service_name or cluster.name
+            if name not in snap.get(ENDPOINT, {}):
+                raise InconsistentSnapshot(f"cluster {cluster.name} uses endpoints {name!r} that are not generated")
+    for res in snap.get(LISTENER, {}).values():
+        listener = listener_pb2.Listener()
+        res.packed.Unpack(listener)
+        for chain in listener.filter_chains:
+            for f in chain.filters:
+                if f.typed_config.Is(hcm.HttpConnectionManager.DESCRIPTOR):
+                    manager = hcm.HttpConnectionManager()
+                    f.typed_config.Unpack(manager)
+                    if manager.HasField("rds") and manager.rds.route_config_name not in snap.get(ROUTE, {}):
+                        raise InconsistentSnapshot(
+                            f"listener {listener.name} uses routes {manager.rds.route_config_name!r} "
+                            "that are not generated"
+                        )

@@ -1,0 +1,181 @@
+"""`meshctl`: parses flags into settings and calls into the library. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import MeshError
+from .settings import Settings, default_ca_dir, parse_duration
+
+log = logging.getLogger("meshplane")
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535; 0 picks a free port)")
+    return int(text)
+
+
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key, value
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="meshctl",
+        description="Meshplane: a control plane for Envoy sidecars (xDS with SPIFFE mTLS, "
+        "bootstrap generation, traffic capture, sidecar injection).",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="how much to log (default: info)",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser(
+        "serve",
+        help="run the control plane (xDS, CA, admin HTTP)",
+        description="Run the control plane: the xDS server (ADS and per-type services) with the "
+        "mesh CA, and the admin HTTP server. Edits to the mesh file are applied live.",
+    )
+    s.add_argument("--mesh", required=True, type=Path, metavar="FILE", help="the YAML mesh file (watched for edits)")
+    s.add_argument(
+        "--bind",
+        default="0.0.0.0",
+        metavar="ADDRESS",
+        help="address to listen on (default: 0.0.0.0, all interfaces, as istiod)",
+    )
+    s.add_argument("--xds-port", type=_port, default=15010, metavar="N", help="gRPC xDS and CA port (default: 15010)")
+    s.add_argument(
+        "--admin-port",
+        type=_port,
+        default=15014,
+        metavar="N",
+        help="admin HTTP port: /healthz /readyz /metrics /debug/proxies (default: 15014)",
+    )
+    s.add_argument(
+        "--webhook-port",
+        type=_port,
+        default=15017,
+        metavar="N",
+        help="HTTPS port of the injection webhook (default: 15017)",
+    )
+    s.add_argument(
+        "--ca-dir",
+        type=Path,
+        default=default_ca_dir(),
+        metavar="DIR",
+        help=f"where the CA root is kept; created on first start (default: {default_ca_dir()})",
+    )
+    s.add_argument(
+        "--cert-ttl",
+        default="1h",
+        metavar="DURATION",
+        help="workload certificate lifetime, renewed at half-life (default: 1h; e.g. 30m, 90s)",
+    )
+    s.add_argument(
+        "--proxy-grace",
+        default="5s",
+        metavar="DURATION",
+        help="how long a disconnected proxy stays an endpoint (default: 5s)",
+    )
+
+    b = sub.add_parser(
+        "bootstrap",
+        help="print an Envoy bootstrap for a workload",
+        description="Print the Envoy bootstrap that makes a stock Envoy a sidecar of this mesh: "
+        "node identity, the xds-grpc cluster, ADS, admin on 127.0.0.1, Prometheus "
+        "stats on 15090 and readiness on 15021.",
+    )
+    b.add_argument("--xds-address", required=True, metavar="HOST:PORT", help="where `meshctl serve` listens")
+    b.add_argument("--name", required=True, help="the workload (pod) name")
+    b.add_argument("--namespace", required=True, help="the workload's namespace")
+    b.add_argument("--service-account", default="default", help="the workload's service account (default: default)")
+    b.add_argument("--ip", required=True, help="the workload's IP address")
+    b.add_argument(
+        "--label",
+        action="append",
+        type=_label,
+        default=[],
+        metavar="K=V",
+        help="a workload label (repeat for several); services select workloads by label",
+    )
+    b.add_argument(
+        "--admin-port", type=_port, default=15000, metavar="N", help="Envoy admin port on 127.0.0.1 (default: 15000)"
+    )
+    b.add_argument("--format", choices=["json", "yaml"], default="json", help="output format (default: json)")
+    b.add_argument("-o", "--output", type=Path, metavar="FILE", help="write here instead of standard output")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "bootstrap":
+            return _bootstrap(args)
+    except MeshError as e:
+        print(f"meshctl {args.command}: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"meshctl {args.command}: {e}", file=sys.stderr)
+        return 1
+    raise AssertionError(args.command)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .app import serve
+
+    settings = Settings(
+        mesh_file=args.mesh,
+        bind=args.bind,
+        xds_port=args.xds_port,
+        admin_port=args.admin_port,
+        webhook_port=args.webhook_port,
+        ca_dir=args.ca_dir,
+        cert_ttl=parse_duration(args.cert_ttl),
+        proxy_grace=parse_duration(args.proxy_grace).total_seconds(),
+    )
+    asyncio.run(serve(settings))
+    return 0
+
+
+def _bootstrap(args: argparse.Namespace) -> int:
+    from bootstrap import Ports, WorkloadIdentity, bootstrap, render
+
+    from .errors import ConfigError
+
+    identity = WorkloadIdentity(
+        name=args.name,
+        namespace=args.namespace,
+        service_account=args.service_account,
+        ip=args.ip,
+        labels=dict(args.label),
+    )
+    try:
+        text = render(bootstrap(identity, args.xds_address, Ports(admin=args.admin_port)), args.format)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if args.output:
+        args.output.write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

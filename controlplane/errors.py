@@ -1,0 +1,30 @@
+"""Meshplane's exceptions. Library errors are translated into these where they enter.
+
+MeshError
+├── MeshFileError      a mesh file that cannot be read or is invalid
+├── CertificateError   the CA cannot load, issue or sign
+└── ConfigError        bad settings or flags given to a command
+"""
+
+
+class MeshError(Exception):
+    """Base of every error Meshplane raises on purpose."""
+
+
+class MeshFileError(MeshError):
+    """A mesh file is unreadable or invalid; the message names file, line and field."""
+
+    def __init__(self, path: str, problem: str, line: int | None = None) -> None:
+        self.path = path
+        self.problem = problem
+        self.line = line
+        where = f"{path}:{line}" if line is not None else path
+        super().__init__(f"{where}: {problem}")
+
+
+class CertificateError(MeshError):
+    """The mesh CA could not load its root or issue a certificate."""
+
+
+class ConfigError(MeshError):
+    """Settings or command-line flags that cannot work together."""

@@ -1,0 +1,105 @@
+"""CDS: outbound EDS clusters per service port, inbound clusters, passthrough and blackhole."""
+
+from __future__ import annotations
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import address_pb2, protocol_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as http_opts
+
+from ..model import MeshModel, MtlsMode, Port, Service
+from .common import (
+    BLACKHOLE,
+    INBOUND_PASSTHROUGH,
+    INBOUND_SOURCE,
+    PASSTHROUGH,
+    TLS_MODE_ISTIO,
+    TLS_MODE_KEY,
+    ads,
+    inbound_cluster_name,
+    outbound_cluster_name,
+    raw_buffer,
+    seconds,
+    socket_address,
+    struct,
+    upstream_tls,
+)
+
+CONNECT_TIMEOUT = 10.0
+HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def outbound(model: MeshModel, service: Service, port: Port) -> cluster_pb2.Cluster:
+    """`outbound|<port>||<host>`: endpoints from EDS; mTLS to endpoints that carry a sidecar."""
+    name = outbound_cluster_name(port, service, model.domain_suffix)
+    cluster = cluster_pb2.Cluster(
+        name=name,
+        type=cluster_pb2.Cluster.EDS,
+        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=ads(), service_name=name),
+        connect_timeout=seconds(CONNECT_TIMEOUT),
+        lb_policy=cluster_pb2.Cluster.ROUND_ROBIN,
+    )
+    if port.protocol.is_http2:
+        cluster.typed_extension_protocol_options[HTTP_OPTIONS].Pack(
+            http_opts.HttpProtocolOptions(
+                explicit_http_config=http_opts.HttpProtocolOptions.ExplicitHttpConfig(
+                    http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
+                )
+            )
+        )
+    if model.mtls is not MtlsMode.DISABLE or any(
+        model.mtls_of(w) is not MtlsMode.DISABLE for w in model.endpoints(service)
+    ):
+        # Istio's auto-mTLS: endpoints marked tlsMode=istio (they run a sidecar) get mTLS,
+        # the others plaintext, decided per endpoint by the transport socket match.
+        sans = sorted({w.spiffe_id(model.trust_domain) for w in model.endpoints(service)})
+        sni = f"outbound_.{port.port}_._.{service.hostname(model.domain_suffix)}"
+        alpn = ["h2"] if port.protocol.is_http2 else []
+        cluster.transport_socket_matches.extend(
+            [
+                cluster_pb2.Cluster.TransportSocketMatch(
+                    name=f"{TLS_MODE_KEY}-{TLS_MODE_ISTIO}",
+                    match=struct({TLS_MODE_KEY: TLS_MODE_ISTIO}),
+                    transport_socket=upstream_tls(sans, model.trust_domain, sni, alpn),
+                ),
+                cluster_pb2.Cluster.TransportSocketMatch(
+                    name=f"{TLS_MODE_KEY}-disabled", transport_socket=raw_buffer()
+                ),
+            ]
+        )
+    return cluster
+
+
+def inbound(port: int) -> cluster_pb2.Cluster:
+    """`inbound|<port>||`: to the app at the connection's original destination, from 127.0.0.6."""
+    return _original_dst(inbound_cluster_name(port), bind_inbound_source=True)
+
+
+def passthrough() -> cluster_pb2.Cluster:
+    return _original_dst(PASSTHROUGH, bind_inbound_source=False)
+
+
+def inbound_passthrough() -> cluster_pb2.Cluster:
+    return _original_dst(INBOUND_PASSTHROUGH, bind_inbound_source=True)
+
+
+def blackhole() -> cluster_pb2.Cluster:
+    return cluster_pb2.Cluster(
+        name=BLACKHOLE, type=cluster_pb2.Cluster.STATIC, connect_timeout=seconds(CONNECT_TIMEOUT)
+    )
+
+
+def _original_dst(name: str, *, bind_inbound_source: bool) -> cluster_pb2.Cluster:
+    cluster = cluster_pb2.Cluster(
+        name=name,
+        type=cluster_pb2.Cluster.ORIGINAL_DST,
+        lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED,
+        connect_timeout=seconds(CONNECT_TIMEOUT),
+        cleanup_interval=seconds(60),
+    )
+    if bind_inbound_source:
+        # Without this source the capture rules would send the proxy's own forward
+        # to the app back into 15006, looping (see notes/envoy.md).
+        cluster.upstream_bind_config.CopyFrom(
+            address_pb2.BindConfig(source_address=socket_address(INBOUND_SOURCE, 0).socket_address)
+        )
+    return cluster

@@ -1,0 +1,29 @@
+"""The control plane's Prometheus metrics, in a registry of their own (no globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.connected = Gauge("meshplane_xds_connected_proxies", "Proxies with an open xDS stream", registry=r)
+        self.pushes = Counter("meshplane_xds_pushes", "xDS responses sent", ["type"], registry=r)
+        self.push_seconds = Histogram(
+            "meshplane_xds_push_latency_seconds",
+            "From a change reaching the server to the response being sent",
+            ["type"],
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+        self.acks = Counter("meshplane_xds_acks", "Responses acknowledged by proxies", ["type"], registry=r)
+        self.nacks = Counter("meshplane_xds_nacks", "Responses rejected by proxies", ["type"], registry=r)
+        self.stale = Counter("meshplane_xds_stale_requests", "Requests with an outdated nonce, ignored", registry=r)
+        self.reloads = Counter("meshplane_mesh_reloads", "Mesh file reloads", ["result"], registry=r)
+        self.views = Gauge("meshplane_config_views", "Distinct proxy views generated for the current model", registry=r)
+        self.certificates = Counter("meshplane_ca_certificates_issued", "Certificates signed for CSRs", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,140 @@
+"""The mesh model: frozen, hashable values that every part of Meshplane shares.
+
+A `MeshModel` is an immutable snapshot. Sources build a new one on every change;
+nothing ever mutates one in place, so generators may cache on identity.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+class Protocol(enum.StrEnum):
+    HTTP = "HTTP"
+    HTTP2 = "HTTP2"
+    GRPC = "GRPC"
+    TCP = "TCP"
+
+    @property
+    def is_http(self) -> bool:
+        return self is not Protocol.TCP
+
+    @property
+    def is_http2(self) -> bool:
+        return self in (Protocol.HTTP2, Protocol.GRPC)
+
+
+class MtlsMode(enum.StrEnum):
+    STRICT = "STRICT"
+    PERMISSIVE = "PERMISSIVE"
+    DISABLE = "DISABLE"
+
+
+class OutboundPolicy(enum.StrEnum):
+    ALLOW_ANY = "ALLOW_ANY"
+    REGISTRY_ONLY = "REGISTRY_ONLY"
+
+
+Labels = tuple[tuple[str, str], ...]
+
+
+def labels(mapping: Mapping[str, str] | None) -> Labels:
+    """Labels in their canonical, hashable form: sorted key/value pairs."""
+    return tuple(sorted((mapping or {}).items()))
+
+
+@dataclass(frozen=True, slots=True)
+class Port:
+    port: int
+    name: str
+    protocol: Protocol = Protocol.TCP
+    target_port: int | None = None
+
+    @property
+    def workload_port(self) -> int:
+        """The port the workload listens on (`targetPort`, else the service port)."""
+        return self.target_port or self.port
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    name: str
+    namespace: str
+    ports: tuple[Port, ...]
+    selector: Labels = ()
+    addresses: tuple[str, ...] = ()
+
+    def hostname(self, domain_suffix: str) -> str:
+        return f"{self.name}.{self.namespace}.svc.{domain_suffix}"
+
+    def selects(self, workload: Workload) -> bool:
+        if workload.namespace != self.namespace or not self.selector:
+            return False
+        have = dict(workload.labels)
+        return all(have.get(k) == v for k, v in self.selector)
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    name: str
+    namespace: str
+    service_account: str
+    address: str
+    labels: Labels = ()
+    mtls: MtlsMode | None = None
+    """Overrides the mesh-wide mode for this workload's inbound side."""
+
+    def spiffe_id(self, trust_domain: str) -> str:
+        return spiffe_id(trust_domain, self.namespace, self.service_account)
+
+
+def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
+    return f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
+
+
+@dataclass(frozen=True, slots=True)
+class MeshModel:
+    trust_domain: str = "cluster.local"
+    domain_suffix: str = "cluster.local"
+    mtls: MtlsMode = MtlsMode.STRICT
+    outbound_policy: OutboundPolicy = OutboundPolicy.ALLOW_ANY
+    services: tuple[Service, ...] = ()
+    workloads: tuple[Workload, ...] = ()
+    _endpoints: dict[tuple[str, str], tuple[Workload, ...]] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
+
+    def with_workloads(self, extra: tuple[Workload, ...]) -> MeshModel:
+        """This model plus `extra` workloads; a static workload wins over a same-named extra."""
+        have = {(w.namespace, w.name) for w in self.workloads}
+        added = tuple(w for w in extra if (w.namespace, w.name) not in have)
+        return MeshModel(
+            trust_domain=self.trust_domain,
+            domain_suffix=self.domain_suffix,
+            mtls=self.mtls,
+            outbound_policy=self.outbound_policy,
+            services=self.services,
+            workloads=self.workloads + added,
+        )
+
+    def endpoints(self, service: Service) -> tuple[Workload, ...]:
+        """Workloads selected by `service`, ordered by address then name (memoized)."""
+        key = (service.namespace, service.name)
+        found = self._endpoints.get(key)
+        if found is None:
+            found = tuple(
+                sorted(
+                    (w for w in self.workloads if service.selects(w)),
+                    key=lambda w: (w.address, w.name),
+                )
+            )
+            self._endpoints[key] = found
+        return found
+
+    def services_of(self, workload: Workload) -> tuple[Service, ...]:
+        return tuple(s for s in self.services if s.selects(workload))
+
+    def mtls_of(self, workload: Workload) -> MtlsMode:
+        return workload.mtls or self.mtls

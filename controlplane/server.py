@@ -1,0 +1,429 @@
+"""The xDS gRPC server: ADS and the per-type discovery services over the cache, plus the CA service.
+
+Each stream is a `Connection`: a reader task feeds requests into a queue, pushes put a
+marker in the same queue, and one loop turns both into responses through the
+stream's `StreamState`, so a stream's protocol state is only ever touched by one task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import grpc
+from envoy.service.cluster.v3 import cds_pb2_grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from envoy.service.endpoint.v3 import eds_pb2_grpc
+from envoy.service.listener.v3 import lds_pb2_grpc
+from envoy.service.route.v3 import rds_pb2_grpc
+from envoy.service.secret.v3 import sds_pb2_grpc
+from google.protobuf import json_format
+
+from protos import ca_pb2, ca_pb2_grpc
+
+from .ca import CertificateAuthority
+from .cache import ConfigCache
+from .errors import CertificateError
+from .generate import ProxyView, view_of
+from .metrics import Metrics
+from .model import MeshModel
+from .proxy import NodeError, ProxyNode, from_node
+from .registry import Registry
+from .resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Resources, short
+from .stream import Nack, StreamState
+
+log = logging.getLogger("meshplane.xds")
+
+_PUSH = object()
+_END = object()
+
+
+@dataclass(eq=False)
+class Connection:
+    id: int
+    peer: str
+    node: ProxyNode
+    state: StreamState
+    connected_at: float = field(default_factory=time.time)
+    queue: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
+    push_queued: bool = False
+    last_nack: dict[str, Nack] = field(default_factory=dict)
+
+    def push(self) -> None:
+        if not self.push_queued:
+            self.push_queued = True
+            self.queue.put_nowait(_PUSH)
+
+
+class Debouncer:
+    """Coalesces bursts: `action` runs `delay` after the last call, or `max_delay` after the first."""
+
+    def __init__(self, delay: float, max_delay: float, action: Callable[[float], None]) -> None:
+        self.delay, self.max_delay, self._action = delay, max_delay, action
+        self._calls = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def __call__(self) -> None:
+        self._calls += 1
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._wait(time.monotonic()))
+
+    async def _wait(self, first: float) -> None:
+        try:
+            while True:
+                seen = self._calls
+                await asyncio.sleep(self.delay)
+                if self._calls == seen or time.monotonic() - first >= self.max_delay:
+                    break
+        finally:
+            self._task = None
+        self._action(first)
+
+    def cancel(self) -> None:
+        if self._task:
+            self._task.cancel()
+
+
+class XdsServer:
+    """Serves config from `cache` to every connected proxy; registers proxies in `registry`."""
+
+    def __init__(
+        self,
+        cache: ConfigCache,
+        registry: Registry,
+        ca: CertificateAuthority,
+        metrics: Metrics,
+        *,
+        debounce: float = 0.1,
+        debounce_max: float = 1.0,
+        proxy_grace: float = 5.0,
+    ) -> None:
+        self.cache = cache
+        self.registry = registry
+        self.ca = ca
+        self.metrics = metrics
+        self.proxy_grace = proxy_grace
+        self.connections: dict[int, Connection] = {}
+        self._ids = itertools.count(1)
+        self._pending_model: MeshModel | None = None
+        self._change_started = time.monotonic()
+        self._debouncer = Debouncer(debounce, debounce_max, self._apply_model)
+        self._grpc: grpc.aio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._timers: set[asyncio.TimerHandle] = set()
+        self.port = 0
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def start(self, bind: str, port: int) -> int:
+        server = grpc.aio.server(
+            options=[
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.max_pings_without_data", 0),
+                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            ]
+        )
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(_Ads(self), server)
+        cds_pb2_grpc.add_ClusterDiscoveryServiceServicer_to_server(_Cds(self), server)
+        eds_pb2_grpc.add_EndpointDiscoveryServiceServicer_to_server(_Eds(self), server)
+        lds_pb2_grpc.add_ListenerDiscoveryServiceServicer_to_server(_Lds(self), server)
+        rds_pb2_grpc.add_RouteDiscoveryServiceServicer_to_server(_Rds(self), server)
+        sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(_Sds(self), server)
+        ca_pb2_grpc.add_CertificateServiceServicer_to_server(_CertificateService(self), server)
+        address = f"[{bind}]:{port}" if ":" in bind else f"{bind}:{port}"
+        try:
+            self.port = server.add_insecure_port(address)
+        except RuntimeError as e:
+            raise OSError(f"cannot listen for xDS on {address}: {e}") from None
+        await server.start()
+        self._grpc = server
+        self._tasks.add(asyncio.get_running_loop().create_task(self._rotate_certificates()))
+        log.info(
+            "xDS server listening on %s (ADS, CDS, EDS, LDS, RDS, SDS, CA)", address.replace(":0", f":{self.port}")
+        )
+        return self.port
+
+    async def stop(self, grace: float = 1.0) -> None:
+        self._debouncer.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for timer in self._timers:
+            timer.cancel()
+        for conn in list(self.connections.values()):
+            conn.queue.put_nowait(_END)
+        if self._grpc:
+            await self._grpc.stop(grace)
+
+    # -- changes --------------------------------------------------------------------
+
+    def model_changed(self, model: MeshModel) -> None:
+        """A source produced a new model; it is pushed once the burst of changes settles."""
+        self._pending_model = model
+        self._debouncer()
+
+    def _apply_model(self, first_change: float) -> None:
+        model, self._pending_model = self._pending_model, None
+        if model is None or model is self.cache.model:
+            return
+        self.cache.update(model)
+        self._change_started = first_change
+        self.push_all()
+
+    def push_all(self) -> None:
+        for conn in self.connections.values():
+            conn.push()
+
+    async def _rotate_certificates(self) -> None:
+        """Wake when the first issued certificate is due for renewal and push, which renews it."""
+        while True:
+            due = self.ca.next_renewal()
+            wait = 60.0 if due is None else (due - dt.datetime.now(dt.UTC)).total_seconds()
+            await asyncio.sleep(min(max(wait, 0.5), 60.0))
+            if due is not None and dt.datetime.now(dt.UTC) >= due:
+                log.info("renewing workload certificates due at %s", due.isoformat(timespec="seconds"))
+                self._change_started = time.monotonic()
+                self.push_all()
+
+    # -- streams ----------------------------------------------------------------------
+
+    async def stream(
+        self,
+        requests: AsyncIterator[discovery_pb2.DiscoveryRequest],
+        context: grpc.aio.ServicerContext,
+        only: str | None = None,
+    ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
+        peer = context.peer()
+        try:
+            first = await anext(requests)
+        except StopAsyncIteration:
+            return
+        try:
+            node = from_node(first.node)
+        except NodeError as e:
+            log.warning("rejected stream from %s: %s", peer, e)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            return
+        conn = Connection(next(self._ids), peer, node, StreamState(self._source_for(node)))
+        self.connections[conn.id] = conn
+        self.metrics.connected.set(len(self.connections))
+        self.registry.register(node.id, node.workload)
+        log.info(
+            "proxy %s connected (stream %d from %s, identity %s)",
+            node.id,
+            conn.id,
+            peer,
+            node.workload.spiffe_id(self.cache.model.trust_domain),
+        )
+        conn.queue.put_nowait(first)
+        reader = asyncio.get_running_loop().create_task(self._read(requests, conn.queue))
+        try:
+            while True:
+                item = await conn.queue.get()
+                if item is _END:
+                    break
+                if item is _PUSH:
+                    conn.push_queued = False
+                    responses = conn.state.on_change()
+                    pushed = True
+                else:
+                    assert isinstance(item, discovery_pb2.DiscoveryRequest)
+                    if only and item.type_url != only:
+                        await context.abort(
+                            grpc.StatusCode.INVALID_ARGUMENT,
+                            f"this service serves {short(only)} only, not {item.type_url}",
+                        )
+                        return
+                    responses = self._on_request(conn, item)
+                    pushed = False
+                for response in responses:
+                    yield response
+                    self._sent(conn, response, pushed)
+        finally:
+            reader.cancel()
+            self.connections.pop(conn.id, None)
+            self.metrics.connected.set(len(self.connections))
+            log.info(
+                "proxy %s disconnected (stream %d); it stays an endpoint for %.0fs", node.id, conn.id, self.proxy_grace
+            )
+            timer = asyncio.get_running_loop().call_later(self.proxy_grace, self._unregister, node.id)
+            self._timers.add(timer)
+
+    def _unregister(self, proxy_id: str) -> None:
+        self._timers = {t for t in self._timers if not t.cancelled() and t.when() > asyncio.get_running_loop().time()}
+        self.registry.unregister(proxy_id)
+
+    async def _read(
+        self, requests: AsyncIterator[discovery_pb2.DiscoveryRequest], queue: asyncio.Queue[object]
+    ) -> None:
+        try:
+            async for request in requests:
+                queue.put_nowait(request)
+        except (grpc.aio.AioRpcError, asyncio.CancelledError):
+            pass
+        finally:
+            queue.put_nowait(_END)
+
+    def _source_for(self, node: ProxyNode) -> Callable[[str], Resources]:
+        memo: dict[str, tuple[MeshModel, ProxyView]] = {}
+
+        def source(type_url: str) -> Resources:
+            model = self.cache.model
+            hit = memo.get("view")
+            if hit is None or hit[0] is not model:
+                hit = (model, view_of(model, node.workload))
+                memo["view"] = hit
+            resources = self.cache.resources(hit[1], type_url)
+            self.metrics.views.set(self.cache.views())
+            return resources
+
+        return source
+
+    def _on_request(
+        self, conn: Connection, req: discovery_pb2.DiscoveryRequest
+    ) -> list[discovery_pb2.DiscoveryResponse]:
+        kind = short(req.type_url)
+        outcome = conn.state.on_request(req)
+        if outcome.kind == "stale":
+            self.metrics.stale.inc()
+            log.debug("proxy %s: ignored %s request with stale nonce %s", conn.node.id, kind, req.response_nonce)
+        elif outcome.kind == "ack":
+            self.metrics.acks.labels(kind).inc()
+            log.debug("proxy %s ACKed %s version %s", conn.node.id, kind, req.version_info)
+        elif outcome.nack is not None:
+            self.metrics.nacks.labels(kind).inc()
+            conn.last_nack[req.type_url] = outcome.nack
+            log.warning(
+                "proxy %s NACKed %s version %s (nonce %s), keeping its last good config: %s",
+                conn.node.id,
+                kind,
+                outcome.nack.version,
+                outcome.nack.nonce,
+                outcome.nack.message,
+            )
+        return outcome.responses
+
+    def _sent(self, conn: Connection, response: discovery_pb2.DiscoveryResponse, pushed: bool) -> None:
+        kind = short(response.type_url)
+        self.metrics.pushes.labels(kind).inc()
+        if pushed:
+            self.metrics.push_seconds.labels(kind).observe(time.monotonic() - self._change_started)
+        log.info(
+            "%s %s version %s (%d resources, nonce %s) to %s",
+            "pushed" if pushed else "sent",
+            kind,
+            response.version_info,
+            len(response.resources),
+            response.nonce,
+            conn.node.id,
+        )
+
+    # -- debug ----------------------------------------------------------------------------
+
+    def describe(self) -> list[dict[str, object]]:
+        """What /debug/proxies shows: each stream with its per-type versions, ACKs and NACKs."""
+        out: list[dict[str, object]] = []
+        for conn in sorted(self.connections.values(), key=lambda c: (c.node.id, c.id)):
+            types = {}
+            for type_url, t in conn.state.types.items():
+                nack = t.last_nack
+                types[short(type_url)] = {
+                    "sent_version": t.version,
+                    "nonce": t.nonce,
+                    "acked_version": t.acked_version,
+                    "last_ack": _iso(t.last_ack),
+                    "resources": sorted(t.sent),
+                    "last_nack": None
+                    if nack is None
+                    else {"version": nack.version, "nonce": nack.nonce, "message": nack.message, "at": _iso(nack.at)},
+                }
+            w = conn.node.workload
+            out.append(
+                {
+                    "id": conn.node.id,
+                    "stream": conn.id,
+                    "peer": conn.peer,
+                    "connected_at": _iso(conn.connected_at),
+                    "workload": {
+                        "name": w.name,
+                        "namespace": w.namespace,
+                        "service_account": w.service_account,
+                        "address": w.address,
+                        "labels": dict(w.labels),
+                    },
+                    "identity": w.spiffe_id(self.cache.model.trust_domain),
+                    "types": types,
+                }
+            )
+        return out
+
+    def sent_config(self, proxy_id: str) -> dict[str, object] | None:
+        """What was last sent to `proxy_id`, as JSON; private keys are redacted."""
+        conns = [c for c in self.connections.values() if c.node.id == proxy_id]
+        if not conns:
+            return None
+        conn = max(conns, key=lambda c: c.id)
+        out: dict[str, object] = {}
+        for type_url in (CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET):
+            items = []
+            for res in conn.state.last_sent(type_url).values():
+                doc = json_format.MessageToDict(res.packed)
+                if type_url == SECRET and "tlsCertificate" in doc:
+                    doc["tlsCertificate"]["privateKey"] = {"inlineBytes": "[redacted]"}
+                items.append(doc)
+            out[short(type_url)] = items
+        return out
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds")
+
+
+class _Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+    def __init__(self, server: XdsServer) -> None:
+        self.server = server
+
+    async def StreamAggregatedResources(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        async for response in self.server.stream(request_iterator, context):
+            yield response
+
+
+def _single(type_url: str, method: str, base: type) -> type:
+    async def handler(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        async for response in self.server.stream(request_iterator, context, only=type_url):
+            yield response
+
+    def init(self, server: XdsServer) -> None:  # type: ignore[no-untyped-def]
+        self.server = server
+
+    return type(f"_{method}", (base,), {"__init__": init, method: handler})
+
+
+_Cds = _single(CLUSTER, "StreamClusters", cds_pb2_grpc.ClusterDiscoveryServiceServicer)
+_Eds = _single(ENDPOINT, "StreamEndpoints", eds_pb2_grpc.EndpointDiscoveryServiceServicer)
+_Lds = _single(LISTENER, "StreamListeners", lds_pb2_grpc.ListenerDiscoveryServiceServicer)
+_Rds = _single(ROUTE, "StreamRoutes", rds_pb2_grpc.RouteDiscoveryServiceServicer)
+_Sds = _single(SECRET, "StreamSecrets", sds_pb2_grpc.SecretDiscoveryServiceServicer)
+
+
+class _CertificateService(ca_pb2_grpc.CertificateServiceServicer):
+    def __init__(self, server: XdsServer) -> None:
+        self.server = server
+
+    async def CreateCertificate(
+        self,
+        request: ca_pb2.CreateCertificateRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> ca_pb2.CreateCertificateResponse:
+        validity = dt.timedelta(seconds=request.validity_seconds) if request.validity_seconds > 0 else None
+        try:
+            chain = await asyncio.to_thread(self.server.ca.sign_csr, request.csr, validity)
+        except CertificateError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        self.server.metrics.certificates.inc()
+        return ca_pb2.CreateCertificateResponse(cert_chain=[c.decode() for c in chain])

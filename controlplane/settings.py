@@ -1,0 +1,52 @@
+"""The one settings object of a `meshctl serve` process, read from flags once and passed down."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+
+def default_ca_dir() -> Path:
+    return Path.home() / ".local" / "state" / "meshplane" / "ca"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    mesh_file: Path
+    """The YAML mesh file, watched for edits."""
+    bind: str = "0.0.0.0"
+    """Address every server listens on (all interfaces by default, as istiod does)."""
+    xds_port: int = 15010
+    """gRPC: ADS, the per-type discovery services and the CA's certificate service."""
+    admin_port: int = 15014
+    """HTTP: /healthz, /readyz, /metrics, /debug/*."""
+    webhook_port: int = 15017
+    """HTTPS: the injection webhook."""
+    ca_dir: Path = field(default_factory=default_ca_dir)
+    """Where the CA root lives; created on first start."""
+    cert_ttl: dt.timedelta = dt.timedelta(hours=1)
+    """Lifetime of workload certificates; they are renewed and re-pushed at half-life."""
+    debounce: float = 0.1
+    """Quiet time that ends a burst of changes before a push."""
+    debounce_max: float = 1.0
+    """A push happens at the latest this long after the first change of a burst."""
+    proxy_grace: float = 5.0
+    """How long a disconnected proxy stays an endpoint (it may be reconnecting)."""
+    poll_interval: float = 0.2
+    """How often the mesh file is checked for edits."""
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
+
+
+def parse_duration(text: str) -> dt.timedelta:
+    """'90s', '15m', '1h', '250ms' or plain seconds."""
+    m = _DURATION.match(text.strip())
+    if not m:
+        raise ConfigError(f"{text!r} is not a duration (examples: 250ms, 90s, 15m, 1h)")
+    value, unit = float(m.group(1)), m.group(2) or "s"
+    return dt.timedelta(seconds=value * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit])

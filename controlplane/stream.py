@@ -1,0 +1,161 @@
+"""One ADS stream's protocol state (state of the world). No I/O: requests in, responses out.
+
+Per type URL it keeps the subscription, what was last sent (names and versions),
+the nonce of that response, and the last ACK and NACK. The rules it follows:
+
+- A request whose `response_nonce` is not the latest one sent for its type is stale
+  and ignored entirely (the proxy has not yet seen our latest response).
+- A request that answers the latest nonce is an ACK, or a NACK when it carries
+  `error_detail`. A NACK is recorded and nothing is re-sent: the proxy keeps its last
+  good config, and the next change that alters the resources is pushed as usual.
+- The first request for a type on a stream is always answered (wildcard types even
+  when empty, since Envoy waits for them during initialization).
+- Otherwise a response is sent only when the resources to send differ from the last sent.
+- After clusters are sent, endpoints are sent again even if unchanged: Envoy re-requests
+  them for every cluster it re-created, and a cluster stays warming until it gets them.
+- On a push, a wildcard type that drops names the proxy has first gets the new set
+  plus the dropped ones, and the exact set only after every other type (removals last),
+  so nothing the proxy is about to stop using disappears under it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from envoy.service.discovery.v3 import discovery_pb2
+
+from .resources import CLUSTER, ENDPOINT, PUSH_ORDER, WILDCARD, Resources
+
+Source = Callable[[str], Resources]
+"""type URL -> every resource of that type this proxy may receive."""
+
+
+@dataclass(frozen=True, slots=True)
+class Nack:
+    version: str
+    nonce: str
+    message: str
+    at: float
+
+
+@dataclass(slots=True)
+class TypeState:
+    names: frozenset[str] = frozenset()
+    requested: bool = False
+    sent: dict[str, str] = field(default_factory=dict)
+    """name -> resource version of the last response."""
+    version: str = ""
+    nonce: str = ""
+    acked_version: str = ""
+    last_ack: float | None = None
+    last_nack: Nack | None = None
+    resend: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one request did: responses to send, and what to report about it."""
+
+    responses: list[discovery_pb2.DiscoveryResponse]
+    kind: str
+    """"request" (first or subscription change), "ack", "nack" or "stale"."""
+    nack: Nack | None = None
+
+
+class StreamState:
+    def __init__(self, source: Source, *, clock: Callable[[], float] = time.time) -> None:
+        self._source = source
+        self._clock = clock
+        self._nonces = itertools.count(1)
+        self.types: dict[str, TypeState] = {}
+        self._sent: dict[str, Resources] = {}
+
+    def on_request(self, req: discovery_pb2.DiscoveryRequest) -> Outcome:
+        t = self.types.setdefault(req.type_url, TypeState())
+        if req.response_nonce and req.response_nonce != t.nonce:
+            return Outcome([], "stale")
+        kind, nack = "request", None
+        if req.response_nonce:
+            if req.HasField("error_detail"):
+                nack = Nack(t.version, t.nonce, req.error_detail.message, self._clock())
+                t.last_nack = nack
+                kind = "nack"
+            else:
+                t.acked_version = req.version_info
+                t.last_ack = self._clock()
+                kind = "ack"
+        names = frozenset() if req.type_url in WILDCARD else frozenset(req.resource_names)
+        first = not t.requested
+        t.requested = True
+        t.names = names
+        response = self._respond(req.type_url, always=first)
+        return Outcome([response] if response else [], kind, nack)
+
+    def on_change(self) -> list[discovery_pb2.DiscoveryResponse]:
+        """Responses for whatever changed in the source, in push order, removals last."""
+        out: list[discovery_pb2.DiscoveryResponse] = []
+        deferred: list[str] = []
+        for type_url in PUSH_ORDER:
+            t = self.types.get(type_url)
+            if t is None or not t.requested:
+                continue
+            keep = t.sent.keys() - self._source(type_url).keys() if type_url in WILDCARD else set()
+            if keep:
+                deferred.append(type_url)
+            response = self._respond(type_url, keep=keep)
+            if response:
+                out.append(response)
+        for type_url in deferred:
+            response = self._respond(type_url)
+            if response:
+                out.append(response)
+        return out
+
+    def _respond(
+        self, type_url: str, *, always: bool = False, keep: set[str] | None = None
+    ) -> discovery_pb2.DiscoveryResponse | None:
+        t = self.types[type_url]
+        available = self._source(type_url)
+        if type_url in WILDCARD:
+            chosen = dict(available)
+            for name in keep or ():
+                # Still being dropped: resend it as the proxy last got it (same version).
+                chosen.setdefault(name, self._sent[type_url][name])
+        else:
+            chosen = {n: available[n] for n in sorted(t.names) if n in available}
+        versions = {n: r.version for n, r in chosen.items()}
+        if not (always or t.resend) and versions == t.sent:
+            return None
+        if not chosen and type_url not in WILDCARD and not t.sent:
+            return None
+        t.resend = False
+        t.sent = versions
+        t.version = _version(versions)
+        t.nonce = str(next(self._nonces))
+        self._sent[type_url] = chosen
+        if type_url == CLUSTER and ENDPOINT in self.types:
+            self.types[ENDPOINT].resend = True
+        return discovery_pb2.DiscoveryResponse(
+            version_info=t.version,
+            type_url=type_url,
+            nonce=t.nonce,
+            resources=[r.packed for _, r in sorted(chosen.items())],
+        )
+
+    def last_sent(self, type_url: str) -> Resources:
+        """The resources of the latest response of `type_url` (for debugging)."""
+        return self._sent.get(type_url, {})
+
+
+def _version(versions: dict[str, str]) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    for name, v in sorted(versions.items()):
+        h.update(name.encode())
+        h.update(b"\0")
+        h.update(v.encode())
+        h.update(b"\n")
+    return h.hexdigest()
