@@ -40,11 +40,12 @@ class IssuedCertificate:
     spiffe_id: str
     cert_pem: bytes
     key_pem: bytes
-    not_before: dt.datetime
+    issued_at: dt.datetime
     not_after: dt.datetime
 
     def renew_at(self) -> dt.datetime:
-        return self.not_before + (self.not_after - self.not_before) / 2
+        # From issuance, not from notBefore: that is backdated, and would make short lives renew at once.
+        return self.issued_at + (self.not_after - self.issued_at) / 2
 
 
 class CertificateAuthority:
@@ -166,7 +167,7 @@ class CertificateAuthority:
                     key_pem=key.private_bytes(
                         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
                     ),
-                    not_before=cert.not_valid_before_utc,
+                    issued_at=self.clock(),
                     not_after=cert.not_valid_after_utc,
                 )
                 self._issued[spiffe_id] = current
@@ -177,10 +178,11 @@ class CertificateAuthority:
         with self._lock:
             return min((c.renew_at() for c in self._issued.values()), default=None)
 
-    def forget(self, spiffe_id: str) -> None:
-        """Drop a cached certificate, e.g. when no proxy of that identity is left."""
+    def retain(self, spiffe_ids: set[str]) -> None:
+        """Keep certificates only for these identities (those with a connected proxy)."""
         with self._lock:
-            self._issued.pop(spiffe_id, None)
+            for gone in self._issued.keys() - spiffe_ids:
+                del self._issued[gone]
 
     def sign_csr(self, csr_pem: str | bytes, validity: dt.timedelta | None = None) -> list[bytes]:
         """Sign a PKCS#10 request whose only URI SAN is a SPIFFE ID of this mesh; leaf then root."""

@@ -180,11 +180,19 @@ class XdsServer:
             conn.push()
 
     async def _rotate_certificates(self) -> None:
-        """Wake when the first issued certificate is due for renewal and push, which renews it."""
+        """Push once a certificate is due for renewal (the push renews it).
+
+        Checks at least every quarter lifetime, so a certificate issued between
+        checks is still renewed well before it expires.
+        """
+        longest = min(60.0, self.ca.workload_ttl.total_seconds() / 4)
         while True:
             due = self.ca.next_renewal()
-            wait = 60.0 if due is None else (due - dt.datetime.now(dt.UTC)).total_seconds()
-            await asyncio.sleep(min(max(wait, 0.5), 60.0))
+            wait = longest if due is None else (due - dt.datetime.now(dt.UTC)).total_seconds()
+            await asyncio.sleep(min(max(wait, 0.1), longest))
+            trust_domain = self.cache.model.trust_domain
+            self.ca.retain({c.node.workload.spiffe_id(trust_domain) for c in self.connections.values()})
+            due = self.ca.next_renewal()
             if due is not None and dt.datetime.now(dt.UTC) >= due:
                 log.info("renewing workload certificates due at %s", due.isoformat(timespec="seconds"))
                 self._change_started = time.monotonic()

@@ -1,0 +1,171 @@
+from typing import Any
+
+import pytest
+from google.protobuf import json_format, message
+
+from controlplane import meshfile
+from controlplane.cache import check_consistent, resource
+from controlplane.generate import MeshConfig, ProxyView, view_of
+from controlplane.model import MtlsMode, Protocol
+from controlplane.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
+
+MESH = """
+trustDomain: example.org
+services:
+  - name: reviews
+    namespace: bookinfo
+    ports: [{port: 9080, name: http}, {port: 9443, name: grpc-x, targetPort: 8443}]
+    selector: {app: reviews}
+    addresses: [10.96.0.10]
+  - name: db
+    namespace: bookinfo
+    ports: [{port: 5432, name: tcp-pg}]
+    selector: {app: db}
+    addresses: [10.96.0.11]
+  - name: reviews
+    namespace: other
+    ports: [{port: 9080, name: http}]
+    selector: {app: reviews}
+workloads:
+  - {name: reviews-1, namespace: bookinfo, serviceAccount: reviews, labels: {app: reviews}, address: 10.0.0.7}
+  - {name: reviews-2, namespace: bookinfo, serviceAccount: reviews, labels: {app: reviews}, address: 10.0.0.8,
+     mtls: DISABLE}
+  - {name: db-1, namespace: bookinfo, serviceAccount: db, labels: {app: db}, address: 10.0.0.9}
+"""
+
+
+def as_dicts(msgs: list[message.Message]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for m in msgs:
+        d = json_format.MessageToDict(m)
+        out[d.get("name") or d["clusterName"]] = d
+    return out
+
+
+@pytest.fixture
+def config() -> MeshConfig:
+    return MeshConfig(meshfile.parse(MESH))
+
+
+def reviews_view(config: MeshConfig) -> ProxyView:
+    return view_of(config.model, config.model.workloads[0])
+
+
+def test_view_of_a_workload(config: MeshConfig) -> None:
+    view = reviews_view(config)
+    assert view == ProxyView("bookinfo", "reviews", ((8443, Protocol.GRPC), (9080, Protocol.HTTP)), MtlsMode.STRICT)
+
+
+def test_istio_cluster_names_and_tls(config: MeshConfig) -> None:
+    clusters = as_dicts(config.resources(reviews_view(config))[CLUSTER])
+    assert set(clusters) == {
+        "outbound|9080||reviews.bookinfo.svc.cluster.local",
+        "outbound|9443||reviews.bookinfo.svc.cluster.local",
+        "outbound|5432||db.bookinfo.svc.cluster.local",
+        "outbound|9080||reviews.other.svc.cluster.local",
+        "PassthroughCluster", "InboundPassthroughCluster", "BlackHoleCluster",
+        "inbound|8443||", "inbound|9080||",
+    }
+    c = clusters["outbound|9080||reviews.bookinfo.svc.cluster.local"]
+    assert c["type"] == "EDS"
+    tls, plain = c["transportSocketMatches"]
+    assert tls["match"] == {"tlsMode": "istio"} and plain.get("match") is None
+    ctx = tls["transportSocket"]["typedConfig"]["commonTlsContext"]
+    assert ctx["tlsCertificateSdsSecretConfigs"][0]["name"] == "default"
+    validation = ctx["combinedValidationContext"]
+    assert validation["validationContextSdsSecretConfig"]["name"] == "ROOTCA"
+    sans = validation["defaultValidationContext"]["matchTypedSubjectAltNames"]
+    assert sans == [{"sanType": "URI", "matcher": {"exact": "spiffe://example.org/ns/bookinfo/sa/reviews"}}]
+    assert tls["transportSocket"]["typedConfig"]["sni"] == "outbound_.9080_._.reviews.bookinfo.svc.cluster.local"
+    # No known endpoints: any identity of the trust domain, never "anything at all".
+    other = clusters["outbound|9080||reviews.other.svc.cluster.local"]["transportSocketMatches"][0]
+    other_sans = other["transportSocket"]["typedConfig"]["commonTlsContext"]["combinedValidationContext"]
+    assert other_sans["defaultValidationContext"]["matchTypedSubjectAltNames"][0]["matcher"] == {
+        "prefix": "spiffe://example.org/"}
+    inbound = clusters["inbound|9080||"]
+    assert inbound["type"] == "ORIGINAL_DST"
+    assert inbound["upstreamBindConfig"]["sourceAddress"]["address"] == "127.0.0.6"
+
+
+def test_endpoints_use_target_port_and_mark_sidecars(config: MeshConfig) -> None:
+    cla = as_dicts(config.resources(reviews_view(config))[ENDPOINT])
+    lb = cla["outbound|9443||reviews.bookinfo.svc.cluster.local"]["endpoints"][0]["lbEndpoints"]
+    assert [e["endpoint"]["address"]["socketAddress"] for e in lb] == [
+        {"address": "10.0.0.7", "portValue": 8443}, {"address": "10.0.0.8", "portValue": 8443}]
+    assert lb[0]["metadata"]["filterMetadata"]["envoy.transport_socket_match"] == {"tlsMode": "istio"}
+    assert "metadata" not in lb[1]  # mtls: DISABLE -> plaintext to that endpoint
+    assert cla["outbound|9080||reviews.other.svc.cluster.local"] == {
+        "clusterName": "outbound|9080||reviews.other.svc.cluster.local"}
+
+
+def test_routes_short_names_only_in_own_namespace(config: MeshConfig) -> None:
+    routes = as_dicts(config.routes("bookinfo"))
+    hosts = {vh["name"]: vh["domains"] for vh in routes["9080"]["virtualHosts"]}
+    assert "reviews" in hosts["reviews.bookinfo.svc.cluster.local:9080"]
+    assert "10.96.0.10:9080" in hosts["reviews.bookinfo.svc.cluster.local:9080"]
+    assert "reviews" not in hosts["reviews.other.svc.cluster.local:9080"]
+    assert "reviews.other" in hosts["reviews.other.svc.cluster.local:9080"]
+    assert hosts["allow_any"] == ["*"]
+    all_domains = [d for ds in hosts.values() for d in ds]
+    assert len(all_domains) == len(set(all_domains)), "Envoy rejects duplicate domains"
+    other = {vh["name"]: vh["domains"] for vh in as_dicts(MeshConfig(config.model).routes("other"))["9080"]["virtualHosts"]}
+    assert "reviews" in other["reviews.other.svc.cluster.local:9080"]
+
+
+def test_registry_only_blackholes_unknown_destinations() -> None:
+    config = MeshConfig(meshfile.parse(MESH + "outboundTrafficPolicy: REGISTRY_ONLY\n"))
+    listeners = as_dicts(config.outbound_listeners)
+    default = listeners["virtualOutbound"]["filterChains"][0]["filters"][0]["typedConfig"]
+    assert default["cluster"] == "BlackHoleCluster"
+    route = as_dicts(config.routes("bookinfo"))["9080"]["virtualHosts"][-1]
+    assert route["name"] == "block_all" and route["routes"][0]["directResponse"]["status"] == 502
+
+
+def test_tcp_ports_match_by_destination_address(config: MeshConfig) -> None:
+    listener = as_dicts(config.outbound_listeners)["0.0.0.0_5432"]
+    assert listener["bindToPort"] is False
+    chain, default = listener["filterChains"]
+    prefixes = [r["addressPrefix"] for r in chain["filterChainMatch"]["prefixRanges"]]
+    assert prefixes == ["10.96.0.11", "10.0.0.9"]
+    assert chain["filters"][0]["typedConfig"]["cluster"] == "outbound|5432||db.bookinfo.svc.cluster.local"
+    assert default["filters"][0]["typedConfig"]["cluster"] == "PassthroughCluster"
+    http = as_dicts(config.outbound_listeners)["0.0.0.0_9080"]["filterChains"][-1]["filters"][0]["typedConfig"]
+    assert http["rds"]["routeConfigName"] == "9080"
+
+
+@pytest.mark.parametrize(
+    ("mode", "transports"),
+    [(MtlsMode.STRICT, ["tls"]), (MtlsMode.PERMISSIVE, ["tls", "raw_buffer"]), (MtlsMode.DISABLE, ["raw_buffer"])],
+)
+def test_inbound_chains_per_mtls_mode(config: MeshConfig, mode: MtlsMode, transports: list[str]) -> None:
+    view = ProxyView("bookinfo", "reviews", ((9080, Protocol.HTTP), (5432, Protocol.TCP)), mode)
+    listener = as_dicts(config.resources(view)[LISTENER])["virtualInbound"]
+    assert [f["name"] for f in listener["listenerFilters"]] == [
+        "envoy.filters.listener.original_dst", "envoy.filters.listener.tls_inspector"]
+    by_port: dict[Any, list[str]] = {}
+    for chain in listener["filterChains"]:
+        match = chain["filterChainMatch"]
+        by_port.setdefault(match.get("destinationPort"), []).append(match["transportProtocol"])
+        if match["transportProtocol"] == "tls":
+            tls = chain["transportSocket"]["typedConfig"]
+            assert tls["requireClientCertificate"] is True
+        else:
+            assert "transportSocket" not in chain
+    assert by_port == {9080: transports, 5432: transports, None: transports}
+    http = next(c for c in listener["filterChains"] if c["filterChainMatch"].get("destinationPort") == 9080)
+    manager = http["filters"][0]["typedConfig"]
+    if "tls" in transports[:1]:
+        assert manager["forwardClientCertDetails"] == "SANITIZE_SET"
+        assert manager["setCurrentClientCertDetails"] == {"uri": True}
+    assert manager["routeConfig"]["virtualHosts"][0]["routes"][0]["route"]["cluster"] == "inbound|9080||"
+
+
+def test_snapshot_is_consistent_and_shared_across_views(config: MeshConfig) -> None:
+    a = config.resources(reviews_view(config))
+    b = config.resources(view_of(config.model, config.model.workloads[2]))
+    for res in (a, b):
+        check_consistent({t: {r.name: r for r in map(resource, msgs)} for t, msgs in res.items()})
+    # Shared config is the very same objects, so it is serialized once.
+    assert a[ENDPOINT] is b[ENDPOINT]
+    assert a[CLUSTER][0] is b[CLUSTER][0]
+    assert a[ROUTE] is b[ROUTE]  # same namespace
