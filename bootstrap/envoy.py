@@ -118,11 +118,11 @@ def bootstrap(identity: WorkloadIdentity, xds_address: str, ports: Ports = Ports
 
 
 def render(msg: bootstrap_pb2.Bootstrap, fmt: str = "json") -> str:
-    doc = json_format.MessageToDict(msg)
+    text = json_format.MessageToJson(msg, indent=2)
     if fmt == "json":
-        return json.dumps(doc, indent=2) + "\n"
+        return text + "\n"
     if fmt == "yaml":
-        return yaml.safe_dump(doc, sort_keys=False)
+        return yaml.safe_dump(json.loads(text), sort_keys=False)
     raise BootstrapError(f"unknown format {fmt!r} (json or yaml)")
 
 

@@ -16,7 +16,9 @@ def _debug_loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
-def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
     return {"debug": _debug_loop}
 
 

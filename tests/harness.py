@@ -33,8 +33,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def wait_until(check: Callable[[], Awaitable[T | None]], *, timeout: float = 10.0, interval: float = 0.05,
-                     what: str = "condition") -> T:
+async def wait_until(
+    check: Callable[[], Awaitable[T | None]], *, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"
+) -> T:
     """Poll `check` until it returns something truthy; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
@@ -43,10 +44,12 @@ async def wait_until(check: Callable[[], Awaitable[T | None]], *, timeout: float
             result = await check()
             if result:
                 return result
-        except (aiohttp.ClientError, KeyError, StopIteration, asyncio.TimeoutError) as e:
+        except (TimeoutError, aiohttp.ClientError, KeyError, StopIteration) as e:
             last_error = e
         await asyncio.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_error})" if last_error else ""))
+    raise AssertionError(
+        f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_error})" if last_error else "")
+    )
 
 
 class Envoy:
@@ -59,9 +62,20 @@ class Envoy:
     async def __aenter__(self) -> Envoy:
         self._log = self.log.open("wb")
         self.proc = await asyncio.create_subprocess_exec(
-            envoy_binary(), "-c", str(self.bootstrap), "--use-dynamic-base-id", "-l", "warning",
-            "--drain-time-s", "1", "--parent-shutdown-time-s", "2",
-            stdout=self._log, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+            envoy_binary(),
+            "-c",
+            str(self.bootstrap),
+            "--use-dynamic-base-id",
+            "-l",
+            "warning",
+            "--drain-time-s",
+            "1",
+            "--parent-shutdown-time-s",
+            "2",
+            stdout=self._log,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+        )
         await wait_until(self._alive_and_admin, timeout=15, what=f"Envoy admin on {self.admin_port}")
         return self
 
@@ -89,8 +103,10 @@ class Envoy:
             self._log.close()
 
     async def get(self, path: str) -> str:
-        async with aiohttp.ClientSession() as s, s.get(
-                f"http://127.0.0.1:{self.admin_port}{path}", timeout=aiohttp.ClientTimeout(total=5)) as r:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(f"http://127.0.0.1:{self.admin_port}{path}", timeout=aiohttp.ClientTimeout(total=5)) as r,
+        ):
             r.raise_for_status()
             return await r.text()
 
@@ -116,6 +132,8 @@ class Envoy:
 
 
 async def admin_json(port: int, path: str) -> Any:
-    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}{path}",
-                                                   timeout=aiohttp.ClientTimeout(total=5)) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"http://127.0.0.1:{port}{path}", timeout=aiohttp.ClientTimeout(total=5)) as r,
+    ):
         return await r.json() if r.content_type == "application/json" else await r.text()

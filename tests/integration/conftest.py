@@ -41,8 +41,16 @@ async def plane_factory(tmp_path: Path, mesh_file: Path) -> AsyncIterator[Callab
     started: list[ControlPlane] = []
 
     async def start(config: type[MeshConfig] = MeshConfig, **settings: object) -> ControlPlane:
-        values: dict[str, object] = dict(mesh_file=mesh_file, bind="127.0.0.1", xds_port=0, admin_port=0,
-                                         ca_dir=tmp_path / "ca", debounce=0.05, proxy_grace=0.5, poll_interval=0.1)
+        values: dict[str, object] = dict(
+            mesh_file=mesh_file,
+            bind="127.0.0.1",
+            xds_port=0,
+            admin_port=0,
+            ca_dir=tmp_path / "ca",
+            debounce=0.05,
+            proxy_grace=0.5,
+            poll_interval=0.1,
+        )
         values.update(settings)
         plane = ControlPlane(Settings(**values), config=config)  # type: ignore[arg-type]
         await plane.start()
@@ -59,14 +67,21 @@ async def plane(plane_factory: Callable[..., object]) -> ControlPlane:
     return await plane_factory()  # type: ignore[misc, no-any-return]
 
 
-def write_bootstrap(tmp_path: Path, xds_port: int, *, name: str = "backend-1", sa: str = "backend",
-                    labels: dict[str, str] | None = None) -> tuple[Path, int]:
+def write_bootstrap(
+    tmp_path: Path, xds_port: int, *, name: str = "backend-1", sa: str = "backend", labels: dict[str, str] | None = None
+) -> tuple[Path, int]:
     admin = free_port()
-    identity = WorkloadIdentity(name=name, namespace="demo", service_account=sa, ip="127.0.0.1",
-                                labels=labels if labels is not None else {"app": "backend"})
+    identity = WorkloadIdentity(
+        name=name,
+        namespace="demo",
+        service_account=sa,
+        ip="127.0.0.1",
+        labels=labels if labels is not None else {"app": "backend"},
+    )
     path = tmp_path / f"{name}.json"
-    path.write_text(render(bootstrap(identity, f"127.0.0.1:{xds_port}",
-                                     Ports(admin=admin, stats=free_port(), health=free_port()))))
+    path.write_text(
+        render(bootstrap(identity, f"127.0.0.1:{xds_port}", Ports(admin=admin, stats=free_port(), health=free_port())))
+    )
     return path, admin
 
 

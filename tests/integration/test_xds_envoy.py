@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from envoy.config.cluster.v3 import cluster_pb2
 
 from controlplane.app import ControlPlane
 from controlplane.generate import MeshConfig, ProxyView
 from controlplane.generate.common import seconds
 from controlplane.resources import CLUSTER
-from envoy.config.cluster.v3 import cluster_pb2
 from tests.harness import Envoy, admin_json, wait_until
 
 from .conftest import MESH
@@ -25,6 +25,7 @@ OWN_ID = "spiffe://cluster.local/ns/demo/sa/backend"
 
 async def synced(envoy: Envoy) -> dict[str, Any]:
     """Config dump once Envoy has clusters, listeners and both secrets, and nothing is warming."""
+
     async def ready() -> dict[str, Any] | None:
         dump = await envoy.config_dump()
         secrets = {s["name"] for s in dump["SecretsConfigDump"].get("dynamic_active_secrets", [])}
@@ -32,6 +33,7 @@ async def synced(envoy: Envoy) -> dict[str, Any]:
         if secrets == {"default", "ROOTCA"} and listeners and not await envoy.warming():
             return dump
         return None
+
     return await wait_until(ready, timeout=15, what="Envoy to receive its config")
 
 
@@ -39,16 +41,20 @@ def endpoints(dump: dict[str, Any], cluster: str) -> list[str]:
     for cfg in dump["EndpointsConfigDump"].get("dynamic_endpoint_configs", []):
         cla = cfg["endpoint_config"]
         if cla["cluster_name"] == cluster:
-            return sorted(f"{e['endpoint']['address']['socket_address']['address']}:"
-                          f"{e['endpoint']['address']['socket_address']['port_value']}"
-                          for group in cla.get("endpoints", []) for e in group.get("lb_endpoints", []))
+            return sorted(
+                f"{e['endpoint']['address']['socket_address']['address']}:"
+                f"{e['endpoint']['address']['socket_address']['port_value']}"
+                for group in cla.get("endpoints", [])
+                for e in group.get("lb_endpoints", [])
+            )
     raise KeyError(cluster)
 
 
 async def test_envoy_receives_complete_mtls_config(plane: ControlPlane, envoy: Envoy) -> None:
     dump = await synced(envoy)
-    listeners = {item["name"]: item["active_state"]["listener"]
-                 for item in dump["ListenersConfigDump"]["dynamic_listeners"]}
+    listeners = {
+        item["name"]: item["active_state"]["listener"] for item in dump["ListenersConfigDump"]["dynamic_listeners"]
+    }
     assert set(listeners) == {"virtualOutbound", "virtualInbound", "0.0.0.0_9080", "0.0.0.0_9090", "0.0.0.0_8080"}
     assert listeners["virtualOutbound"]["address"]["socket_address"]["port_value"] == 15001
     assert listeners["virtualOutbound"]["use_original_dst"] is True
@@ -59,12 +65,22 @@ async def test_envoy_receives_complete_mtls_config(plane: ControlPlane, envoy: E
     assert all(c["filter_chain_match"]["transport_protocol"] == "tls" for c in inbound["filter_chains"])  # STRICT
 
     clusters = await envoy.clusters()
-    assert {BACKEND_9080, BACKEND_9090, FRONTEND, "PassthroughCluster", "BlackHoleCluster",
-            "InboundPassthroughCluster", "inbound|9080||", "inbound|9090||"} <= set(clusters)
+    assert {
+        BACKEND_9080,
+        BACKEND_9090,
+        FRONTEND,
+        "PassthroughCluster",
+        "BlackHoleCluster",
+        "InboundPassthroughCluster",
+        "inbound|9080||",
+        "inbound|9090||",
+    } <= set(clusters)
     tls = clusters[FRONTEND]["cluster"]["transport_socket_matches"][0]["transport_socket"]
     assert tls["typed_config"]["@type"].endswith("UpstreamTlsContext")
     sans = tls["typed_config"]["common_tls_context"]["combined_validation_context"]["default_validation_context"]
-    assert sans["match_typed_subject_alt_names"][0]["matcher"] == {"exact": "spiffe://cluster.local/ns/demo/sa/frontend"}
+    assert sans["match_typed_subject_alt_names"][0]["matcher"] == {
+        "exact": "spiffe://cluster.local/ns/demo/sa/frontend"
+    }
 
     assert endpoints(dump, FRONTEND) == ["10.0.0.5:8080"]
     routes = {r["route_config"]["name"] for r in dump["RoutesConfigDump"]["dynamic_route_configs"]}
@@ -92,6 +108,7 @@ async def test_workload_certificate_is_its_own_identity_and_chains_to_root(plane
 async def test_proxy_registers_itself_and_leaves_after_grace(plane: ControlPlane, envoy: Envoy) -> None:
     async def registered() -> bool:
         return endpoints(await envoy.config_dump(), BACKEND_9080) == ["127.0.0.1:9080"]
+
     await wait_until(registered, what="the proxy to become an endpoint of backend")
     # Its own identity is now what clients of backend expect.
     tls = (await envoy.clusters())[BACKEND_9080]["cluster"]["transport_socket_matches"][0]["transport_socket"]
@@ -101,25 +118,33 @@ async def test_proxy_registers_itself_and_leaves_after_grace(plane: ControlPlane
 
     async def gone() -> bool:
         return not [w for w in plane.registry.model.workloads if w.name == "backend-1"]
+
     await wait_until(gone, timeout=5, what="the proxy to be removed after its grace period")
 
 
-async def test_mesh_file_edit_reaches_envoy_within_a_second(plane: ControlPlane, envoy: Envoy,
-                                                            mesh_file: Path) -> None:
+async def test_mesh_file_edit_reaches_envoy_within_a_second(plane: ControlPlane, envoy: Envoy, mesh_file: Path) -> None:
     await synced(envoy)
-    mesh_file.write_text(MESH.replace("workloads:\n", """  - name: ratings
+    mesh_file.write_text(
+        MESH.replace(
+            "workloads:\n",
+            """  - name: ratings
     namespace: demo
     ports: [{port: 7070, name: http}]
     selector: {app: ratings}
 workloads:
   - {name: ratings-1, namespace: demo, serviceAccount: ratings, labels: {app: ratings}, address: 10.0.0.9}
-"""))
+""",
+        )
+    )
     started = time.monotonic()
 
     async def arrived() -> bool:
         dump = await envoy.config_dump()
-        return endpoints(dump, "outbound|7070||ratings.demo.svc.cluster.local") == ["10.0.0.9:7070"] and \
-            not await envoy.warming()
+        return (
+            endpoints(dump, "outbound|7070||ratings.demo.svc.cluster.local") == ["10.0.0.9:7070"]
+            and not await envoy.warming()
+        )
+
     await wait_until(arrived, timeout=5, what="the edit to reach Envoy")
     elapsed = time.monotonic() - started
     print(f"mesh file edit -> Envoy config: {elapsed * 1000:.0f} ms")
@@ -136,6 +161,7 @@ async def test_broken_edit_keeps_last_good_model(plane: ControlPlane, envoy: Env
     async def rejected() -> bool:
         text = await admin_json(plane.admin_port, "/metrics")
         return 'meshplane_mesh_reloads_total{result="rejected"} 1.0' in text
+
     await wait_until(rejected, timeout=3, what="the broken edit to be rejected")
     assert (await envoy.config_dump())["ClustersConfigDump"]["version_info"] == before
     assert len(plane.registry.model.services) == 2
@@ -153,7 +179,8 @@ class NackOnDemand(MeshConfig):
 
 
 async def test_nack_is_reported_and_envoy_keeps_last_good_config(
-        plane_factory: Any, tmp_path: Path, mesh_file: Path) -> None:
+    plane_factory: Any, tmp_path: Path, mesh_file: Path
+) -> None:
     from .conftest import write_bootstrap
 
     plane = await plane_factory(config=NackOnDemand)
@@ -161,14 +188,20 @@ async def test_nack_is_reported_and_envoy_keeps_last_good_config(
     async with Envoy(path, admin, tmp_path / "envoy.log") as envoy:
         await synced(envoy)
         good = await envoy.clusters()
-        mesh_file.write_text(MESH.replace("workloads:\n", """  - name: nack-me
+        mesh_file.write_text(
+            MESH.replace(
+                "workloads:\n",
+                """  - name: nack-me
     namespace: demo
     ports: [{port: 7777, name: http}]
 workloads:
-"""))
+""",
+            )
+        )
 
         async def nacked() -> int:
             return (await envoy.stats())["cluster_manager.cds.update_rejected"]
+
         await wait_until(nacked, timeout=5, what="Envoy to reject the bad cluster")
 
         proxies = await admin_json(plane.admin_port, "/debug/proxies")
@@ -187,6 +220,7 @@ workloads:
         async def recovered() -> bool:
             p = (await admin_json(plane.admin_port, "/debug/proxies"))[0]["types"]["CDS"]
             return p["acked_version"] == p["sent_version"]
+
         await wait_until(recovered, timeout=5, what="the fixed config to be ACKed")
 
 
@@ -208,6 +242,7 @@ async def test_certificates_rotate_before_expiry(plane_factory: Any, tmp_path: P
 
         async def rotated() -> bool:
             return await serial() != first
+
         await wait_until(rotated, timeout=6, what="the workload certificate to be renewed and pushed")
 
 

@@ -63,8 +63,11 @@ def test_istio_cluster_names_and_tls(config: MeshConfig) -> None:
         "outbound|9443||reviews.bookinfo.svc.cluster.local",
         "outbound|5432||db.bookinfo.svc.cluster.local",
         "outbound|9080||reviews.other.svc.cluster.local",
-        "PassthroughCluster", "InboundPassthroughCluster", "BlackHoleCluster",
-        "inbound|8443||", "inbound|9080||",
+        "PassthroughCluster",
+        "InboundPassthroughCluster",
+        "BlackHoleCluster",
+        "inbound|8443||",
+        "inbound|9080||",
     }
     c = clusters["outbound|9080||reviews.bookinfo.svc.cluster.local"]
     assert c["type"] == "EDS"
@@ -81,7 +84,8 @@ def test_istio_cluster_names_and_tls(config: MeshConfig) -> None:
     other = clusters["outbound|9080||reviews.other.svc.cluster.local"]["transportSocketMatches"][0]
     other_sans = other["transportSocket"]["typedConfig"]["commonTlsContext"]["combinedValidationContext"]
     assert other_sans["defaultValidationContext"]["matchTypedSubjectAltNames"][0]["matcher"] == {
-        "prefix": "spiffe://example.org/"}
+        "prefix": "spiffe://example.org/"
+    }
     inbound = clusters["inbound|9080||"]
     assert inbound["type"] == "ORIGINAL_DST"
     assert inbound["upstreamBindConfig"]["sourceAddress"]["address"] == "127.0.0.6"
@@ -91,11 +95,14 @@ def test_endpoints_use_target_port_and_mark_sidecars(config: MeshConfig) -> None
     cla = as_dicts(config.resources(reviews_view(config))[ENDPOINT])
     lb = cla["outbound|9443||reviews.bookinfo.svc.cluster.local"]["endpoints"][0]["lbEndpoints"]
     assert [e["endpoint"]["address"]["socketAddress"] for e in lb] == [
-        {"address": "10.0.0.7", "portValue": 8443}, {"address": "10.0.0.8", "portValue": 8443}]
+        {"address": "10.0.0.7", "portValue": 8443},
+        {"address": "10.0.0.8", "portValue": 8443},
+    ]
     assert lb[0]["metadata"]["filterMetadata"]["envoy.transport_socket_match"] == {"tlsMode": "istio"}
     assert "metadata" not in lb[1]  # mtls: DISABLE -> plaintext to that endpoint
     assert cla["outbound|9080||reviews.other.svc.cluster.local"] == {
-        "clusterName": "outbound|9080||reviews.other.svc.cluster.local"}
+        "clusterName": "outbound|9080||reviews.other.svc.cluster.local"
+    }
 
 
 def test_routes_short_names_only_in_own_namespace(config: MeshConfig) -> None:
@@ -108,7 +115,9 @@ def test_routes_short_names_only_in_own_namespace(config: MeshConfig) -> None:
     assert hosts["allow_any"] == ["*"]
     all_domains = [d for ds in hosts.values() for d in ds]
     assert len(all_domains) == len(set(all_domains)), "Envoy rejects duplicate domains"
-    other = {vh["name"]: vh["domains"] for vh in as_dicts(MeshConfig(config.model).routes("other"))["9080"]["virtualHosts"]}
+    other = {
+        vh["name"]: vh["domains"] for vh in as_dicts(MeshConfig(config.model).routes("other"))["9080"]["virtualHosts"]
+    }
     assert "reviews" in other["reviews.other.svc.cluster.local:9080"]
 
 
@@ -141,7 +150,9 @@ def test_inbound_chains_per_mtls_mode(config: MeshConfig, mode: MtlsMode, transp
     view = ProxyView("bookinfo", "reviews", ((9080, Protocol.HTTP), (5432, Protocol.TCP)), mode)
     listener = as_dicts(config.resources(view)[LISTENER])["virtualInbound"]
     assert [f["name"] for f in listener["listenerFilters"]] == [
-        "envoy.filters.listener.original_dst", "envoy.filters.listener.tls_inspector"]
+        "envoy.filters.listener.original_dst",
+        "envoy.filters.listener.tls_inspector",
+    ]
     by_port: dict[Any, list[str]] = {}
     for chain in listener["filterChains"]:
         match = chain["filterChainMatch"]

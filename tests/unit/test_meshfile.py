@@ -52,14 +52,27 @@ def test_empty_file_is_an_empty_mesh() -> None:
         ("mtls: STRICTISH\n", "m.yaml:1: mtls: must be one of STRICT | PERMISSIVE | DISABLE, got 'STRICTISH'"),
         ("trustDomain: Bad_Domain\n", "m.yaml:1: trustDomain: 'Bad_Domain' is not a DNS name"),
         ("servics: []\n", "m.yaml:1: servics: unknown field"),
-        ("services:\n  - name: a\n    ports: [{port: 0}]\n", "m.yaml:3: services[0].ports[0].port: must be an integer from 1 to 65535, got 0"),
+        (
+            "services:\n  - name: a\n    ports: [{port: 0}]\n",
+            "m.yaml:3: services[0].ports[0].port: must be an integer from 1 to 65535, got 0",
+        ),
         ("services:\n  - name: a\n    ports: []\n", "m.yaml:3: services[0].ports: needs at least one port"),
-        ("services:\n  - name: a\n    ports: [{port: 80}, {port: 80}]\n", "services[0].ports[1].port: port 80 is listed twice"),
-        ("services:\n  - name: a\n    ports: [{port: 80, protocol: UDP}]\n", "protocol: must be one of HTTP | HTTP2 | GRPC | TCP"),
-        ("services:\n  - {name: a, ports: [{port: 80}]}\n  - {name: a, ports: [{port: 81}]}\n",
-         "m.yaml:3: services[1]: duplicate service 'a' in namespace 'default'"),
-        ("services:\n  - {name: a, ports: [{port: 80}], addresses: [10.0.0.300]}\n",
-         "services[0].addresses[0]: must be an IP address, got '10.0.0.300'"),
+        (
+            "services:\n  - name: a\n    ports: [{port: 80}, {port: 80}]\n",
+            "services[0].ports[1].port: port 80 is listed twice",
+        ),
+        (
+            "services:\n  - name: a\n    ports: [{port: 80, protocol: UDP}]\n",
+            "protocol: must be one of HTTP | HTTP2 | GRPC | TCP",
+        ),
+        (
+            "services:\n  - {name: a, ports: [{port: 80}]}\n  - {name: a, ports: [{port: 81}]}\n",
+            "m.yaml:3: services[1]: duplicate service 'a' in namespace 'default'",
+        ),
+        (
+            "services:\n  - {name: a, ports: [{port: 80}], addresses: [10.0.0.300]}\n",
+            "services[0].addresses[0]: must be an IP address, got '10.0.0.300'",
+        ),
         ("workloads:\n  - {name: w}\n", "m.yaml:2: workloads[0].address: is required"),
         ("workloads:\n  - {name: w, address: 1.2.3.4, labels: {'a b': c}}\n", "is not a valid Kubernetes label"),
         ("workloads: {name: w}\n", "m.yaml:1: workloads: must be a list, got a mapping"),
@@ -75,7 +88,7 @@ def test_bad_files_say_where_and_what(text: str, message: str) -> None:
 
 
 def test_unreadable_file(tmp_path: Path) -> None:
-    with pytest.raises(MeshFileError, match="missing.yaml: cannot read: No such file"):
+    with pytest.raises(MeshFileError, match=r"missing\.yaml: cannot read: No such file"):
         meshfile.load(tmp_path / "missing.yaml")
     binary = tmp_path / "bin.yaml"
     binary.write_bytes(b"\xff\xfe\x00")

@@ -1,11 +1,10 @@
 """The ADS state machine against a hand-written fake source: no gRPC, no Envoy."""
 
+from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2, wrappers_pb2
 from google.rpc import status_pb2
 
 from controlplane.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource, Resources
-from envoy.service.discovery.v3 import discovery_pb2
-
 from controlplane.stream import StreamState
 
 
@@ -27,10 +26,12 @@ class FakeSource:
 _URL = {"cds": CLUSTER, "eds": ENDPOINT, "lds": LISTENER, "rds": ROUTE}
 
 
-def req(type_url: str, names: list[str] | None = None, nonce: str = "", version: str = "",
-        error: str | None = None) -> discovery_pb2.DiscoveryRequest:
-    r = discovery_pb2.DiscoveryRequest(type_url=type_url, resource_names=names or [], response_nonce=nonce,
-                                       version_info=version)
+def req(
+    type_url: str, names: list[str] | None = None, nonce: str = "", version: str = "", error: str | None = None
+) -> discovery_pb2.DiscoveryRequest:
+    r = discovery_pb2.DiscoveryRequest(
+        type_url=type_url, resource_names=names or [], response_nonce=nonce, version_info=version
+    )
     if error:
         r.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
     return r
@@ -122,7 +123,7 @@ def test_no_push_when_nothing_changed() -> None:
 def test_endpoints_are_resent_after_clusters() -> None:
     source = FakeSource(cds={"c": "1"}, eds={"c": "1"})
     state = StreamState(source)
-    (cds,) = state.on_request(req(CLUSTER)).responses
+    state.on_request(req(CLUSTER))
     (eds,) = state.on_request(req(ENDPOINT, ["c"])).responses
     state.on_request(req(ENDPOINT, ["c"], nonce=eds.nonce, version=eds.version_info))
     source.types[CLUSTER] = {"c": "2"}  # e.g. its allowed SANs changed; endpoints did not
@@ -136,13 +137,18 @@ def test_endpoints_are_resent_after_clusters() -> None:
 
 
 def test_push_order_and_removals_last() -> None:
-    source = FakeSource(cds={"old": "1", "keep": "1"}, eds={"old": "1", "keep": "1"}, lds={"l": "1"},
-                        rds={"r": "1"})
+    source = FakeSource(cds={"old": "1", "keep": "1"}, eds={"old": "1", "keep": "1"}, lds={"l": "1"}, rds={"r": "1"})
     state = StreamState(source)
     for t, n in ((CLUSTER, None), (ENDPOINT, ["old", "keep"]), (LISTENER, None), (ROUTE, ["r"])):
         state.on_request(req(t, n))
-    source.types.update({CLUSTER: {"keep": "1", "new": "1"}, ENDPOINT: {"keep": "1", "new": "1"},
-                         LISTENER: {"l": "2"}, ROUTE: {"r": "2"}})
+    source.types.update(
+        {
+            CLUSTER: {"keep": "1", "new": "1"},
+            ENDPOINT: {"keep": "1", "new": "1"},
+            LISTENER: {"l": "2"},
+            ROUTE: {"r": "2"},
+        }
+    )
     pushed = state.on_change()
     assert [r.type_url for r in pushed] == [CLUSTER, ENDPOINT, LISTENER, ROUTE, CLUSTER]
     assert names(pushed[0]) == ["keep@1", "new@1", "old@1"]  # make before break

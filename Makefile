@@ -1,0 +1,36 @@
+# One entry point for a fresh machine. `make demo` runs the main job, `make test` every test.
+# Both create .venv and install what they need themselves (as root, system packages too).
+SHELL := bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install system-deps test lint demo bench clean
+
+$(STAMP): pyproject.toml setup.py $(wildcard protos/*.proto)
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Meshplane needs Python 3.11 or newer")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+system-deps:
+	@bash tests/system-deps.sh
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: install system-deps lint
+	$(BIN)/pytest
+
+demo: install system-deps
+	$(BIN)/meshctl demo
+
+bench: install
+	$(BIN)/python benchmarks/xds_push.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info protos/*_pb2*.py protos/*_pb2*.pyi

@@ -1,0 +1,131 @@
+"""The gRPC surface with a real gRPC client: bad nodes, per-type services, the CA service, abrupt disconnects."""
+
+import asyncio
+from typing import Any
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+from envoy.service.cluster.v3 import cds_pb2_grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.protobuf import struct_pb2
+
+from controlplane.app import ControlPlane
+from controlplane.resources import CLUSTER, LISTENER, SECRET
+from protos import ca_pb2, ca_pb2_grpc
+from tests.harness import wait_until
+
+
+def node(name: str = "web-1", sa: str = "web", labels: dict[str, str] | None = None) -> base_pb2.Node:
+    meta = struct_pb2.Struct()
+    meta.update(
+        {"NAMESPACE": "demo", "NAME": name, "SERVICE_ACCOUNT": sa, "INSTANCE_IPS": "10.0.0.42", "LABELS": labels or {}}
+    )
+    return base_pb2.Node(id=f"sidecar~10.0.0.42~{name}.demo~demo.svc.cluster.local", metadata=meta)
+
+
+class Client:
+    """A hand-driven ADS client: send requests, read responses with a deadline."""
+
+    def __init__(self, channel: grpc.aio.Channel, stub: Any = None) -> None:
+        self.queue: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
+        stub = stub or ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources
+        self.call = stub(self._requests())
+
+    async def _requests(self) -> Any:
+        while (item := await self.queue.get()) is not None:
+            yield item
+
+    def send(self, **fields: Any) -> None:
+        self.queue.put_nowait(discovery_pb2.DiscoveryRequest(**fields))
+
+    async def recv(self) -> discovery_pb2.DiscoveryResponse:
+        return await asyncio.wait_for(self.call.read(), 5)
+
+
+async def test_stream_without_identity_is_rejected_clearly(plane: ControlPlane) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.xds_port}") as channel:
+        client = Client(channel)
+        client.send(type_url=CLUSTER, node=base_pb2.Node(id="just-an-id"))
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await client.recv()
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "no namespace or name" in str(e.value.details())
+
+
+async def test_a_proxy_only_ever_gets_its_own_identity(plane: ControlPlane) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.xds_port}") as channel:
+        client = Client(channel)
+        # Asking for other names gets nothing: there is no way to name another identity's secret.
+        client.send(
+            type_url=SECRET,
+            node=node(),
+            resource_names=["default", "ROOTCA", "spiffe://cluster.local/ns/demo/sa/backend", "backend"],
+        )
+        resp = await client.recv()
+        names = []
+        for packed in resp.resources:
+            secret = secret_pb2.Secret()
+            packed.Unpack(secret)
+            names.append(secret.name)
+            if secret.name == "default":
+                cert = x509.load_pem_x509_certificate(secret.tls_certificate.certificate_chain.inline_bytes)
+                uris = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                assert uris.get_values_for_type(x509.UniformResourceIdentifier) == [
+                    "spiffe://cluster.local/ns/demo/sa/web"
+                ]
+        assert sorted(names) == ["ROOTCA", "default"]
+        client.queue.put_nowait(None)
+
+
+async def test_per_type_service_serves_its_type_only(plane: ControlPlane) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.xds_port}") as channel:
+        stub = cds_pb2_grpc.ClusterDiscoveryServiceStub(channel).StreamClusters
+        client = Client(channel, stub)
+        client.send(type_url=CLUSTER, node=node())
+        resp = await client.recv()
+        assert resp.type_url == CLUSTER and len(resp.resources) > 3
+        client.send(type_url=LISTENER, response_nonce=resp.nonce)
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await client.recv()
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "serves CDS only" in str(e.value.details())
+
+
+async def test_disconnect_mid_push_leaves_the_server_healthy(plane: ControlPlane, mesh_file: Any) -> None:
+    for _ in range(5):
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{plane.xds_port}")
+        client = Client(channel)
+        client.send(type_url=CLUSTER, node=node(labels={"app": "backend"}))
+        client.send(type_url=LISTENER)
+        await client.recv()
+        await channel.close()  # gone without a word, with responses in flight
+    await wait_until(lambda: asyncio.sleep(0, result=not plane.xds.connections), what="streams to be cleaned up")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.xds_port}") as channel:
+        client = Client(channel)
+        client.send(type_url=CLUSTER, node=node())
+        assert (await client.recv()).resources
+
+
+async def test_certificate_service_signs_a_csr(plane: ControlPlane) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    spiffe = "spiffe://cluster.local/ns/demo/sa/web"
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe)]), critical=False)
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.PEM)
+        .decode()
+    )
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.xds_port}") as channel:
+        stub = ca_pb2_grpc.CertificateServiceStub(channel)
+        resp = await stub.CreateCertificate(ca_pb2.CreateCertificateRequest(csr=csr, validity_seconds=600))
+        leaf = x509.load_pem_x509_certificate(resp.cert_chain[0].encode())
+        leaf.verify_directly_issued_by(x509.load_pem_x509_certificate(resp.cert_chain[1].encode()))
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stub.CreateCertificate(ca_pb2.CreateCertificateRequest(csr="junk"))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "PKCS#10" in str(e.value.details())

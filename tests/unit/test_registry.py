@@ -1,0 +1,78 @@
+import asyncio
+import os
+from pathlib import Path
+
+from controlplane import meshfile
+from controlplane.model import MeshModel, Workload, labels
+from controlplane.registry import MeshFileWatcher, Registry
+from controlplane.server import Debouncer
+
+MESH = "services:\n  - {name: web, ports: [{port: 80, name: http}], selector: {app: web}}\n"
+
+
+def proxy(name: str = "web-1") -> Workload:
+    return Workload(name, "default", "web", "10.0.0.1", labels({"app": "web"}))
+
+
+def test_proxies_become_endpoints_and_streams_are_counted() -> None:
+    seen: list[MeshModel] = []
+    registry = Registry(meshfile.parse(MESH), seen.append)
+    registry.register("p1", proxy())
+    registry.register("p1", proxy())  # a second stream of the same proxy (reconnect race)
+    assert len(seen) == 1
+    assert registry.model.endpoints(registry.model.services[0]) == (proxy(),)
+    registry.unregister("p1")
+    assert len(seen) == 1  # one stream is still open
+    registry.unregister("p1")
+    assert registry.model.workloads == () and len(seen) == 2
+    registry.unregister("never-seen")
+    assert len(seen) == 2
+
+
+def test_static_workload_wins_over_a_proxy_of_the_same_name() -> None:
+    static = meshfile.parse(MESH + "workloads:\n  - {name: web-1, labels: {app: web}, address: 10.9.9.9}\n")
+    registry = Registry(static)
+    registry.register("p1", proxy())
+    assert [w.address for w in registry.model.workloads] == ["10.9.9.9"]
+
+
+def test_watcher_applies_good_edits_and_keeps_last_good(tmp_path: Path) -> None:
+    path = tmp_path / "mesh.yaml"
+    path.write_text(MESH)
+    applied: list[MeshModel] = []
+    errors: list[str] = []
+    watcher = MeshFileWatcher(path, applied.append, on_error=lambda e: errors.append(str(e)))
+    watcher.load_initial()
+    assert not watcher.check()
+    path.write_text(MESH + "  - {name: api, ports: [{port: 81}]}\n")
+    assert watcher.check() and len(applied[-1].services) == 2
+    path.write_text("services: [\n")
+    assert not watcher.check()
+    assert errors and "mesh.yaml:2: invalid YAML" in errors[0]
+    # An editor's atomic rename back to the same content as the last good file changes nothing.
+    tmp = tmp_path / "new"
+    tmp.write_text(MESH + "  - {name: api, ports: [{port: 81}]}\n")
+    os.replace(tmp, path)
+    assert not watcher.check() and len(applied) == 1
+    path.unlink()
+    assert not watcher.check()  # a vanished file is not an empty mesh
+
+
+async def test_debouncer_coalesces_bursts() -> None:
+    fired: list[float] = []
+    debounce = Debouncer(0.05, 1.0, fired.append)
+    for _ in range(5):
+        debounce()
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.15)
+    assert len(fired) == 1
+
+
+async def test_debouncer_fires_by_max_delay_under_constant_change() -> None:
+    fired: list[float] = []
+    debounce = Debouncer(0.05, 0.2, fired.append)
+    for _ in range(20):  # a change every 20 ms, for 400 ms: never quiet for 50 ms
+        debounce()
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.1)
+    assert 2 <= len(fired) <= 3
