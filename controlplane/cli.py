@@ -115,6 +115,55 @@ def _parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--format", choices=["json", "yaml"], default="json", help="output format (default: json)")
     b.add_argument("-o", "--output", type=Path, metavar="FILE", help="write here instead of standard output")
+    i = sub.add_parser(
+        "iptables",
+        help="apply (or print) the traffic-capture rules of a pod",
+        description="Install the nat rules that send a pod's TCP traffic through its sidecar, with istio-iptables' "
+        "flags and semantics, in one atomic iptables-restore. Idempotent; --cleanup removes exactly what "
+        "was added. Lists are comma-separated; '*' means all.",
+    )
+    i.add_argument("-p", "--envoy-port", default="15001", metavar="PORT", help="outbound capture port (15001)")
+    i.add_argument("-z", "--inbound-capture-port", default="15006", metavar="PORT", help="inbound capture port (15006)")
+    i.add_argument(
+        "-u", "--proxy-uid", default="1337", metavar="UIDS", help="the proxy's uid(s), never captured (1337)"
+    )
+    i.add_argument(
+        "-g", "--proxy-gid", default="1337", metavar="GIDS", help="the proxy's gid(s), never captured (1337)"
+    )
+    i.add_argument(
+        "-b",
+        "--inbound-ports",
+        default="*",
+        metavar="PORTS",
+        help="inbound ports to capture, or '*' (default); 15090, 15021 and 15020 never are",
+    )
+    i.add_argument("-d", "--exclude-inbound-ports", default="", metavar="PORTS", help="inbound ports not to capture")
+    i.add_argument(
+        "-i",
+        "--outbound-ip-ranges",
+        default="*",
+        metavar="CIDRS",
+        help="outbound destinations to capture, or '*' (default)",
+    )
+    i.add_argument(
+        "-x", "--exclude-outbound-ip-ranges", default="", metavar="CIDRS", help="outbound destinations not to capture"
+    )
+    i.add_argument("-o", "--exclude-outbound-ports", default="", metavar="PORTS", help="outbound ports not to capture")
+    i.add_argument(
+        "-c",
+        "--exclude-interfaces",
+        default="",
+        metavar="IFACES",
+        help="interfaces whose traffic is never captured, either way",
+    )
+    i.add_argument(
+        "--ipv6",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="also apply ip6tables rules: auto (when the pod has a global IPv6 address), on, off",
+    )
+    i.add_argument("--dry-run", action="store_true", help="print the exact iptables-restore input; change nothing")
+    i.add_argument("--cleanup", action="store_true", help="remove the rules this command added")
     return p
 
 
@@ -128,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "bootstrap":
             return _bootstrap(args)
+        if args.command == "iptables":
+            return _iptables(args)
     except MeshError as e:
         print(f"meshctl {args.command}: {e}", file=sys.stderr)
         return 2
@@ -175,6 +226,53 @@ def _bootstrap(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(text)
     return 0
+
+
+def _iptables(args: argparse.Namespace) -> int:
+    from bootstrap import iptables
+
+    from .errors import ConfigError
+
+    try:
+        ipv6 = {"on": True, "off": False}.get(args.ipv6)
+        if ipv6 is None:
+            ipv6 = iptables.has_ipv6()
+        if args.cleanup:
+            removed = iptables.cleanup(ipv6=ipv6, run=_dry_run if args.dry_run else iptables.run_command)
+            log.info("capture rules removed" if removed else "no capture rules to remove")
+            return 0
+        config = iptables.CaptureConfig.from_flags(
+            envoy_port=args.envoy_port,
+            inbound_capture_port=args.inbound_capture_port,
+            proxy_uid=args.proxy_uid,
+            proxy_gid=args.proxy_gid,
+            inbound_ports=args.inbound_ports,
+            exclude_inbound_ports=args.exclude_inbound_ports,
+            outbound_ip_ranges=args.outbound_ip_ranges,
+            exclude_outbound_ip_ranges=args.exclude_outbound_ip_ranges,
+            exclude_outbound_ports=args.exclude_outbound_ports,
+            exclude_interfaces=args.exclude_interfaces,
+        )
+        if args.dry_run:
+            for v6 in (False, True) if ipv6 else (False,):
+                sys.stdout.write(f"# {'ip6tables' if v6 else 'iptables'}-restore --noflush\n")
+                sys.stdout.write(iptables.rules(config, ipv6=v6))
+            return 0
+        iptables.apply(config, ipv6=ipv6)
+        log.info("capture rules applied (%s)", "IPv4 and IPv6" if ipv6 else "IPv4")
+        return 0
+    except iptables.CaptureError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _dry_run(argv: Sequence[str], stdin: str | None) -> str:
+    """For --cleanup --dry-run: read the real table, print what would be restored."""
+    from bootstrap import iptables
+
+    if stdin is None:
+        return iptables.run_command(argv, stdin)
+    sys.stdout.write(f"# {' '.join(argv)}\n{stdin}")
+    return ""
 
 
 if __name__ == "__main__":

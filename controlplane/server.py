@@ -175,6 +175,13 @@ class XdsServer:
         self._change_started = first_change
         self.push_all()
 
+    @property
+    def settled(self) -> bool:
+        """No change waiting to be pushed, and every proxy has ACKed the latest of every type."""
+        return self._pending_model is None and all(
+            t.acked_version == t.version for c in self.connections.values() for t in c.state.types.values()
+        )
+
     def push_all(self) -> None:
         for conn in self.connections.values():
             conn.push()

@@ -23,10 +23,13 @@ FRONTEND = "outbound|8080||frontend.demo.svc.cluster.local"
 OWN_ID = "spiffe://cluster.local/ns/demo/sa/backend"
 
 
-async def synced(envoy: Envoy) -> dict[str, Any]:
-    """Config dump once Envoy has clusters, listeners and both secrets, and nothing is warming."""
+async def synced(envoy: Envoy, plane: ControlPlane) -> dict[str, Any]:
+    """Config dump once Envoy has clusters, listeners and both secrets, nothing is warming,
+    and the control plane has nothing left to push (e.g. the proxy's own registration)."""
 
     async def ready() -> dict[str, Any] | None:
+        if not plane.xds.connections or not plane.xds.settled:
+            return None
         dump = await envoy.config_dump()
         secrets = {s["name"] for s in dump["SecretsConfigDump"].get("dynamic_active_secrets", [])}
         listeners = dump["ListenersConfigDump"].get("dynamic_listeners", [])
@@ -51,7 +54,7 @@ def endpoints(dump: dict[str, Any], cluster: str) -> list[str]:
 
 
 async def test_envoy_receives_complete_mtls_config(plane: ControlPlane, envoy: Envoy) -> None:
-    dump = await synced(envoy)
+    dump = await synced(envoy, plane)
     listeners = {
         item["name"]: item["active_state"]["listener"] for item in dump["ListenersConfigDump"]["dynamic_listeners"]
     }
@@ -91,7 +94,7 @@ async def test_envoy_receives_complete_mtls_config(plane: ControlPlane, envoy: E
 
 
 async def test_workload_certificate_is_its_own_identity_and_chains_to_root(plane: ControlPlane, envoy: Envoy) -> None:
-    dump = await synced(envoy)
+    dump = await synced(envoy, plane)
     secrets = {s["name"]: s["secret"] for s in dump["SecretsConfigDump"]["dynamic_active_secrets"]}
     chain = base64.b64decode(secrets["default"]["tls_certificate"]["certificate_chain"]["inline_bytes"])
     leaf = x509.load_pem_x509_certificate(chain)
@@ -123,7 +126,7 @@ async def test_proxy_registers_itself_and_leaves_after_grace(plane: ControlPlane
 
 
 async def test_mesh_file_edit_reaches_envoy_within_a_second(plane: ControlPlane, envoy: Envoy, mesh_file: Path) -> None:
-    await synced(envoy)
+    await synced(envoy, plane)
     mesh_file.write_text(
         MESH.replace(
             "workloads:\n",
@@ -154,7 +157,7 @@ workloads:
 
 
 async def test_broken_edit_keeps_last_good_model(plane: ControlPlane, envoy: Envoy, mesh_file: Path) -> None:
-    await synced(envoy)
+    await synced(envoy, plane)
     before = (await envoy.config_dump())["ClustersConfigDump"]["version_info"]
     mesh_file.write_text(MESH + "  - {name: broken, namespace: demo}\n")  # no address
 
@@ -186,7 +189,7 @@ async def test_nack_is_reported_and_envoy_keeps_last_good_config(
     plane = await plane_factory(config=NackOnDemand)
     path, admin = write_bootstrap(tmp_path, plane.xds_port)
     async with Envoy(path, admin, tmp_path / "envoy.log") as envoy:
-        await synced(envoy)
+        await synced(envoy, plane)
         good = await envoy.clusters()
         mesh_file.write_text(
             MESH.replace(
@@ -230,7 +233,7 @@ async def test_certificates_rotate_before_expiry(plane_factory: Any, tmp_path: P
     plane = await plane_factory(cert_ttl=dt.timedelta(seconds=3))
     path, admin = write_bootstrap(tmp_path, plane.xds_port)
     async with Envoy(path, admin, tmp_path / "envoy.log") as envoy:
-        await synced(envoy)
+        await synced(envoy, plane)
 
         async def serial() -> int:
             dump = await envoy.config_dump()
@@ -247,7 +250,7 @@ async def test_certificates_rotate_before_expiry(plane_factory: Any, tmp_path: P
 
 
 async def test_debug_config_shows_what_was_sent_without_private_keys(plane: ControlPlane, envoy: Envoy) -> None:
-    await synced(envoy)
+    await synced(envoy, plane)
     (proxy,) = await admin_json(plane.admin_port, "/debug/proxies")
     sent = await admin_json(plane.admin_port, f"/debug/config/{proxy['id']}")
     assert {c["name"] for c in sent["CDS"]} >= {BACKEND_9080, FRONTEND}

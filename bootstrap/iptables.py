@@ -1,0 +1,251 @@
+"""Traffic capture: the nat rules that send a pod's TCP traffic through its sidecar, as istio-iptables does.
+
+Inbound connections to the pod's ports go to the inbound capture port (15006), the app's
+outbound connections to the outbound capture port (15001). The proxy's own traffic (its
+uid/gid) is never captured, except when it calls its own pod IP over loopback, which goes
+back to inbound. Traffic the proxy forwards to the app comes from 127.0.0.6 and passes.
+
+`rules()` is pure: config in, iptables-restore input out, written in the canonical form
+iptables-save prints, so a dry run reads exactly like the installed table. `apply()` and `cleanup()` run
+iptables-save/iptables-restore; both change the table in one atomic restore.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+INBOUND = "MESH_INBOUND"
+REDIRECT = "MESH_REDIRECT"
+IN_REDIRECT = "MESH_IN_REDIRECT"
+OUTPUT = "MESH_OUTPUT"
+CHAINS = (INBOUND, REDIRECT, IN_REDIRECT, OUTPUT)
+ALWAYS_EXCLUDED_INBOUND = (15090, 15021, 15020)
+"""Prometheus, health and the agent's merged-metrics port: never captured, as in Istio."""
+ALL = "*"
+_IFACE = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
+
+Run = Callable[[Sequence[str], str | None], str]
+"""(argv, stdin) -> stdout; raises CaptureError on failure."""
+
+
+class CaptureError(ValueError):
+    """Bad capture flags, or iptables refused the rules. Nothing was changed."""
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureConfig:
+    envoy_port: int = 15001
+    inbound_capture_port: int = 15006
+    proxy_uids: tuple[int, ...] = (1337,)
+    proxy_gids: tuple[int, ...] = (1337,)
+    inbound_ports: tuple[int, ...] | str = ALL
+    """Ports whose inbound connections are captured; `*` for all, () for none."""
+    exclude_inbound_ports: tuple[int, ...] = ()
+    outbound_ip_ranges: tuple[str, ...] | str = ALL
+    """Destinations whose outbound connections are captured; `*` for all, () for none."""
+    exclude_outbound_ip_ranges: tuple[str, ...] = ()
+    exclude_outbound_ports: tuple[int, ...] = ()
+    exclude_interfaces: tuple[str, ...] = ()
+
+    @classmethod
+    def from_flags(
+        cls,
+        *,
+        envoy_port: str = "15001",
+        inbound_capture_port: str = "15006",
+        proxy_uid: str = "1337",
+        proxy_gid: str = "1337",
+        inbound_ports: str = ALL,
+        exclude_inbound_ports: str = "",
+        outbound_ip_ranges: str = ALL,
+        exclude_outbound_ip_ranges: str = "",
+        exclude_outbound_ports: str = "",
+        exclude_interfaces: str = "",
+    ) -> CaptureConfig:
+        """Validate istio-iptables style flag values (comma-separated lists) into a config."""
+        return cls(
+            envoy_port=_port(envoy_port, "-p/--envoy-port"),
+            inbound_capture_port=_port(inbound_capture_port, "-z/--inbound-capture-port"),
+            proxy_uids=tuple(_id(v, "-u/--proxy-uid") for v in _items(proxy_uid)),
+            proxy_gids=tuple(_id(v, "-g/--proxy-gid") for v in _items(proxy_gid)),
+            inbound_ports=ALL
+            if inbound_ports.strip() == ALL
+            else tuple(_port(v, "-b/--inbound-ports") for v in _items(inbound_ports)),
+            exclude_inbound_ports=tuple(_port(v, "-d/--exclude-inbound-ports") for v in _items(exclude_inbound_ports)),
+            outbound_ip_ranges=ALL
+            if outbound_ip_ranges.strip() == ALL
+            else tuple(_cidr(v, "-i/--outbound-ip-ranges") for v in _items(outbound_ip_ranges)),
+            exclude_outbound_ip_ranges=tuple(
+                _cidr(v, "-x/--exclude-outbound-ip-ranges") for v in _items(exclude_outbound_ip_ranges)
+            ),
+            exclude_outbound_ports=tuple(
+                _port(v, "-o/--exclude-outbound-ports") for v in _items(exclude_outbound_ports)
+            ),
+            exclude_interfaces=tuple(_iface(v) for v in _items(exclude_interfaces)),
+        )
+
+
+def rules(config: CaptureConfig, *, ipv6: bool = False, existing_jumps: frozenset[str] = frozenset()) -> str:
+    """The iptables-restore input (nat table) for `config`; for ip6tables when `ipv6`.
+
+    Jumps from the built-in chains listed in `existing_jumps` are left out, so applying
+    twice leaves one copy (our own chains are flushed and refilled by their declaration).
+    """
+    loopback, passthrough_source = ("::1/128", "::6/128") if ipv6 else ("127.0.0.1/32", "127.0.0.6/32")
+    out = ["*nat", *(f":{chain} - [0:0]" for chain in CHAINS)]
+    add = out.append
+    add(f"-A {REDIRECT} -p tcp -j REDIRECT --to-ports {config.envoy_port}")
+    add(f"-A {IN_REDIRECT} -p tcp -j REDIRECT --to-ports {config.inbound_capture_port}")
+
+    # Inbound: PREROUTING sees connections arriving at the pod.
+    for iface in config.exclude_interfaces:
+        add(f"-A {INBOUND} -i {iface} -j RETURN")
+    if config.inbound_ports == ALL:
+        for port in sorted({*ALWAYS_EXCLUDED_INBOUND, *config.exclude_inbound_ports}):
+            add(f"-A {INBOUND} -p tcp -m tcp --dport {port} -j RETURN")
+        add(f"-A {INBOUND} -p tcp -j {IN_REDIRECT}")
+    else:
+        skip = {*ALWAYS_EXCLUDED_INBOUND, *config.exclude_inbound_ports}
+        for port in config.inbound_ports:
+            if port not in skip:
+                add(f"-A {INBOUND} -p tcp -m tcp --dport {port} -j {IN_REDIRECT}")
+
+    # Outbound: OUTPUT sees connections made inside the pod, by the app and by the proxy.
+    for iface in config.exclude_interfaces:
+        add(f"-A {OUTPUT} -o {iface} -j RETURN")
+    # The proxy's forwards to the app come from 127.0.0.6: never capture them (else they loop into 15006).
+    add(f"-A {OUTPUT} -s {passthrough_source} -o lo -j RETURN")
+    for match, ids in (("--uid-owner", config.proxy_uids), ("--gid-owner", config.proxy_gids)):
+        for owner in ids:
+            # The proxy calling its own pod IP over loopback is inbound traffic to this pod.
+            if config.inbound_ports:
+                add(f"-A {OUTPUT} ! -d {loopback} -o lo -p tcp -m owner {match} {owner} -j {IN_REDIRECT}")
+            # The app talking to itself over loopback stays local.
+            add(f"-A {OUTPUT} -o lo -m owner ! {match} {owner} -j RETURN")
+            add(f"-A {OUTPUT} -m owner {match} {owner} -j RETURN")
+    add(f"-A {OUTPUT} -d {loopback} -j RETURN")
+    for port in config.exclude_outbound_ports:
+        add(f"-A {OUTPUT} -p tcp -m tcp --dport {port} -j RETURN")
+    for cidr in _family(config.exclude_outbound_ip_ranges, ipv6):
+        add(f"-A {OUTPUT} -d {cidr} -j RETURN")
+    if config.outbound_ip_ranges == ALL:
+        add(f"-A {OUTPUT} -p tcp -j {REDIRECT}")
+    else:
+        for cidr in _family(config.outbound_ip_ranges, ipv6):
+            add(f"-A {OUTPUT} -d {cidr} -p tcp -j {REDIRECT}")
+
+    for jump in (f"-A PREROUTING -p tcp -j {INBOUND}", f"-A OUTPUT -p tcp -j {OUTPUT}"):
+        if jump not in existing_jumps:
+            add(jump)
+    add("COMMIT")
+    return "\n".join(out) + "\n"
+
+
+def cleanup_rules(saved: str) -> str | None:
+    """The restore input that removes exactly what `rules()` added, given `iptables-save -t nat` output."""
+    jumps = _jumps(saved)
+    present = [c for c in CHAINS if f":{c} " in saved]
+    if not jumps and not present:
+        return None
+    out = ["*nat", *(j.replace("-A ", "-D ", 1) for j in sorted(jumps))]
+    out += [f"-F {c}" for c in present] + [f"-X {c}" for c in present] + ["COMMIT"]
+    return "\n".join(out) + "\n"
+
+
+def _jumps(saved: str) -> frozenset[str]:
+    """Rules in the built-in chains that jump into ours."""
+    ours = (f"-j {INBOUND}", f"-j {OUTPUT}")
+    return frozenset(
+        line.strip()
+        for line in saved.splitlines()
+        if line.startswith(("-A PREROUTING ", "-A OUTPUT ")) and line.strip().endswith(ours)
+    )
+
+
+def run_command(argv: Sequence[str], stdin: str | None) -> str:
+    try:
+        done = subprocess.run(list(argv), input=stdin, capture_output=True, text=True, timeout=30, check=False)
+    except FileNotFoundError:
+        raise CaptureError(f"{argv[0]} not found: install iptables (Debian: apt-get install iptables)") from None
+    except subprocess.TimeoutExpired:
+        raise CaptureError(f"{argv[0]} did not finish within 30s (another iptables user holds the lock?)") from None
+    if done.returncode != 0:
+        raise CaptureError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
+    return done.stdout
+
+
+def apply(config: CaptureConfig, *, ipv6: bool, run: Run = run_command) -> list[str]:
+    """Install the rules (IPv4, and IPv6 when `ipv6`); returns what was restored, per family."""
+    applied = []
+    for v6 in (False, True) if ipv6 else (False,):
+        tool = "ip6tables" if v6 else "iptables"
+        saved = run([f"{tool}-save", "-t", "nat"], None)
+        text = rules(config, ipv6=v6, existing_jumps=_jumps(saved))
+        run([f"{tool}-restore", "--noflush"], text)
+        applied.append(text)
+    return applied
+
+
+def cleanup(*, ipv6: bool, run: Run = run_command) -> list[str]:
+    """Remove exactly what `apply` added; a no-op where nothing is installed."""
+    removed = []
+    for v6 in (False, True) if ipv6 else (False,):
+        tool = "ip6tables" if v6 else "iptables"
+        text = cleanup_rules(run([f"{tool}-save", "-t", "nat"], None))
+        if text:
+            run([f"{tool}-restore", "--noflush"], text)
+            removed.append(text)
+    return removed
+
+
+def has_ipv6(if_inet6: Path = Path("/proc/net/if_inet6")) -> bool:
+    """Whether the pod has a global IPv6 address (not loopback, not link-local)."""
+    try:
+        lines = if_inet6.read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and fields[5] != "lo" and not fields[0].startswith("fe80") and fields[0] != "0" * 32:
+            return True
+    return False
+
+
+def _items(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _port(text: str, flag: str) -> int:
+    if not text.strip().isdigit() or not 0 < int(text) < 65536:
+        raise CaptureError(f"{flag}: {text!r} is not a port number (1-65535)")
+    return int(text)
+
+
+def _id(text: str, flag: str) -> int:
+    if not text.isdigit():
+        raise CaptureError(f"{flag}: {text!r} is not a numeric id")
+    return int(text)
+
+
+def _cidr(text: str, flag: str) -> str:
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        raise CaptureError(f"{flag}: {text!r} is not an IP range (e.g. 10.0.0.0/8 or fd00::/8)") from None
+
+
+def _iface(text: str) -> str:
+    if not _IFACE.match(text):
+        raise CaptureError(f"-c/--exclude-interfaces: {text!r} is not an interface name")
+    return text
+
+
+def _family(cidrs: tuple[str, ...] | str, ipv6: bool) -> list[str]:
+    if isinstance(cidrs, str):
+        return []
+    return [c for c in cidrs if (":" in c) == ipv6]

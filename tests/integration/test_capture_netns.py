@@ -1,0 +1,119 @@
+"""Capture rules applied by `meshctl iptables` in real network namespaces, proven with real connections."""
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.netns import Net, require_netns, sh, two_hosts
+
+PROBE = str(Path(__file__).parents[1] / "probe.py")
+MESHCTL = [sys.executable, "-m", "controlplane.cli", "iptables"]
+
+
+@pytest.fixture
+def net() -> Iterator[Net]:
+    require_netns()
+    with two_hosts() as net:
+        # The pod: its capture ports, an app on 8080 and the health port; the peer: a few servers.
+        for ns, ports in ((net.pod, ["15001", "15006", "8080", "15021"]), (net.peer, ["80", "5432"])):
+            proc = net.start(ns, sys.executable, PROBE, *ports, "--lifetime", "60")
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        yield net
+
+
+def nat_table(ns: str) -> list[str]:
+    """iptables-save's nat table without its timestamped comments."""
+    return [ln for ln in sh("iptables-save", "-t", "nat", ns=ns).splitlines() if not ln.startswith("#")]
+
+
+def capture(net: Net, *flags: str) -> str:
+    return sh(*MESHCTL, *flags, ns=net.pod)
+
+
+# Run by Debian's python3 so that uid 1337 can run it too (no file to read: the code is in argv).
+CLIENT = """
+import socket, sys
+s = socket.socket()
+s.settimeout(2)
+if sys.argv[3]:
+    s.bind((sys.argv[3], 0))
+s.connect((sys.argv[1], int(sys.argv[2])))
+print(s.makefile().readline().strip())
+"""
+
+
+def call(net: Net, ns: str, ip: str, port: int, *, uid: int | None = None, source: str | None = None) -> str:
+    """Connect from `ns` and return the probe's answer: '<port that accepted> <original destination>'."""
+    argv = ["/usr/bin/python3", "-c", CLIENT, ip, str(port), source or ""]
+    if uid is not None:
+        argv = ["setpriv", "--reuid", str(uid), "--regid", str(uid), "--clear-groups", *argv]
+    return sh(*argv, ns=ns, timeout=10, check=False).strip()
+
+
+def test_default_capture(net: Net) -> None:
+    capture(net)
+    # Inbound to an app port lands on 15006, original destination kept.
+    assert call(net, net.peer, net.pod_ip, 8080) == f"15006 {net.pod_ip}:8080"
+    # The health port is never captured.
+    assert call(net, net.peer, net.pod_ip, 15021) == f"15021 {net.pod_ip}:15021"
+    # The app's outbound lands on 15001 with the original destination.
+    assert call(net, net.pod, net.peer_ip, 80) == f"15001 {net.peer_ip}:80"
+    # The proxy's own traffic (uid 1337, or gid 1337) goes out as it is.
+    assert call(net, net.pod, net.peer_ip, 80, uid=1337) == f"80 {net.peer_ip}:80"
+    # The proxy forwarding to the app from 127.0.0.6 reaches the app, not 15006 again.
+    assert call(net, net.pod, net.pod_ip, 8080, uid=1337, source="127.0.0.6") == f"8080 {net.pod_ip}:8080"
+    # The proxy calling its own pod IP otherwise is inbound traffic.
+    assert call(net, net.pod, net.pod_ip, 8080, uid=1337) == f"15006 {net.pod_ip}:8080"
+    # The app calling itself over loopback stays local.
+    assert call(net, net.pod, "127.0.0.1", 8080) == "8080 127.0.0.1:8080"
+
+
+def test_exclusions(net: Net) -> None:
+    capture(net, "-d", "8080", "-o", "5432", "-x", "10.250.1.0/24")
+    assert call(net, net.peer, net.pod_ip, 8080) == f"8080 {net.pod_ip}:8080"  # excluded inbound port
+    assert call(net, net.pod, net.peer_ip, 5432) == f"5432 {net.peer_ip}:5432"  # excluded outbound port
+    assert call(net, net.pod, net.peer_ip2, 80) == f"80 {net.peer_ip2}:80"  # excluded outbound range
+    assert call(net, net.pod, net.peer_ip, 80) == f"15001 {net.peer_ip}:80"  # everything else still captured
+
+
+def test_included_ports_and_ranges_only(net: Net) -> None:
+    capture(net, "-b", "15021", "-i", "10.250.1.0/24")
+    # Only listed inbound ports would be captured, and 15021 never is: so nothing inbound is.
+    assert call(net, net.peer, net.pod_ip, 8080) == f"8080 {net.pod_ip}:8080"
+    assert call(net, net.pod, net.peer_ip2, 80) == f"15001 {net.peer_ip2}:80"
+    assert call(net, net.pod, net.peer_ip, 80) == f"80 {net.peer_ip}:80"
+
+
+def test_apply_is_idempotent_and_cleanup_is_exact(net: Net) -> None:
+    sh("iptables", "-t", "nat", "-N", "SOMEONE_ELSE", ns=net.pod)
+    sh("iptables", "-t", "nat", "-A", "OUTPUT", "-p", "udp", "-j", "SOMEONE_ELSE", ns=net.pod)
+    before = nat_table(net.pod)
+    capture(net)
+    capture(net, "-o", "5432")  # a second run replaces the rules rather than stacking them
+    saved = "\n".join(nat_table(net.pod))
+    assert saved.count("-j MESH_INBOUND") == 1 and saved.count("-j MESH_OUTPUT") == 1
+    assert saved.count("--to-ports 15001") == 1 and "--dport 5432 -j RETURN" in saved
+    capture(net, "--cleanup")
+    assert nat_table(net.pod) == before
+    assert call(net, net.peer, net.pod_ip, 8080) == f"8080 {net.pod_ip}:8080"
+
+
+def test_bad_flags_change_nothing(net: Net) -> None:
+    before = nat_table(net.pod)
+    done = subprocess.run(
+        ["ip", "netns", "exec", net.pod, *MESHCTL, "-b", "80,eighty"], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 2 and "-b/--inbound-ports: 'eighty' is not a port number" in done.stderr
+    assert nat_table(net.pod) == before
+
+
+def test_dry_run_prints_exactly_what_apply_restores(net: Net) -> None:
+    printed = capture(net, "--dry-run", "--ipv6", "off", "-o", "5432")
+    assert printed.startswith("# iptables-restore --noflush\n*nat\n")
+    assert not [ln for ln in nat_table(net.pod) if "MESH_" in ln]
+    capture(net, "--ipv6", "off", "-o", "5432")
+    installed = {ln for ln in nat_table(net.pod) if ln.startswith("-A ")}
+    assert {ln for ln in printed.splitlines() if ln.startswith("-A ")} == installed

@@ -1,0 +1,92 @@
+"""Golden files for the capture rules. UPDATE_GOLDEN=1 rewrites them; a golden file no case uses fails."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from bootstrap.iptables import CaptureConfig, CaptureError, cleanup_rules, rules
+
+GOLDEN = Path(__file__).parents[1] / "golden" / "iptables"
+
+CASES: dict[str, tuple[dict[str, str], bool]] = {
+    "default": ({}, False),
+    "inbound-ports": ({"inbound_ports": "8080,9090,15021", "exclude_inbound_ports": "9090"}, False),
+    "exclude-inbound": ({"exclude_inbound_ports": "22,8081"}, False),
+    "outbound-ranges": ({"outbound_ip_ranges": "10.96.0.0/12,10.244.0.0/16"}, False),
+    "exclusions": (
+        {
+            "exclude_outbound_ip_ranges": "169.254.169.254/32,10.1.0.0/16",
+            "exclude_outbound_ports": "5432,6379",
+            "exclude_interfaces": "eth1,net2",
+        },
+        False,
+    ),
+    "custom-ports-and-ids": (
+        {"envoy_port": "16001", "inbound_capture_port": "16006", "proxy_uid": "1337,1338", "proxy_gid": "1337"},
+        False,
+    ),
+    "no-inbound": ({"inbound_ports": ""}, False),
+    "ipv6": (
+        {"outbound_ip_ranges": "10.96.0.0/12,fd00:10:96::/112", "exclude_outbound_ip_ranges": "fd00::1/128"},
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_rules_match_golden(name: str) -> None:
+    flags, ipv6 = CASES[name]
+    text = rules(CaptureConfig.from_flags(**flags), ipv6=ipv6)
+    path = GOLDEN / f"{name}.txt"
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert text == path.read_text(), f"regenerate with UPDATE_GOLDEN=1 pytest {__file__} if intended"
+
+
+def test_every_golden_file_is_used() -> None:
+    assert {p.stem for p in GOLDEN.glob("*.txt")} == set(CASES)
+
+
+def test_existing_jumps_are_not_added_twice() -> None:
+    config = CaptureConfig()
+    once = rules(config)
+    again = rules(
+        config, existing_jumps=frozenset({"-A PREROUTING -p tcp -j MESH_INBOUND", "-A OUTPUT -p tcp -j MESH_OUTPUT"})
+    )
+    assert "-A PREROUTING" in once and "-A PREROUTING" not in again and "-A OUTPUT -p tcp -j MESH_OUTPUT" not in again
+
+
+def test_cleanup_removes_only_ours() -> None:
+    saved = """*nat
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:MESH_INBOUND - [0:0]
+:MESH_OUTPUT - [0:0]
+:OTHER - [0:0]
+-A PREROUTING -p tcp -j MESH_INBOUND
+-A PREROUTING -p tcp -j OTHER
+-A OUTPUT -p tcp -j MESH_OUTPUT
+COMMIT
+"""
+    text = cleanup_rules(saved)
+    assert text is not None
+    assert "-D PREROUTING -p tcp -j MESH_INBOUND" in text and "OTHER" not in text
+    assert "-X MESH_INBOUND" in text and "-X MESH_REDIRECT" not in text
+    assert cleanup_rules("*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n") is None
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"envoy_port": "0"}, "-p/--envoy-port: '0' is not a port number"),
+        ({"inbound_ports": "80,http"}, "-b/--inbound-ports: 'http' is not a port number"),
+        ({"outbound_ip_ranges": "10.0.0.0/33"}, "-i/--outbound-ip-ranges: '10.0.0.0/33' is not an IP range"),
+        ({"proxy_uid": "envoy"}, "-u/--proxy-uid: 'envoy' is not a numeric id"),
+        ({"exclude_interfaces": "eth0;reboot"}, "-c/--exclude-interfaces: 'eth0;reboot' is not an interface name"),
+    ],
+)
+def test_bad_flags_are_rejected(flags: dict[str, str], message: str) -> None:
+    with pytest.raises(CaptureError) as e:
+        CaptureConfig.from_flags(**flags)
+    assert message in str(e.value)
