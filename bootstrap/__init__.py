@@ -1,5 +1,6 @@
-"""Envoy bootstrap for a sidecar, and the traffic-capture rules its init step applies."""
+"""What a sidecar needs before its first xDS response.
 
-from .envoy import BootstrapError, Ports, WorkloadIdentity, bootstrap, render
-
-__all__ = ["BootstrapError", "Ports", "WorkloadIdentity", "bootstrap", "render"]
+- `bootstrap.envoy`: workload identity + xDS address -> Envoy bootstrap.
+- `bootstrap.iptables`: capture flags -> iptables rules, applied atomically (stdlib only,
+  so the proxy image's init step needs no third-party packages).
+"""

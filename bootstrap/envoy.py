@@ -59,12 +59,13 @@ class Ports:
     admin: int = 15000
     stats: int = 15090
     health: int = 15021
+    admin_socket: str = ""
+    """Serve the admin API on this unix socket instead of 127.0.0.1:`admin` (for hosts outside the pod)."""
 
 
 def bootstrap(identity: WorkloadIdentity, xds_address: str, ports: Ports = Ports()) -> bootstrap_pb2.Bootstrap:
     """The bootstrap for a sidecar of `identity` that gets its config over ADS from `xds_address`."""
     _check(identity)
-    host, port = split_address(xds_address)
     labels = dict(identity.labels)
     app = labels.get("app") or labels.get("app.kubernetes.io/name") or identity.name
     metadata = struct_pb2.Struct()
@@ -84,7 +85,7 @@ def bootstrap(identity: WorkloadIdentity, xds_address: str, ports: Ports = Ports
     return bootstrap_pb2.Bootstrap(
         node=base_pb2.Node(id=identity.node_id, cluster=f"{app}.{identity.namespace}", metadata=metadata),
         static_resources=bootstrap_pb2.Bootstrap.StaticResources(
-            clusters=[_xds_cluster(host, port), _admin_cluster(ports.admin)],
+            clusters=[_xds_cluster(xds_address), _admin_cluster(ports)],
             listeners=[
                 _admin_listener("prometheus", ports.stats, "/stats/prometheus", "/stats/prometheus"),
                 _admin_listener("health", ports.health, "/healthz/ready", "/ready"),
@@ -112,7 +113,7 @@ def bootstrap(identity: WorkloadIdentity, xds_address: str, ports: Ports = Ports
             cds_config=ads,
             lds_config=ads,
         ),
-        admin=bootstrap_pb2.Admin(address=_address("127.0.0.1", ports.admin)),
+        admin=bootstrap_pb2.Admin(address=_admin_address(ports)),
         overload_manager=_overload_manager(),
     )
 
@@ -127,6 +128,12 @@ def render(msg: bootstrap_pb2.Bootstrap, fmt: str = "json") -> str:
 
 
 def split_address(address: str) -> tuple[str, int]:
+    """HOST:PORT, or unix:PATH (returned as PATH, 0)."""
+    if address.startswith("unix:"):
+        path = address.removeprefix("unix:").removeprefix("//")
+        if not path.startswith("/"):
+            raise BootstrapError(f"xDS address {address!r}: a unix socket needs an absolute path (unix:/run/x.sock)")
+        return path, 0
     host, sep, port = address.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -149,9 +156,11 @@ def _check(identity: WorkloadIdentity) -> None:
             raise BootstrapError(f"IP {identity.ip!r} is not an IP address or a $(VAR) reference") from None
 
 
-def _xds_cluster(host: str, port: int) -> cluster_pb2.Cluster:
+def _xds_cluster(xds_address: str) -> cluster_pb2.Cluster:
+    host, port = split_address(xds_address)
     try:
-        ipaddress.ip_address(host)
+        if port:
+            ipaddress.ip_address(host)
         kind = cluster_pb2.Cluster.STATIC
     except ValueError:
         kind = cluster_pb2.Cluster.STRICT_DNS
@@ -186,13 +195,20 @@ def _xds_cluster(host: str, port: int) -> cluster_pb2.Cluster:
     return cluster
 
 
-def _admin_cluster(admin_port: int) -> cluster_pb2.Cluster:
+def _admin_cluster(ports: Ports) -> cluster_pb2.Cluster:
+    target, port = (ports.admin_socket, 0) if ports.admin_socket else ("127.0.0.1", ports.admin)
     return cluster_pb2.Cluster(
         name=ADMIN_CLUSTER,
         type=cluster_pb2.Cluster.STATIC,
         connect_timeout=_seconds(0.25),
-        load_assignment=_assignment(ADMIN_CLUSTER, "127.0.0.1", admin_port),
+        load_assignment=_assignment(ADMIN_CLUSTER, target, port),
     )
+
+
+def _admin_address(ports: Ports) -> address_pb2.Address:
+    if ports.admin_socket:
+        return address_pb2.Address(pipe=address_pb2.Pipe(path=ports.admin_socket, mode=0o666))
+    return _address("127.0.0.1", ports.admin)
 
 
 def _admin_listener(name: str, port: int, path: str, rewrite: str) -> listener_pb2.Listener:
@@ -225,17 +241,11 @@ def _admin_listener(name: str, port: int, path: str, rewrite: str) -> listener_p
 
 
 def _assignment(cluster: str, host: str, port: int) -> endpoint_pb2.ClusterLoadAssignment:
+    """One endpoint: HOST:PORT, or the unix socket at HOST when `port` is 0."""
+    address = address_pb2.Address(pipe=address_pb2.Pipe(path=host)) if port == 0 else _address(host, port)
+    endpoint = endpoint_components_pb2.LbEndpoint(endpoint=endpoint_components_pb2.Endpoint(address=address))
     return endpoint_pb2.ClusterLoadAssignment(
-        cluster_name=cluster,
-        endpoints=[
-            endpoint_components_pb2.LocalityLbEndpoints(
-                lb_endpoints=[
-                    endpoint_components_pb2.LbEndpoint(
-                        endpoint=endpoint_components_pb2.Endpoint(address=_address(host, port))
-                    )
-                ]
-            )
-        ],
+        cluster_name=cluster, endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=[endpoint])]
     )
 
 

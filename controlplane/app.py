@@ -53,7 +53,7 @@ class ControlPlane:
             debounce_max=s.debounce_max,
             proxy_grace=s.proxy_grace,
         )
-        self.xds_port = await self.xds.start(s.bind, s.xds_port)
+        self.xds_port = await self.xds.start(s.bind, s.xds_port, s.xds_socket)
         self._runner = web.AppRunner(admin.make_app(self.xds, self.metrics, lambda: True), access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, s.bind, s.admin_port)

@@ -57,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--xds-port", type=_port, default=15010, metavar="N", help="gRPC xDS and CA port (default: 15010)")
     s.add_argument(
+        "--xds-socket",
+        type=Path,
+        metavar="PATH",
+        help="also serve xDS on this unix socket (for sidecars that cannot reach the host)",
+    )
+    s.add_argument(
         "--admin-port",
         type=_port,
         default=15014,
@@ -115,6 +121,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--format", choices=["json", "yaml"], default="json", help="output format (default: json)")
     b.add_argument("-o", "--output", type=Path, metavar="FILE", help="write here instead of standard output")
+    a = sub.add_parser(
+        "app",
+        help="run a small demo workload (HTTP and TCP echo)",
+        description="A demo workload: HTTP ports answer with JSON naming the pod, the caller's address and the "
+        "request headers; TCP ports greet with '<pod> <port> <caller>' and then echo.",
+    )
+    a.add_argument("--name", required=True, help="the pod name it reports")
+    a.add_argument("--http", type=_port, action="append", default=[], metavar="PORT", help="an HTTP port (repeatable)")
+    a.add_argument("--tcp", type=_port, action="append", default=[], metavar="PORT", help="a TCP port (repeatable)")
+
     i = sub.add_parser(
         "iptables",
         help="apply (or print) the traffic-capture rules of a pod",
@@ -179,6 +195,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _bootstrap(args)
         if args.command == "iptables":
             return _iptables(args)
+        if args.command == "app":
+            from .demoapp import serve as serve_app
+
+            serve_app(args.name, args.http, args.tcp)
+            return 0
     except MeshError as e:
         print(f"meshctl {args.command}: {e}", file=sys.stderr)
         return 2
@@ -195,6 +216,7 @@ def _serve(args: argparse.Namespace) -> int:
         mesh_file=args.mesh,
         bind=args.bind,
         xds_port=args.xds_port,
+        xds_socket=args.xds_socket,
         admin_port=args.admin_port,
         webhook_port=args.webhook_port,
         ca_dir=args.ca_dir,
@@ -206,7 +228,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _bootstrap(args: argparse.Namespace) -> int:
-    from bootstrap import Ports, WorkloadIdentity, bootstrap, render
+    from bootstrap.envoy import Ports, WorkloadIdentity, bootstrap, render
 
     from .errors import ConfigError
 

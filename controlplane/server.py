@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from envoy.service.cluster.v3 import cds_pb2_grpc
@@ -120,7 +121,7 @@ class XdsServer:
 
     # -- lifecycle ----------------------------------------------------------------
 
-    async def start(self, bind: str, port: int) -> int:
+    async def start(self, bind: str, port: int, socket_path: Path | None = None) -> int:
         server = grpc.aio.server(
             options=[
                 ("grpc.keepalive_time_ms", 30_000),
@@ -139,9 +140,16 @@ class XdsServer:
         address = f"[{bind}]:{port}" if ":" in bind else f"{bind}:{port}"
         try:
             self.port = server.add_insecure_port(address)
+            if socket_path is not None:
+                socket_path.unlink(missing_ok=True)  # noqa: ASYNC240 - once, at start-up
+                server.add_insecure_port(f"unix:{socket_path}")
         except RuntimeError as e:
-            raise OSError(f"cannot listen for xDS on {address}: {e}") from None
+            raise OSError(f"cannot listen for xDS on {address} {socket_path or ''}: {e}") from None
         await server.start()
+        if socket_path is not None:
+            # Sidecars run as their own uid (1337) and must be able to connect.
+            socket_path.chmod(0o666)  # noqa: ASYNC240 - once, at start-up
+            log.info("xDS server also on unix:%s", socket_path)
         self._grpc = server
         self._tasks.add(asyncio.get_running_loop().create_task(self._rotate_certificates()))
         log.info(

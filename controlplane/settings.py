@@ -22,6 +22,8 @@ class Settings:
     """Address every server listens on (all interfaces by default, as istiod does)."""
     xds_port: int = 15010
     """gRPC: ADS, the per-type discovery services and the CA's certificate service."""
+    xds_socket: Path | None = None
+    """Also serve xDS on this unix socket (for sidecars in pods with no route to the host)."""
     admin_port: int = 15014
     """HTTP: /healthz, /readyz, /metrics, /debug/*."""
     webhook_port: int = 15017

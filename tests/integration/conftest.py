@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from bootstrap import Ports, WorkloadIdentity, bootstrap, render
+from bootstrap.envoy import Ports, WorkloadIdentity, bootstrap, render
 from controlplane.app import ControlPlane
 from controlplane.generate import MeshConfig
 from controlplane.settings import Settings
