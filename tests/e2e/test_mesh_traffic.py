@@ -109,6 +109,7 @@ for _ in range(150):
     await asyncio.sleep(1.5)
     await mesh.pod("backend-2", "backend", "backend", http=(9080,), tcp=(9090,))
     code, out = await asyncio.wait_for(traffic, 120)
+    assert code == 0, out
     lines = out.splitlines()
     assert len(lines) == 150 and not [ln for ln in lines if ln.startswith("FAILED")], out
     served = set(lines)
