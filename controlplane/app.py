@@ -81,9 +81,13 @@ class ControlPlane:
         self.registry.set_static(model)
 
     async def stop(self) -> None:
-        self._watch.cancel()
-        await self.xds.stop()
-        await self._runner.cleanup()
+        """Stop whatever `start()` got to start (it may have failed half-way)."""
+        if watch := getattr(self, "_watch", None):
+            watch.cancel()
+        if xds := getattr(self, "xds", None):
+            await xds.stop()
+        if runner := getattr(self, "_runner", None):
+            await runner.cleanup()
 
 
 async def serve(settings: Settings) -> None:

@@ -8,6 +8,7 @@ import asyncio
 import json
 from pathlib import Path
 
+from controlplane.engine import Engine
 from controlplane.pods import Pod
 from tests.harness import wait_until
 
@@ -122,3 +123,28 @@ for _ in range(150):
         for e in group["lb_endpoints"]
     ]
     assert len(endpoints) == 2
+
+
+def test_the_readme_demo_runs_and_cleans_up(engine: Engine) -> None:
+    """`meshctl demo` as the README runs it (via make demo), for a few seconds."""
+    import subprocess
+    import sys
+
+    top = Path(__file__).parents[2]
+    done = subprocess.run(
+        [sys.executable, "-m", "controlplane.cli", "demo", "--duration", "6s", "--admin-port", "0"],
+        cwd=top,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    requests = [ln for ln in done.stdout.splitlines() if ln.startswith("request ")]
+    assert requests and all("=mTLS=>" in ln for ln in requests), done.stdout
+    assert "spiffe://cluster.local/ns/demo/sa/frontend" in requests[0]
+    assert "2 proxies connected" in done.stdout and ", 0 failed" in done.stdout
+    assert done.stdout.rstrip().endswith("stopped; nothing left behind")
+    left = subprocess.run(
+        ["podman", "ps", "-a", "--filter", "label=meshplane=mp-demo", "-q"], capture_output=True, text=True, check=False
+    )
+    assert left.stdout.strip() == ""
