@@ -9,21 +9,25 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import yaml
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
 from envoy.config.core.v3 import address_pb2, backoff_pb2, base_pb2, config_source_pb2, grpc_service_pb2, protocol_pb2
+from envoy.config.core.v3 import health_check_pb2 as core_health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.overload.v3 import overload_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.health_check.v3 import health_check_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 from envoy.extensions.resource_monitors.downstream_connections.v3 import downstream_connections_pb2
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import json_format, struct_pb2, wrappers_pb2
 
 from controlplane.generate.common import pack as _pack
@@ -63,7 +67,33 @@ class Ports:
     """Serve the admin API on this unix socket instead of 127.0.0.1:`admin` (for hosts outside the pod)."""
 
 
-def bootstrap(identity: WorkloadIdentity, xds_address: str, ports: Ports = Ports()) -> bootstrap_pb2.Bootstrap:
+@dataclass(frozen=True, slots=True)
+class AppProbe:
+    """One of the app's original probes, run by the sidecar for kubelet on the status port.
+
+    kubelet calls GET `path` on the health port. HTTP probes are forwarded to the app on
+    127.0.0.1 at `http_path`; TCP and gRPC probes are answered from Envoy's own active health
+    checks of the app's port (every `period` seconds), so they work under STRICT mTLS too.
+    """
+
+    path: str
+    kind: str
+    """"http", "tcp" or "grpc"."""
+    port: int
+    http_path: str = "/"
+    https: bool = False
+    grpc_service: str = ""
+    period: int = 10
+    timeout: int = 1
+
+    @property
+    def cluster(self) -> str:
+        return f"probe|{self.path.strip('/').replace('/', '|')}"
+
+
+def bootstrap(
+    identity: WorkloadIdentity, xds_address: str, ports: Ports = Ports(), probes: Sequence[AppProbe] = ()
+) -> bootstrap_pb2.Bootstrap:
     """The bootstrap for a sidecar of `identity` that gets its config over ADS from `xds_address`."""
     _check(identity)
     labels = dict(identity.labels)
@@ -85,10 +115,10 @@ def bootstrap(identity: WorkloadIdentity, xds_address: str, ports: Ports = Ports
     return bootstrap_pb2.Bootstrap(
         node=base_pb2.Node(id=identity.node_id, cluster=f"{app}.{identity.namespace}", metadata=metadata),
         static_resources=bootstrap_pb2.Bootstrap.StaticResources(
-            clusters=[_xds_cluster(xds_address), _admin_cluster(ports)],
+            clusters=[_xds_cluster(xds_address), _admin_cluster(ports), *(_probe_cluster(p) for p in probes)],
             listeners=[
                 _admin_listener("prometheus", ports.stats, "/stats/prometheus", "/stats/prometheus"),
-                _admin_listener("health", ports.health, "/healthz/ready", "/ready"),
+                _admin_listener("health", ports.health, "/healthz/ready", "/ready", probes),
             ],
         ),
         dynamic_resources=bootstrap_pb2.Bootstrap.DynamicResources(
@@ -125,6 +155,11 @@ def render(msg: bootstrap_pb2.Bootstrap, fmt: str = "json") -> str:
     if fmt == "yaml":
         return yaml.safe_dump(json.loads(text), sort_keys=False)
     raise BootstrapError(f"unknown format {fmt!r} (json or yaml)")
+
+
+def render_compact(msg: bootstrap_pb2.Bootstrap) -> str:
+    """One-line JSON, for a container's args (`envoy --config-yaml`)."""
+    return json.dumps(json.loads(json_format.MessageToJson(msg)), separators=(",", ":"))
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -211,19 +246,47 @@ def _admin_address(ports: Ports) -> address_pb2.Address:
     return _address("127.0.0.1", ports.admin)
 
 
-def _admin_listener(name: str, port: int, path: str, rewrite: str) -> listener_pb2.Listener:
-    """Exposes one admin path on all interfaces without exposing the admin API itself."""
-    route = route_components_pb2.Route(
-        match=route_components_pb2.RouteMatch(path=path),
-        route=route_components_pb2.RouteAction(cluster=ADMIN_CLUSTER, prefix_rewrite=rewrite),
-    )
+def _admin_listener(
+    name: str, port: int, path: str, rewrite: str, probes: Sequence[AppProbe] = ()
+) -> listener_pb2.Listener:
+    """Exposes one admin path on all interfaces without exposing the admin API itself (and app probes)."""
+    routes = [
+        route_components_pb2.Route(
+            match=route_components_pb2.RouteMatch(path=path),
+            route=route_components_pb2.RouteAction(cluster=ADMIN_CLUSTER, prefix_rewrite=rewrite),
+        )
+    ]
+    filters = []
+    for probe in probes:
+        if probe.kind == "http":
+            routes.append(
+                route_components_pb2.Route(
+                    match=route_components_pb2.RouteMatch(path=probe.path),
+                    route=route_components_pb2.RouteAction(
+                        cluster=probe.cluster, prefix_rewrite=probe.http_path, timeout=_seconds(probe.timeout)
+                    ),
+                )
+            )
+        else:
+            # Answered here, from the active health check of the app's port.
+            check = health_check_pb2.HealthCheck(
+                pass_through_mode=wrappers_pb2.BoolValue(value=False),
+                headers=[
+                    route_components_pb2.HeaderMatcher(
+                        name=":path", string_match=string_pb2.StringMatcher(exact=probe.path)
+                    )
+                ],
+            )
+            check.cluster_min_healthy_percentages[probe.cluster].value = 100
+            filters.append(hcm.HttpFilter(name="envoy.filters.http.health_check", typed_config=_pack(check)))
+    filters.append(hcm.HttpFilter(name="envoy.filters.http.router", typed_config=_pack(router_pb2.Router())))
     manager = hcm.HttpConnectionManager(
         stat_prefix=name,
         codec_type=hcm.HttpConnectionManager.AUTO,
         route_config=route_pb2.RouteConfiguration(
-            virtual_hosts=[route_components_pb2.VirtualHost(name=name, domains=["*"], routes=[route])]
+            virtual_hosts=[route_components_pb2.VirtualHost(name=name, domains=["*"], routes=routes)]
         ),
-        http_filters=[hcm.HttpFilter(name="envoy.filters.http.router", typed_config=_pack(router_pb2.Router()))],
+        http_filters=filters,
     )
     return listener_pb2.Listener(
         name=name,
@@ -238,6 +301,40 @@ def _admin_listener(name: str, port: int, path: str, rewrite: str) -> listener_p
             )
         ],
     )
+
+
+def _probe_cluster(probe: AppProbe) -> cluster_pb2.Cluster:
+    cluster = cluster_pb2.Cluster(
+        name=probe.cluster,
+        type=cluster_pb2.Cluster.STATIC,
+        connect_timeout=_seconds(probe.timeout),
+        load_assignment=_assignment(probe.cluster, "127.0.0.1", probe.port),
+    )
+    if probe.kind == "http" and probe.https:
+        # kubelet does not verify an app's certificate for HTTPS probes; neither do we.
+        cluster.transport_socket.name = "envoy.transport_sockets.tls"
+        cluster.transport_socket.typed_config.Pack(tls_pb2.UpstreamTlsContext())
+    if probe.kind in ("tcp", "grpc"):
+        check = core_health_check_pb2.HealthCheck(
+            timeout=_seconds(probe.timeout),
+            interval=_seconds(probe.period),
+            unhealthy_threshold=wrappers_pb2.UInt32Value(value=1),
+            healthy_threshold=wrappers_pb2.UInt32Value(value=1),
+            no_traffic_interval=_seconds(probe.period),
+        )
+        if probe.kind == "tcp":
+            check.tcp_health_check.SetInParent()
+        else:
+            check.grpc_health_check.service_name = probe.grpc_service
+            cluster.typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].Pack(
+                http_protocol_options_pb2.HttpProtocolOptions(
+                    explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+                        http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
+                    )
+                )
+            )
+        cluster.health_checks.append(check)
+    return cluster
 
 
 def _assignment(cluster: str, host: str, port: int) -> endpoint_pb2.ClusterLoadAssignment:

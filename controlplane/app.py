@@ -9,6 +9,10 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from webhook.app import ServingCertificate
+from webhook.app import make_app as make_webhook
+from webhook.config import InjectionConfig
+
 from . import admin
 from .ca import CertificateAuthority
 from .cache import ConfigCache
@@ -28,9 +32,11 @@ class ControlPlane:
 
     settings: Settings
     config: type[MeshConfig] = MeshConfig
+    injection: InjectionConfig = field(default_factory=InjectionConfig)
     metrics: Metrics = field(default_factory=Metrics)
     xds_port: int = 0
     admin_port: int = 0
+    webhook_port: int = 0
 
     async def start(self) -> None:
         s = self.settings
@@ -59,7 +65,16 @@ class ControlPlane:
         site = web.TCPSite(self._runner, s.bind, s.admin_port)
         await site.start()
         self.admin_port = self._runner.addresses[0][1]
-        self._watch = asyncio.get_running_loop().create_task(self.watcher.run())
+        self.serving = ServingCertificate(
+            self.ca, s.webhook_dns_names, ttl=s.webhook_cert_ttl, cert_file=s.webhook_cert, key_file=s.webhook_key
+        )
+        self._webhook = web.AppRunner(make_webhook(self.injection, self.metrics), access_log=None)
+        await self._webhook.setup()
+        await web.TCPSite(self._webhook, s.bind, s.webhook_port, ssl_context=self.serving.context).start()
+        self.webhook_port = self._webhook.addresses[0][1]
+        log.info("injection webhook on https://%s:%d/inject", s.bind, self.webhook_port)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self.watcher.run()), loop.create_task(self.serving.run())]
         log.info(
             "admin HTTP on %s:%d (/healthz /readyz /metrics /debug/proxies /debug/config/<proxy-id>)",
             s.bind,
@@ -82,17 +97,19 @@ class ControlPlane:
 
     async def stop(self) -> None:
         """Stop whatever `start()` got to start (it may have failed half-way)."""
-        if watch := getattr(self, "_watch", None):
-            watch.cancel()
+        for task in getattr(self, "_tasks", []):
+            task.cancel()
+        if webhook := getattr(self, "_webhook", None):
+            await webhook.cleanup()
         if xds := getattr(self, "xds", None):
             await xds.stop()
         if runner := getattr(self, "_runner", None):
             await runner.cleanup()
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, injection: InjectionConfig | None = None) -> None:
     """Run until SIGINT or SIGTERM, then shut down cleanly."""
-    plane = ControlPlane(settings)
+    plane = ControlPlane(settings, injection=injection or InjectionConfig())
     await plane.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -8,9 +8,10 @@ memory, and renewed once half of their lifetime has passed.
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,6 +174,28 @@ class CertificateAuthority:
                 self._issued[spiffe_id] = current
             return current
 
+    def server_certificate(self, dns_names: Sequence[str], ttl: dt.timedelta) -> IssuedCertificate:
+        """A serving certificate for `dns_names` (IP addresses become IP SANs), e.g. the webhook's."""
+        if not dns_names:
+            raise CertificateError("a serving certificate needs at least one DNS name")
+        sans: list[x509.GeneralName] = []
+        for name in dns_names:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(name)))
+            except ValueError:
+                sans.append(x509.DNSName(name))
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = self._sign(key.public_key(), x509.SubjectAlternativeName(sans), ttl, dns_names[0])
+        return IssuedCertificate(
+            spiffe_id="",
+            cert_pem=cert.public_bytes(serialization.Encoding.PEM),
+            key_pem=key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ),
+            issued_at=self.clock(),
+            not_after=cert.not_valid_after_utc,
+        )
+
     def next_renewal(self) -> dt.datetime | None:
         """When the earliest issued certificate is due for renewal (None if none issued)."""
         with self._lock:
@@ -213,18 +236,26 @@ class CertificateAuthority:
         return [cert.public_bytes(serialization.Encoding.PEM), self.root_pem]
 
     def _sign(
-        self, public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey, spiffe_id: str, ttl: dt.timedelta
+        self,
+        public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey,
+        san: x509.SubjectAlternativeName | str,
+        ttl: dt.timedelta,
+        common_name: str = "",
     ) -> x509.Certificate:
+        if isinstance(san, str):  # a SPIFFE ID
+            san = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(san)])
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)] if common_name else [])
         now = self.clock()
         return (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([]))
+            .subject_name(subject)
             .issuer_name(self._root_cert.subject)
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - BACKDATE)
             .not_valid_after(now + ttl)
-            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]), critical=True)
+            # RFC 5280: the SAN extension is critical when the subject is empty.
+            .add_extension(san, critical=not common_name)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(

@@ -8,9 +8,13 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .errors import MeshError
+from .errors import ConfigError, MeshError
 from .settings import Settings, default_ca_dir, parse_duration
+
+if TYPE_CHECKING:
+    from webhook.config import InjectionConfig
 
 log = logging.getLogger("meshplane")
 
@@ -96,6 +100,22 @@ def _parser() -> argparse.ArgumentParser:
         help="how long a disconnected proxy stays an endpoint (default: 5s)",
     )
 
+    s.add_argument(
+        "--webhook-cert",
+        type=Path,
+        metavar="FILE",
+        help="the webhook's serving certificate (PEM); default: issued by the mesh CA and rotated",
+    )
+    s.add_argument("--webhook-key", type=Path, metavar="FILE", help="the key of --webhook-cert")
+    s.add_argument(
+        "--webhook-dns-name",
+        action="append",
+        metavar="NAME",
+        help="a name for the CA-issued webhook certificate (repeatable; default: "
+        "meshplane.mesh-system.svc[.cluster.local], localhost, 127.0.0.1)",
+    )
+    _injection_flags(s)
+
     b = sub.add_parser(
         "bootstrap",
         help="print an Envoy bootstrap for a workload",
@@ -149,6 +169,50 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="the control plane's admin HTTP port on 127.0.0.1 (default: 15014)",
     )
+
+    j = sub.add_parser(
+        "inject",
+        help="inject sidecars into Kubernetes manifests (like istioctl kube-inject)",
+        description="Inject the mesh-init container and the Envoy sidecar into Pods and the pod templates of "
+        "Deployments, StatefulSets, DaemonSets, ReplicaSets, Jobs and CronJobs in multi-document YAML, exactly "
+        "as the webhook would. Other documents pass through; comments are kept outside rewritten pod specs.",
+    )
+    j.add_argument("-f", "--filename", required=True, metavar="FILE", help="the manifests, or - for standard input")
+    j.add_argument("-o", "--output", type=Path, metavar="FILE", help="write here instead of standard output")
+    _injection_flags(j)
+
+    w = sub.add_parser(
+        "webhook-config",
+        help="print the MutatingWebhookConfiguration for this injector",
+        description="Print the MutatingWebhookConfiguration that sends pods to the injector, with the mesh CA's "
+        "root as caBundle (the CA is created in --ca-dir if it does not exist yet).",
+    )
+    w.add_argument("--ca-dir", type=Path, default=default_ca_dir(), metavar="DIR", help="the mesh CA's directory")
+    w.add_argument("--trust-domain", default="cluster.local", help="the trust domain, if the CA is new")
+    w.add_argument(
+        "--service",
+        default="meshplane.mesh-system",
+        metavar="NAME.NAMESPACE",
+        help="the Service in front of `meshctl serve` (default: meshplane.mesh-system)",
+    )
+    w.add_argument("--port", type=_port, default=443, help="the Service's webhook port (default: 443)")
+    w.add_argument("--revision", default="default", help="matched against istio.io/rev labels (default: default)")
+    w.add_argument(
+        "--failure-policy",
+        choices=["Fail", "Ignore"],
+        default="Fail",
+        help="what the API server does when the webhook cannot answer (default: Fail)",
+    )
+    w.add_argument("--timeout", type=int, default=10, metavar="SECONDS", help="timeoutSeconds (default: 10)")
+
+    t = sub.add_parser(
+        "wait",
+        help="wait until the local Envoy sidecar is ready (a postStart hook)",
+        description="Poll the sidecar's readiness endpoint until it answers 200; used as the proxy's "
+        "postStart hook when applications wait for their sidecar.",
+    )
+    t.add_argument("--url", default="http://127.0.0.1:15021/healthz/ready", help="the readiness URL")
+    t.add_argument("--timeout", default="60s", metavar="DURATION", help="give up after this long (default: 60s)")
 
     a = sub.add_parser(
         "app",
@@ -224,6 +288,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _bootstrap(args)
         if args.command == "iptables":
             return _iptables(args)
+        if args.command == "inject":
+            return _inject(args)
+        if args.command == "webhook-config":
+            return _webhook_config(args)
+        if args.command == "wait":
+            return _wait(args)
         if args.command == "demo":
             return _demo(args)
         if args.command == "app":
@@ -253,23 +323,119 @@ def _serve(args: argparse.Namespace) -> int:
         ca_dir=args.ca_dir,
         cert_ttl=parse_duration(args.cert_ttl),
         proxy_grace=parse_duration(args.proxy_grace).total_seconds(),
+        webhook_cert=args.webhook_cert,
+        webhook_key=args.webhook_key,
+        **({"webhook_dns_names": tuple(args.webhook_dns_name)} if args.webhook_dns_name else {}),
     )
-    asyncio.run(serve(settings))
+    if (args.webhook_cert is None) != (args.webhook_key is None):
+        raise ConfigError("--webhook-cert and --webhook-key go together")
+    asyncio.run(serve(settings, _injection(args)))
     return 0
+
+
+def _injection_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--injection-config",
+        type=Path,
+        metavar="FILE",
+        help="YAML with Istio-style injector settings: policy, neverInjectSelector, alwaysInjectSelector, "
+        "nativeSidecars, holdApplicationUntilProxyStarts, rewriteAppHTTPProbers, proxyImage, xdsAddress",
+    )
+    p.add_argument("--proxy-image", metavar="IMAGE", help="the sidecar image (default: meshplane-proxy:1.40.0)")
+    p.add_argument(
+        "--injected-xds-address",
+        metavar="HOST:PORT",
+        help="where injected sidecars reach xDS (default: meshplane.mesh-system.svc:15010)",
+    )
+    p.add_argument(
+        "--native-sidecars",
+        action="store_true",
+        default=None,
+        help="inject the proxy as a native sidecar (initContainers, restartPolicy: Always)",
+    )
+
+
+def _injection(args: argparse.Namespace) -> InjectionConfig:
+    from webhook.config import InjectionConfig
+
+    return InjectionConfig.load(
+        args.injection_config,
+        proxy_image=args.proxy_image,
+        xds_address=args.injected_xds_address,
+        native_sidecars=args.native_sidecars,
+    )
+
+
+def _inject(args: argparse.Namespace) -> int:
+    from webhook.manifests import inject_manifests
+
+    source = "<stdin>" if args.filename == "-" else args.filename
+    try:
+        text = sys.stdin.read() if args.filename == "-" else Path(args.filename).read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read {args.filename}: {e.strerror}") from None
+    out, report = inject_manifests(text, _injection(args), source)
+    for line in report:
+        log.info("%s", line)
+    if args.output:
+        args.output.write_text(out)
+    else:
+        sys.stdout.write(out)
+    return 0
+
+
+def _webhook_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from webhook.registration import webhook_configuration
+
+    from .ca import CertificateAuthority
+
+    name, _, namespace = args.service.partition(".")
+    if not name or not namespace:
+        raise ConfigError(f"--service {args.service!r} must be NAME.NAMESPACE")
+    ca = CertificateAuthority(args.ca_dir, args.trust_domain)
+    doc = webhook_configuration(
+        ca_bundle=ca.root_pem,
+        service=name,
+        namespace=namespace,
+        port=args.port,
+        revision=args.revision,
+        failure_policy=args.failure_policy,
+        timeout_seconds=args.timeout,
+    )
+    sys.stdout.write(yaml.safe_dump(doc, sort_keys=False))
+    return 0
+
+
+def _wait(args: argparse.Namespace) -> int:
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + parse_duration(args.timeout).total_seconds()
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(args.url, timeout=2) as r:
+                if r.status == 200:
+                    return 0
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    print(f"meshctl wait: {args.url} was not ready within {args.timeout}", file=sys.stderr)
+    return 1
 
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run
 
-    settings = Settings(mesh_file=args.mesh, bind="127.0.0.1", xds_port=0, admin_port=args.admin_port)
+    settings = Settings(mesh_file=args.mesh, bind="127.0.0.1", xds_port=0, admin_port=args.admin_port, webhook_port=0)
     asyncio.run(run(settings, duration=parse_duration(args.duration).total_seconds()))
     return 0
 
 
 def _bootstrap(args: argparse.Namespace) -> int:
     from bootstrap.envoy import Ports, WorkloadIdentity, bootstrap, render
-
-    from .errors import ConfigError
 
     identity = WorkloadIdentity(
         name=args.name,
@@ -291,8 +457,6 @@ def _bootstrap(args: argparse.Namespace) -> int:
 
 def _iptables(args: argparse.Namespace) -> int:
     from bootstrap import iptables
-
-    from .errors import ConfigError
 
     try:
         ipv6 = {"on": True, "off": False}.get(args.ipv6)

@@ -28,6 +28,18 @@ class Settings:
     """HTTP: /healthz, /readyz, /metrics, /debug/*."""
     webhook_port: int = 15017
     """HTTPS: the injection webhook."""
+    webhook_dns_names: tuple[str, ...] = (
+        "meshplane.mesh-system.svc",
+        "meshplane.mesh-system.svc.cluster.local",
+        "localhost",
+        "127.0.0.1",
+    )
+    """Names in the webhook's serving certificate when the mesh CA issues it."""
+    webhook_cert_ttl: dt.timedelta = dt.timedelta(hours=24)
+    """Lifetime of the CA-issued webhook certificate; renewed at half-life without a restart."""
+    webhook_cert: Path | None = None
+    webhook_key: Path | None = None
+    """A serving certificate and key to use instead (reloaded when the files change)."""
     ca_dir: Path = field(default_factory=default_ca_dir)
     """Where the CA root lives; created on first start."""
     cert_ttl: dt.timedelta = dt.timedelta(hours=1)

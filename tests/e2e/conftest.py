@@ -129,6 +129,7 @@ async def mesh(engine: Engine) -> AsyncIterator[Mesh]:
             bind="127.0.0.1",
             xds_port=0,
             admin_port=0,
+            webhook_port=0,
             xds_socket=runtime / "xds.sock",
             ca_dir=runtime / "ca",
             debounce=0.05,

@@ -46,6 +46,7 @@ async def plane_factory(tmp_path: Path, mesh_file: Path) -> AsyncIterator[Callab
             bind="127.0.0.1",
             xds_port=0,
             admin_port=0,
+            webhook_port=0,
             ca_dir=tmp_path / "ca",
             debounce=0.05,
             proxy_grace=0.5,

@@ -1,0 +1,1 @@
+"""Sidecar injection: decide, render, patch. Pure functions; `webhook.app` is the HTTPS edge."""
