@@ -1,0 +1,314 @@
+"""The injector on a corpus of realistic pods: schema-valid results, patches that reproduce them,
+and `meshctl inject` giving the same pod as the webhook."""
+
+import copy
+import json
+from typing import Any
+
+import jsonpatch
+import kubernetes_validate
+import pytest
+import yaml
+
+from webhook.annotations import InvalidAnnotation, proxy_options
+from webhook.config import InjectionConfig
+from webhook.inject import inject
+from webhook.manifests import inject_manifests
+from webhook.patch import diff, escape
+from webhook.review import ReviewError, parse
+
+K8S = "1.30"
+
+
+def make(name: str, spec: dict[str, Any], **meta: Any) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, **meta}, "spec": spec}
+
+
+CORPUS: dict[str, dict[str, Any]] = {
+    "bare": make("bare", {"containers": [{"name": "app", "image": "nginx"}]}),
+    "everything-already-there": make(
+        "full",
+        {
+            "serviceAccountName": "web",
+            "securityContext": {"runAsNonRoot": True, "fsGroup": 2000},
+            "initContainers": [{"name": "migrate", "image": "db-migrate", "command": ["migrate"]}],
+            "volumes": [{"name": "data", "emptyDir": {}}],
+            "containers": [
+                {
+                    "name": "web",
+                    "image": "web:1",
+                    "ports": [{"containerPort": 8080, "name": "http"}],
+                    "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+                    "securityContext": {"allowPrivilegeEscalation": False},
+                }
+            ],
+        },
+        labels={"app": "web", "version": "v1"},
+        annotations={"example.com/owner": "team~web/frontend", "a/b~c": "x"},
+    ),
+    "probes-of-each-kind": make(
+        "probes",
+        {
+            "containers": [
+                {
+                    "name": "web",
+                    "image": "web",
+                    "ports": [{"containerPort": 8080, "name": "http"}],
+                    "livenessProbe": {"httpGet": {"path": "/live", "port": "http"}, "periodSeconds": 5},
+                    "readinessProbe": {"tcpSocket": {"port": 8080}},
+                    "startupProbe": {"httpGet": {"path": "/start", "port": 8080, "scheme": "HTTPS"}},
+                },
+                {
+                    "name": "grpc",
+                    "image": "grpc",
+                    "ports": [{"containerPort": 9000}],
+                    "livenessProbe": {"grpc": {"port": 9000, "service": "health"}},
+                    "readinessProbe": {"exec": {"command": ["true"]}},
+                },
+            ]
+        },
+    ),
+    "several-containers": make(
+        "multi",
+        {
+            "containers": [
+                {"name": "a", "image": "a", "ports": [{"containerPort": 80}]},
+                {"name": "b", "image": "b", "ports": [{"containerPort": 81, "name": "metrics"}]},
+            ]
+        },
+        labels={"app": "multi"},
+    ),
+    "native-sidecar": make(
+        "native",
+        {
+            "initContainers": [{"name": "setup", "image": "setup"}],
+            "containers": [{"name": "job", "image": "job"}],
+            "restartPolicy": "Never",
+        },
+        annotations={"sidecar.istio.io/nativeSidecar": "true"},
+    ),
+    "hold-application": make(
+        "hold",
+        {"containers": [{"name": "app", "image": "app"}]},
+        annotations={"proxy.istio.io/config": "holdApplicationUntilProxyStarts: true"},
+    ),
+    "tuned-proxy": make(
+        "tuned",
+        {"containers": [{"name": "app", "image": "app", "ports": [{"containerPort": 8080}]}]},
+        annotations={
+            "sidecar.istio.io/proxyCPU": "250m",
+            "sidecar.istio.io/proxyCPULimit": "1",
+            "sidecar.istio.io/proxyMemory": "64Mi",
+            "sidecar.istio.io/proxyMemoryLimit": "512Mi",
+            "sidecar.istio.io/logLevel": "debug",
+            "sidecar.istio.io/componentLogLevel": "upstream:trace",
+            "sidecar.istio.io/proxyImage": "registry.example/proxy:custom",
+            "traffic.sidecar.istio.io/excludeOutboundPorts": "5432,6379",
+            "traffic.sidecar.istio.io/excludeOutboundIPRanges": "169.254.169.254/32",
+            "traffic.sidecar.istio.io/includeInboundPorts": "8080",
+            "traffic.sidecar.istio.io/excludeInboundPorts": "9901",
+            "traffic.sidecar.istio.io/excludeInterfaces": "net1",
+        },
+    ),
+    "no-rewrite": make(
+        "plain",
+        {"containers": [{"name": "app", "image": "app", "livenessProbe": {"httpGet": {"path": "/", "port": 80}}}]},
+        annotations={"sidecar.istio.io/rewriteAppHTTPProbers": "false"},
+    ),
+}
+
+
+@pytest.fixture(params=sorted(CORPUS))
+def case(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
+    return request.param, CORPUS[request.param]
+
+
+def test_injected_pods_are_valid_and_patches_reproduce_them(case: tuple[str, dict[str, Any]]) -> None:
+    name, pod = case
+    original = copy.deepcopy(pod)
+    outcome = inject(pod, "shop", InjectionConfig())
+    assert pod == original, "the input pod must not be modified"
+    assert outcome.decision.inject and outcome.error is None
+    kubernetes_validate.validate(outcome.pod, K8S, strict=True)
+    assert jsonpatch.apply_patch(original, outcome.patch) == outcome.pod
+    in_shop = copy.deepcopy(original)
+    in_shop["metadata"]["namespace"] = "shop"  # where the webhook was told the pod is
+    manifest, _ = inject_manifests(yaml.safe_dump(in_shop), InjectionConfig())
+    expected = copy.deepcopy(outcome.pod)
+    expected["metadata"]["namespace"] = "shop"
+    assert yaml.safe_load(manifest) == expected, f"meshctl inject and the webhook differ for {name}"
+
+
+def test_what_is_injected(case: tuple[str, dict[str, Any]]) -> None:
+    name, pod = case
+    out = inject(pod, "shop", InjectionConfig()).pod
+    spec, meta = out["spec"], out["metadata"]
+    init = spec["initContainers"][0]
+    assert init["name"] == "mesh-init" and init["command"] == ["meshctl"] and init["args"][0] == "iptables"
+    assert init["securityContext"]["capabilities"] == {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]}
+    assert init["securityContext"]["runAsUser"] == 0
+    containers = spec["containers"] + spec["initContainers"]
+    proxy = next(c for c in containers if c["name"] == "mesh-proxy")
+    sc = proxy["securityContext"]
+    assert (sc["runAsUser"], sc["runAsGroup"], sc["readOnlyRootFilesystem"], sc["allowPrivilegeEscalation"]) == (
+        1337,
+        1337,
+        True,
+        False,
+    )
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert proxy["readinessProbe"]["httpGet"] == {"path": "/healthz/ready", "port": 15021}
+    assert {"containerPort": 15090, "name": "http-envoy-prom", "protocol": "TCP"} in proxy["ports"]
+    bootstrap = json.loads(proxy["args"][proxy["args"].index("--config-yaml") + 1])
+    assert bootstrap["node"]["id"] == "sidecar~$(INSTANCE_IP)~$(POD_NAME).shop~shop.svc.cluster.local"
+    env = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") for e in proxy["env"]}
+    assert env["POD_NAME"] == "metadata.name" and env["INSTANCE_IP"] == "status.podIP"
+    assert meta["labels"]["security.istio.io/tlsMode"] == "istio"
+    status = json.loads(meta["annotations"]["sidecar.istio.io/status"])
+    assert "mesh-init" in status["initContainers"]
+    assert inject(out, "shop", InjectionConfig()).decision.reason.startswith("already injected")
+
+
+def test_native_sidecar_placement() -> None:
+    out = inject(CORPUS["native-sidecar"], "shop", InjectionConfig()).pod
+    assert [c["name"] for c in out["spec"]["initContainers"]] == ["mesh-init", "mesh-proxy", "setup"]
+    proxy = out["spec"]["initContainers"][1]
+    assert proxy["restartPolicy"] == "Always" and proxy["startupProbe"]["httpGet"]["port"] == 15021
+    assert [c["name"] for c in out["spec"]["containers"]] == ["job"]
+
+
+def test_hold_application_puts_the_proxy_first_and_waits() -> None:
+    out = inject(CORPUS["hold-application"], "shop", InjectionConfig()).pod
+    first = out["spec"]["containers"][0]
+    assert first["name"] == "mesh-proxy"
+    assert first["lifecycle"]["postStart"]["exec"]["command"][:2] == ["meshctl", "wait"]
+    default = inject(CORPUS["bare"], "shop", InjectionConfig()).pod
+    assert default["spec"]["containers"][-1]["name"] == "mesh-proxy"
+
+
+def test_probes_are_rewritten_and_kept_for_the_proxy() -> None:
+    out = inject(CORPUS["probes-of-each-kind"], "shop", InjectionConfig()).pod
+    web, grpc = out["spec"]["containers"][:2]
+    assert web["livenessProbe"] == {
+        "httpGet": {"path": "/app-health/web/livez", "port": 15021, "scheme": "HTTP"},
+        "periodSeconds": 5,
+    }
+    assert web["readinessProbe"]["httpGet"]["path"] == "/app-health/web/readyz"
+    assert web["startupProbe"]["httpGet"]["path"] == "/app-health/web/startupz"
+    assert grpc["livenessProbe"]["httpGet"]["path"] == "/app-health/grpc/livez"
+    assert grpc["readinessProbe"] == {"exec": {"command": ["true"]}}  # exec probes stay
+    proxy = out["spec"]["containers"][-1]
+    kept = json.loads(next(e["value"] for e in proxy["env"] if e["name"] == "MESH_KUBE_APP_PROBERS"))
+    assert kept["/app-health/web/livez"] == {"httpGet": {"path": "/live", "port": "http"}}
+    assert kept["/app-health/grpc/livez"] == {"grpc": {"port": 9000, "service": "health"}}
+    bootstrap = json.loads(proxy["args"][proxy["args"].index("--config-yaml") + 1])
+    clusters = {c["name"]: c for c in bootstrap["staticResources"]["clusters"]}
+    assert clusters["probe|app-health|web|livez"]["loadAssignment"]["endpoints"][0]["lbEndpoints"][0]["endpoint"][
+        "address"
+    ]["socketAddress"] == {"address": "127.0.0.1", "portValue": 8080}
+    assert "tcpHealthCheck" in clusters["probe|app-health|web|readyz"]["healthChecks"][0]
+    assert clusters["probe|app-health|grpc|livez"]["healthChecks"][0]["grpcHealthCheck"] == {"serviceName": "health"}
+    plain = inject(CORPUS["no-rewrite"], "shop", InjectionConfig()).pod
+    assert plain["spec"]["containers"][0]["livenessProbe"] == {"httpGet": {"path": "/", "port": 80}}
+
+
+def test_annotations_shape_the_proxy_and_the_capture() -> None:
+    out = inject(CORPUS["tuned-proxy"], "shop", InjectionConfig()).pod
+    proxy = out["spec"]["containers"][-1]
+    assert proxy["image"] == "registry.example/proxy:custom"
+    assert proxy["resources"] == {
+        "requests": {"cpu": "250m", "memory": "64Mi"},
+        "limits": {"cpu": "1", "memory": "512Mi"},
+    }
+    assert proxy["args"][proxy["args"].index("--log-level") + 1] == "debug"
+    assert proxy["args"][proxy["args"].index("--component-log-level") + 1] == "upstream:trace"
+    args = out["spec"]["initContainers"][0]["args"]
+    flags = dict(zip(args[1::2], args[2::2], strict=True))
+    assert flags == {
+        "-p": "15001",
+        "-z": "15006",
+        "-u": "1337",
+        "-g": "1337",
+        "-b": "8080",
+        "-d": "9901",
+        "-i": "*",
+        "-x": "169.254.169.254/32",
+        "-o": "5432,6379",
+        "-c": "net1",
+    }
+    multi = inject(CORPUS["several-containers"], "shop", InjectionConfig()).pod
+    assert (
+        multi["spec"]["initContainers"][0]["args"][multi["spec"]["initContainers"][0]["args"].index("-b") + 1]
+        == "80,81"
+    )
+
+
+@pytest.mark.parametrize(
+    ("annotation", "value", "accepted"),
+    [
+        ("sidecar.istio.io/proxyCPU", "lots", "a Kubernetes quantity"),
+        ("sidecar.istio.io/proxyMemoryLimit", "1 GB", "a Kubernetes quantity"),
+        ("sidecar.istio.io/logLevel", "loud", "trace | debug"),
+        ("sidecar.istio.io/componentLogLevel", "upstream", "component:level pairs"),
+        ("sidecar.istio.io/nativeSidecar", "maybe", "true or false"),
+        ("traffic.sidecar.istio.io/excludeOutboundPorts", "5432,postgres", "comma-separated port numbers"),
+        ("traffic.sidecar.istio.io/includeOutboundIPRanges", "10.0.0.0/33", "comma-separated IP ranges"),
+        ("traffic.sidecar.istio.io/excludeInterfaces", "eth0;reboot", "interface names"),
+        ("proxy.istio.io/config", "[1, 2]", "ProxyConfig mapping"),
+    ],
+)
+def test_invalid_annotations_deny_with_the_name_and_accepted_forms(annotation: str, value: str, accepted: str) -> None:
+    pod = make("bad", {"containers": [{"name": "app", "image": "app"}]}, annotations={annotation: value})
+    outcome = inject(pod, "shop", InjectionConfig())
+    assert outcome.error is not None and outcome.patch == []
+    assert annotation in str(outcome.error) and accepted in str(outcome.error)
+    ignored = inject(pod, "shop", InjectionConfig(ignore_invalid_annotations=True))
+    assert ignored.error is None and ignored.patch
+    with pytest.raises(InvalidAnnotation):
+        proxy_options({annotation: value}, InjectionConfig())
+
+
+def test_patch_paths_are_escaped() -> None:
+    assert escape("a/b~c") == "a~1b~0c"
+    original = {"metadata": {"annotations": {"x": "1"}}}
+    mutated = {"metadata": {"annotations": {"x": "1", "sidecar.istio.io/status": "{}", "a~b/c": "2"}}}
+    ops = diff(original, mutated)
+    assert {op["path"] for op in ops} == {
+        "/metadata/annotations/sidecar.istio.io~1status",
+        "/metadata/annotations/a~0b~1c",
+    }
+    assert jsonpatch.apply_patch(original, ops) == mutated
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"{not json", "not JSON"),
+        (b"[1]", "not an AdmissionReview object"),
+        (b'{"kind": "Pod"}', "kind must be AdmissionReview"),
+        (b'{"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1beta1"}', "apiVersion must be"),
+        (b'{"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1"}', "request is missing"),
+        (
+            b'{"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1", "request": {"kind": {"kind": "Pod"}}}',
+            "request.uid is missing",
+        ),
+        (
+            b'{"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1", "request": {"uid": "1", '
+            b'"kind": {"group": "apps", "kind": "Deployment"}}}',
+            "injects Pods, got kind 'Deployment'",
+        ),
+        (
+            b'{"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1", "request": {"uid": "1", '
+            b'"kind": {"kind": "Pod"}}}',
+            "request.object is missing",
+        ),
+        (
+            b'{"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1", "request": {"uid": "1", '
+            b'"kind": {"kind": "Pod"}, "object": {"spec": {}}}}',
+            "no spec.containers",
+        ),
+    ],
+)
+def test_bad_reviews(body: bytes, message: str) -> None:
+    with pytest.raises(ReviewError, match=message):
+        parse(body)

@@ -1,0 +1,91 @@
+import pytest
+import yaml
+
+from webhook.config import InjectionConfig
+from webhook.manifests import ManifestError, inject_manifests
+
+WORKLOADS = """\
+# Shop manifests: comments stay where they are.
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web  # the web tier
+  namespace: shop
+spec:
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers: [{name: web, image: nginx}]
+---
+apiVersion: v1
+kind: ConfigMap  # not a pod: passes through untouched
+metadata: {name: settings}
+data: {key: value}
+---
+apiVersion: batch/v1
+kind: CronJob
+metadata: {name: nightly}
+spec:
+  schedule: "0 1 * * *"
+  jobTemplate:
+    spec:
+      template:
+        spec:
+          restartPolicy: Never
+          containers: [{name: job, image: job}]
+---
+apiVersion: v1
+kind: List
+items:
+  - apiVersion: apps/v1
+    kind: StatefulSet
+    metadata: {name: db}
+    spec:
+      serviceName: db
+      selector: {matchLabels: {app: db}}
+      template:
+        metadata: {labels: {app: db}, annotations: {sidecar.istio.io/inject: "false"}}
+        spec: {containers: [{name: db, image: postgres}]}
+"""
+
+
+def containers(template: dict) -> list[str]:  # type: ignore[type-arg]
+    return [c["name"] for c in template["spec"]["containers"]]
+
+
+def test_workloads_are_injected_and_the_rest_passes_through() -> None:
+    out, report = inject_manifests(WORKLOADS, InjectionConfig())
+    docs = list(yaml.safe_load_all(out))
+    assert [d["kind"] for d in docs] == ["Deployment", "ConfigMap", "CronJob", "List"]
+    assert containers(docs[0]["spec"]["template"]) == ["web", "mesh-proxy"]
+    assert docs[1] == {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "settings"},
+        "data": {"key": "value"},
+    }
+    assert containers(docs[2]["spec"]["jobTemplate"]["spec"]["template"]) == ["job", "mesh-proxy"]
+    assert containers(docs[3]["items"][0]["spec"]["template"]) == ["db"]
+    assert report == [
+        "Deployment shop/web: injected (the default policy is enabled)",
+        "CronJob default/nightly: injected (the default policy is enabled)",
+        "StatefulSet default/db: not injected (pod annotation sidecar.istio.io/inject=false)",
+    ]
+    assert out.startswith("# Shop manifests: comments stay where they are.\n")
+    assert "name: web  # the web tier" in out and "kind: ConfigMap  # not a pod" in out
+
+
+def test_a_pod_the_webhook_would_deny_is_an_error() -> None:
+    bad = WORKLOADS.replace(
+        "metadata: {labels: {app: web}}",
+        "metadata: {labels: {app: web}, annotations: {sidecar.istio.io/proxyCPU: lots}}",
+    )
+    with pytest.raises(
+        ManifestError,
+        match=r"m.yaml: document 1 \(Deployment shop/web\): annotation "
+        r"sidecar.istio.io/proxyCPU",
+    ):
+        inject_manifests(bad, InjectionConfig(), "m.yaml")
+    with pytest.raises(ManifestError, match="not valid YAML"):
+        inject_manifests("a: [", InjectionConfig(), "m.yaml")
