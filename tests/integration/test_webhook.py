@@ -108,7 +108,7 @@ async def test_serving_certificate_rotates_without_a_restart(plane_factory: Any)
     plane = await plane_factory(webhook_cert_ttl=dt.timedelta(seconds=2))
 
     async def serial() -> int:
-        reader, writer = await asyncio.open_connection(
+        _, writer = await asyncio.open_connection(
             "127.0.0.1", plane.webhook_port, ssl=client_tls(plane), server_hostname="127.0.0.1"
         )
         cert = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)

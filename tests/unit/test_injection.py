@@ -140,7 +140,7 @@ def test_injected_pods_are_valid_and_patches_reproduce_them(case: tuple[str, dic
 
 
 def test_what_is_injected(case: tuple[str, dict[str, Any]]) -> None:
-    name, pod = case
+    _, pod = case
     out = inject(pod, "shop", InjectionConfig()).pod
     spec, meta = out["spec"], out["metadata"]
     init = spec["initContainers"][0]

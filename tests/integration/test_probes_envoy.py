@@ -1,0 +1,95 @@
+"""Rewritten app probes, answered by a real Envoy on its health port from the injected bootstrap."""
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from controlplane.app import ControlPlane
+from tests.harness import Envoy, free_port, wait_until
+from webhook.config import InjectionConfig
+from webhook.inject import inject
+
+
+@pytest.fixture
+async def app_ports() -> AsyncIterator[tuple[int, int]]:
+    """An HTTP app (200 on /live, 500 on /broken) and a TCP listener, on free loopback ports."""
+
+    async def live(_: web.Request) -> web.Response:
+        return web.Response(text="alive")
+
+    async def broken(_: web.Request) -> web.Response:
+        return web.Response(status=500)
+
+    app = web.Application()
+    app.router.add_get("/live", live)
+    app.router.add_get("/broken", broken)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    http_port, tcp_port = free_port(), free_port()
+    await web.TCPSite(runner, "127.0.0.1", http_port).start()
+    tcp = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", tcp_port)
+    yield http_port, tcp_port
+    tcp.close()
+    await runner.cleanup()
+
+
+async def test_rewritten_probes_are_answered_by_envoy(
+    plane: ControlPlane, app_ports: tuple[int, int], tmp_path: Path
+) -> None:
+    http_port, tcp_port = app_ports
+    closed = free_port()  # nothing listens here
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "web", "labels": {"app": "web"}},
+        "spec": {
+            "containers": [
+                {
+                    "name": "web",
+                    "image": "web",
+                    "ports": [{"containerPort": http_port, "name": "http"}],
+                    "livenessProbe": {"httpGet": {"path": "/live", "port": "http"}},
+                    "readinessProbe": {"tcpSocket": {"port": tcp_port}, "periodSeconds": 1},
+                    "startupProbe": {"httpGet": {"path": "/broken", "port": http_port}},
+                },
+                {"name": "db", "image": "db", "readinessProbe": {"tcpSocket": {"port": closed}, "periodSeconds": 1}},
+            ]
+        },
+    }
+    out = inject(pod, "demo", InjectionConfig(xds_address=f"127.0.0.1:{plane.xds_port}")).pod
+    proxy = out["spec"]["containers"][-1]
+    text = proxy["args"][proxy["args"].index("--config-yaml") + 1]
+    # What Kubernetes' $(VAR) expansion does from the Downward API; then ports free on this host.
+    doc = json.loads(text.replace("$(INSTANCE_IP)", "127.0.0.1").replace("$(POD_NAME)", "web-0"))
+    admin, health = free_port(), free_port()
+    doc["admin"]["address"]["socketAddress"]["portValue"] = admin
+    for cluster in doc["staticResources"]["clusters"]:
+        if cluster["name"] == "prometheus_stats":
+            cluster["loadAssignment"]["endpoints"][0]["lbEndpoints"][0]["endpoint"]["address"]["socketAddress"][
+                "portValue"
+            ] = admin
+    for listener in doc["staticResources"]["listeners"]:
+        listener["address"]["socketAddress"]["portValue"] = health if listener["name"] == "health" else free_port()
+    (tmp_path / "b.json").write_text(json.dumps(doc))
+
+    async with Envoy(tmp_path / "b.json", admin, tmp_path / "envoy.log"):
+
+        async def probe(kind: str, container: str = "web") -> int:
+            url = f"http://127.0.0.1:{health}/app-health/{container}/{kind}"
+            async with aiohttp.ClientSession() as s, s.get(url, timeout=aiohttp.ClientTimeout(total=3)) as r:
+                return r.status
+
+        assert await wait_until(lambda: probe("livez"), what="the liveness probe route") == 200
+        assert await probe("startupz") == 500  # the app's own answer comes back
+
+        async def tcp_probe_passes() -> bool:
+            return await probe("readyz") == 200
+
+        await wait_until(tcp_probe_passes, timeout=10, what="the TCP probe to pass")
+        await asyncio.sleep(1.5)  # a health check round for the closed port
+        assert await probe("readyz", "db") == 503
