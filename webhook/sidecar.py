@@ -6,7 +6,8 @@ so what `meshctl inject` writes and what the webhook patches are the same by con
 
 from __future__ import annotations
 
-import copy
+import functools
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,7 +34,8 @@ _DOWNWARD = {
 
 def render(pod: Mapping[str, Any], namespace: str, config: InjectionConfig, options: ProxyOptions) -> dict[str, Any]:
     """The pod with its sidecar. `pod` is not modified."""
-    out: dict[str, Any] = copy.deepcopy(dict(pod))
+    # The pod is JSON data: a JSON round trip copies it several times faster than copy.deepcopy.
+    out: dict[str, Any] = json.loads(json.dumps(pod))
     meta = out.setdefault("metadata", {})
     spec = out.setdefault("spec", {})
     app_containers: list[dict[str, Any]] = spec.setdefault("containers", [])
@@ -82,16 +84,13 @@ def _proxy_container(
     probes: list[tuple[AppProbe, dict[str, Any]]],
 ) -> dict[str, Any]:
     meta, spec = pod.get("metadata") or {}, pod.get("spec") or {}
-    identity = WorkloadIdentity(
-        name="$(POD_NAME)",
-        namespace=namespace,
-        service_account=spec.get("serviceAccountName") or spec.get("serviceAccount") or "default",
-        ip="$(INSTANCE_IP)",
-        labels={k: v for k, v in (meta.get("labels") or {}).items() if k != TLS_MODE_LABEL},
-        domain_suffix=config.domain_suffix,
-    )
-    config_json = render_compact(
-        bootstrap(identity, config.xds_address, Ports(health=HEALTH_PORT, stats=STATS_PORT), [p for p, _ in probes])
+    config_json = _bootstrap_json(
+        namespace,
+        spec.get("serviceAccountName") or spec.get("serviceAccount") or "default",
+        tuple(sorted((k, v) for k, v in (meta.get("labels") or {}).items() if k != TLS_MODE_LABEL)),
+        config.domain_suffix,
+        config.xds_address,
+        tuple(p for p, _ in probes),
     )
     args = [
         "--config-yaml",
@@ -127,6 +126,27 @@ def _proxy_container(
             "capabilities": {"drop": ["ALL"]},
         },
     }
+
+
+@functools.lru_cache(maxsize=512)
+def _bootstrap_json(
+    namespace: str,
+    service_account: str,
+    labels: tuple[tuple[str, str], ...],
+    domain_suffix: str,
+    xds_address: str,
+    probes: tuple[AppProbe, ...],
+) -> str:
+    """The sidecar's bootstrap; memoized, since the pods of one workload share every input."""
+    identity = WorkloadIdentity(
+        name="$(POD_NAME)",
+        namespace=namespace,
+        service_account=service_account,
+        ip="$(INSTANCE_IP)",
+        labels=dict(labels),
+        domain_suffix=domain_suffix,
+    )
+    return render_compact(bootstrap(identity, xds_address, Ports(health=HEALTH_PORT, stats=STATS_PORT), probes))
 
 
 def _init_container(

@@ -117,3 +117,23 @@ def test_dry_run_prints_exactly_what_apply_restores(net: Net) -> None:
     capture(net, "--ipv6", "off", "-o", "5432")
     installed = {ln for ln in nat_table(net.pod) if ln.startswith("-A ")}
     assert {ln for ln in printed.splitlines() if ln.startswith("-A ")} == installed
+
+
+def test_the_injected_init_container_captures_what_its_annotations_say(net: Net) -> None:
+    from webhook.config import InjectionConfig
+    from webhook.inject import inject
+
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web", "annotations": {
+        "traffic.sidecar.istio.io/excludeOutboundPorts": "5432",
+        "traffic.sidecar.istio.io/excludeOutboundIPRanges": "10.250.1.0/24",
+        "traffic.sidecar.istio.io/excludeInboundPorts": "15021",
+    }}, "spec": {"containers": [{"name": "web", "image": "web", "ports": [{"containerPort": 8080}]}]}}
+    init = inject(pod, "demo", InjectionConfig()).pod["spec"]["initContainers"][0]
+    assert init["command"] == ["meshctl"]
+    sh(*MESHCTL[:-1], *init["args"], "--ipv6", "off", ns=net.pod)  # exactly the container's arguments
+    assert call(net, net.peer, net.pod_ip, 8080) == f"15006 {net.pod_ip}:8080"  # the declared port
+    assert call(net, net.peer, net.pod_ip, 15021) == f"15021 {net.pod_ip}:15021"
+    assert call(net, net.pod, net.peer_ip, 80) == f"15001 {net.peer_ip}:80"
+    assert call(net, net.pod, net.peer_ip, 5432) == f"5432 {net.peer_ip}:5432"
+    assert call(net, net.pod, net.peer_ip2, 80) == f"80 {net.peer_ip2}:80"
+    assert call(net, net.pod, net.peer_ip, 80, uid=1337) == f"80 {net.peer_ip}:80"
