@@ -31,15 +31,37 @@ TOP = Path(__file__).resolve().parents[1]
 
 
 def review(pod: dict[str, Any], uid: int) -> bytes:
-    return json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-                       "request": {"uid": str(uid), "kind": {"group": "", "version": "v1", "kind": "Pod"},
-                                   "namespace": "shop", "operation": "CREATE", "object": pod}}).encode()
+    return json.dumps(
+        {
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": str(uid),
+                "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "namespace": "shop",
+                "operation": "CREATE",
+                "object": pod,
+            },
+        }
+    ).encode()
 
 
 def small_pod() -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"generateName": "web-", "labels": {"app": "web"}},
-            "spec": {"containers": [{"name": "web", "image": "nginx", "ports": [{"containerPort": 8080}],
-                                     "readinessProbe": {"httpGet": {"path": "/ready", "port": 8080}}}]}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"generateName": "web-", "labels": {"app": "web"}},
+        "spec": {
+            "containers": [
+                {
+                    "name": "web",
+                    "image": "nginx",
+                    "ports": [{"containerPort": 8080}],
+                    "readinessProbe": {"httpGet": {"path": "/ready", "port": 8080}},
+                }
+            ]
+        },
+    }
 
 
 def big_pod(size: int = 64 * 1024) -> dict[str, Any]:
@@ -94,8 +116,14 @@ async def run(url: str, tls: ssl.SSLContext, body_for: Any, rate: float, seconds
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - start
     q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [0.0] * 99
-    return {"requests": count, "errors": errors, "rate": count / elapsed, "p50": q[49] * 1000,
-            "p99": q[98] * 1000, "max": max(latencies, default=0) * 1000}
+    return {
+        "requests": count,
+        "errors": errors,
+        "rate": count / elapsed,
+        "p50": q[49] * 1000,
+        "p99": q[98] * 1000,
+        "max": max(latencies, default=0) * 1000,
+    }
 
 
 async def main() -> int:
@@ -107,9 +135,29 @@ async def main() -> int:
     (work / "mesh.yaml").write_text("services: []\n")
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "controlplane.cli", "--log-level", "warning", "serve", "--mesh", str(work / "mesh.yaml"),
-         "--bind", "127.0.0.1", "--xds-port", "0", "--admin-port", "0", "--webhook-port", str(port),
-         "--ca-dir", str(work / "ca")], cwd=TOP, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "controlplane.cli",
+            "--log-level",
+            "warning",
+            "serve",
+            "--mesh",
+            str(work / "mesh.yaml"),
+            "--bind",
+            "127.0.0.1",
+            "--xds-port",
+            "0",
+            "--admin-port",
+            "0",
+            "--webhook-port",
+            str(port),
+            "--ca-dir",
+            str(work / "ca"),
+        ],
+        cwd=TOP,
+        start_new_session=True,
+    )
     try:
         url = f"https://127.0.0.1:{port}/inject"
         deadline = time.monotonic() + 30
@@ -122,13 +170,19 @@ async def main() -> int:
         small, big = small_pod(), big_pod()
         print(f"webhook: {url}, meshctl serve pid {server.pid}; open loop, keep-alive, 5 s timeout per request")
         print(f"{'scenario':<30} {'requests':>8} {'errors':>6} {'rate/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7}")
-        for name, body, rate in ((f"small pod at {args.rate:.0f}/s", small, args.rate),
-                                 (f"64 KiB pod at {args.rate:.0f}/s", big, args.rate)):
+        for name, body, rate in (
+            (f"small pod at {args.rate:.0f}/s", small, args.rate),
+            (f"64 KiB pod at {args.rate:.0f}/s", big, args.rate),
+        ):
             r = await run(url, tls, lambda i, b=body: review(b, i), rate, args.seconds)
-            print(f"{name:<30} {r['requests']:>8.0f} {r['errors']:>6.0f} {r['rate']:>7.1f} {r['p50']:>7.2f} "
-                  f"{r['p99']:>7.2f} {r['max']:>7.2f}")
-        print(f"(64 KiB pod: {len(json.dumps(big)) / 1024:.1f} KiB of JSON, AdmissionReview "
-              f"{len(review(big, 0)) / 1024:.1f} KiB)")
+            print(
+                f"{name:<30} {r['requests']:>8.0f} {r['errors']:>6.0f} {r['rate']:>7.1f} {r['p50']:>7.2f} "
+                f"{r['p99']:>7.2f} {r['max']:>7.2f}"
+            )
+        print(
+            f"(64 KiB pod: {len(json.dumps(big)) / 1024:.1f} KiB of JSON, AdmissionReview "
+            f"{len(review(big, 0)) / 1024:.1f} KiB)"
+        )
         return 0
     finally:
         os.killpg(server.pid, signal.SIGTERM)

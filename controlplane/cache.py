@@ -15,10 +15,10 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 from google.protobuf import message
 
-from .generate import SECRET_DEFAULT, SECRET_ROOTCA, MeshConfig, ProxyView
+from .generate import SECRET_DEFAULT, SECRET_ROOTCA, MeshConfig, ProxyView, view_of
 from .generate.common import pack
 from .generate.secrets import root_secret, workload_secret
-from .model import MeshModel, spiffe_id
+from .model import MeshModel, Workload, spiffe_id
 from .resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Resource, Resources
 
 
@@ -63,7 +63,15 @@ class ConfigCache:
         self._model = model
         self._config = self._config_factory(model)
         self._views: dict[ProxyView, dict[str, Resources]] = {}
+        self._view_of: dict[Workload, ProxyView] = {}
         self._packed: dict[int, tuple[message.Message, Resource]] = {}
+
+    def view(self, workload: Workload) -> ProxyView:
+        """The view of `workload` under the current model, computed once per model and workload."""
+        found = self._view_of.get(workload)
+        if found is None:
+            found = self._view_of[workload] = view_of(self._model, workload)
+        return found
 
     def resources(self, view: ProxyView, type_url: str) -> Resources:
         """All resources of `type_url` for a proxy with `view`, keyed by name."""

@@ -30,7 +30,6 @@ from protos import ca_pb2, ca_pb2_grpc
 from .ca import CertificateAuthority
 from .cache import ConfigCache
 from .errors import CertificateError
-from .generate import ProxyView, view_of
 from .metrics import Metrics
 from .model import MeshModel
 from .proxy import NodeError, ProxyNode, from_node
@@ -109,6 +108,7 @@ class XdsServer:
         self.ca = ca
         self.metrics = metrics
         self.proxy_grace = proxy_grace
+        metrics.views.set_function(cache.views)
         self.connections: dict[int, Connection] = {}
         self._ids = itertools.count(1)
         self._pending_model: MeshModel | None = None
@@ -293,17 +293,8 @@ class XdsServer:
             queue.put_nowait(_END)
 
     def _source_for(self, node: ProxyNode) -> Callable[[str], Resources]:
-        memo: dict[str, tuple[MeshModel, ProxyView]] = {}
-
         def source(type_url: str) -> Resources:
-            model = self.cache.model
-            hit = memo.get("view")
-            if hit is None or hit[0] is not model:
-                hit = (model, view_of(model, node.workload))
-                memo["view"] = hit
-            resources = self.cache.resources(hit[1], type_url)
-            self.metrics.views.set(self.cache.views())
-            return resources
+            return self.cache.resources(self.cache.view(node.workload), type_url)
 
         return source
 

@@ -10,7 +10,8 @@ the nonce of that response, and the last ACK and NACK. The rules it follows:
   good config, and the next change that alters the resources is pushed as usual.
 - The first request for a type on a stream is always answered (wildcard types even
   when empty, since Envoy waits for them during initialization).
-- Otherwise a response is sent only when the resources to send differ from the last sent.
+- Otherwise a request is answered only when it changes the subscription and the resources to
+  send differ from the last sent; changed content arrives through `on_change` (a push).
 - After clusters are sent, endpoints are sent again even if unchanged: Envoy re-requests
   them for every cluster it re-created, and a cluster stays warming until it gets them.
 - On a push, a wildcard type that drops names the proxy has first gets the new set
@@ -20,6 +21,7 @@ the nonce of that response, and the last ACK and NACK. The rules it follows:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import time
@@ -89,9 +91,13 @@ class StreamState:
                 t.last_ack = self._clock()
                 kind = "ack"
         names = frozenset() if req.type_url in WILDCARD else frozenset(req.resource_names)
-        first = not t.requested
+        first, changed = not t.requested, names != t.names
         t.requested = True
         t.names = names
+        # Content changes reach the stream as pushes (on_change); a request needs an answer only
+        # when it is the first, changes the subscription, or endpoints are owed after clusters.
+        if not (first or changed or t.resend):
+            return Outcome([], kind, nack)
         response = self._respond(req.type_url, always=first)
         return Outcome([response] if response else [], kind, nack)
 
@@ -134,7 +140,7 @@ class StreamState:
             return None
         t.resend = False
         t.sent = versions
-        t.version = _version(versions)
+        t.version = _version(frozenset(versions.items()))
         t.nonce = str(next(self._nonces))
         self._sent[type_url] = chosen
         if type_url == CLUSTER and ENDPOINT in self.types:
@@ -151,11 +157,10 @@ class StreamState:
         return self._sent.get(type_url, {})
 
 
-def _version(versions: dict[str, str]) -> str:
+@functools.lru_cache(maxsize=4096)
+def _version(versions: frozenset[tuple[str, str]]) -> str:
+    """A content hash of (name, version) pairs; memoized, as proxies with one view send the same sets."""
     h = hashlib.blake2b(digest_size=8)
-    for name, v in sorted(versions.items()):
-        h.update(name.encode())
-        h.update(b"\0")
-        h.update(v.encode())
-        h.update(b"\n")
+    for name, v in sorted(versions):
+        h.update(f"{name}\0{v}\n".encode())
     return h.hexdigest()

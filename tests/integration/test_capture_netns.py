@@ -123,11 +123,19 @@ def test_the_injected_init_container_captures_what_its_annotations_say(net: Net)
     from webhook.config import InjectionConfig
     from webhook.inject import inject
 
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web", "annotations": {
-        "traffic.sidecar.istio.io/excludeOutboundPorts": "5432",
-        "traffic.sidecar.istio.io/excludeOutboundIPRanges": "10.250.1.0/24",
-        "traffic.sidecar.istio.io/excludeInboundPorts": "15021",
-    }}, "spec": {"containers": [{"name": "web", "image": "web", "ports": [{"containerPort": 8080}]}]}}
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "web",
+            "annotations": {
+                "traffic.sidecar.istio.io/excludeOutboundPorts": "5432",
+                "traffic.sidecar.istio.io/excludeOutboundIPRanges": "10.250.1.0/24",
+                "traffic.sidecar.istio.io/excludeInboundPorts": "15021",
+            },
+        },
+        "spec": {"containers": [{"name": "web", "image": "web", "ports": [{"containerPort": 8080}]}]},
+    }
     init = inject(pod, "demo", InjectionConfig()).pod["spec"]["initContainers"][0]
     assert init["command"] == ["meshctl"]
     sh(*MESHCTL[:-1], *init["args"], "--ipv6", "off", ns=net.pod)  # exactly the container's arguments
