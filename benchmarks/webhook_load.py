@@ -13,21 +13,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
-import socket
 import ssl
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import aiohttp
-
-TOP = Path(__file__).resolve().parents[1]
+from serve import meshctl_serve
 
 
 def review(pod: dict[str, Any], uid: int) -> bytes:
@@ -74,12 +67,6 @@ def big_pod(size: int = 64 * 1024) -> dict[str, Any]:
         pod["metadata"]["annotations"][f"example.com/note-{i}"] = "y" * 100
         i += 1
     return pod
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def run(url: str, tls: ssl.SSLContext, body_for: Any, rate: float, seconds: float) -> dict[str, float]:
@@ -131,42 +118,9 @@ async def main() -> int:
     parser.add_argument("--rate", type=float, default=200)
     parser.add_argument("--seconds", type=float, default=10)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="meshplane-bench-"))
-    (work / "mesh.yaml").write_text("services: []\n")
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "controlplane.cli",
-            "--log-level",
-            "warning",
-            "serve",
-            "--mesh",
-            str(work / "mesh.yaml"),
-            "--bind",
-            "127.0.0.1",
-            "--xds-port",
-            "0",
-            "--admin-port",
-            "0",
-            "--webhook-port",
-            str(port),
-            "--ca-dir",
-            str(work / "ca"),
-        ],
-        cwd=TOP,
-        start_new_session=True,
-    )
-    try:
-        url = f"https://127.0.0.1:{port}/inject"
-        deadline = time.monotonic() + 30
-        while not (work / "ca" / "root-cert.pem").exists() or not _listening(port):
-            if time.monotonic() > deadline or server.poll() is not None:
-                print("meshctl serve did not start", file=sys.stderr)
-                return 1
-            await asyncio.sleep(0.1)
-        tls = ssl.create_default_context(cafile=str(work / "ca" / "root-cert.pem"))
+    async with meshctl_serve("services: []\n") as server:
+        url = f"https://127.0.0.1:{server.webhook_port}/inject"
+        tls = ssl.create_default_context(cafile=str(server.root_cert))
         small, big = small_pod(), big_pod()
         print(f"webhook: {url}, meshctl serve pid {server.pid}; open loop, keep-alive, 5 s timeout per request")
         print(f"{'scenario':<30} {'requests':>8} {'errors':>6} {'rate/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7}")
@@ -184,14 +138,6 @@ async def main() -> int:
             f"{len(review(big, 0)) / 1024:.1f} KiB)"
         )
         return 0
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(10)
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 if __name__ == "__main__":

@@ -15,12 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,8 +27,8 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import struct_pb2
+from serve import Server, meshctl_serve
 
-TOP = Path(__file__).resolve().parents[1]
 T = "type.googleapis.com/envoy."
 CDS, EDS = T + "config.cluster.v3.Cluster", T + "config.endpoint.v3.ClusterLoadAssignment"
 LDS, RDS = T + "config.listener.v3.Listener", T + "config.route.v3.RouteConfiguration"
@@ -123,44 +118,16 @@ class Proxy:
                 self.complete.set()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+async def scenario(n: int) -> None:
+    async with meshctl_serve(mesh()) as server:
+        await measure(n, server)
 
 
-async def scenario(n: int, work: Path) -> None:
-    mesh_file = work / "mesh.yaml"
-    mesh_file.write_text(mesh())
-    xds, admin = free_port(), free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "controlplane.cli",
-            "--log-level",
-            "warning",
-            "serve",
-            "--mesh",
-            str(mesh_file),
-            "--bind",
-            "127.0.0.1",
-            "--xds-port",
-            str(xds),
-            "--admin-port",
-            str(admin),
-            "--webhook-port",
-            "0",
-            "--ca-dir",
-            str(work / "ca"),
-        ],
-        cwd=TOP,
-        start_new_session=True,
-    )
+async def measure(n: int, server: Server) -> None:
+    xds, admin, mesh_file = server.xds_port, server.admin_port, server.mesh_file
     channels: list[grpc.aio.Channel] = []
     tasks: list[asyncio.Task[None]] = []
     try:
-        await wait_port(xds)
         start = time.perf_counter()
         proxies = []
         for i in range(n):
@@ -195,8 +162,6 @@ async def scenario(n: int, work: Path) -> None:
             t.cancel()
         for c in channels:
             await c.close()
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(10)
 
 
 async def arrival(p: Proxy, cluster: str, t0: float) -> float:
@@ -219,16 +184,6 @@ async def metric(port: int, name: str) -> float:
     return float("nan")
 
 
-async def wait_port(port: int) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        await asyncio.sleep(0.1)
-    raise RuntimeError("meshctl serve did not start")
-
-
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--proxies", type=int, nargs="+", default=[100, 300])
@@ -239,7 +194,7 @@ async def main() -> None:
         f"{'server ms/push':>11} {'views':>6}"
     )
     for n in args.proxies:
-        await scenario(n, Path(tempfile.mkdtemp(prefix="meshplane-xds-bench-")))
+        await scenario(n)
     print(
         "push: edit of the mesh file -> the new cluster at a proxy, in ms (includes the 200 ms file poll "
         "and 100 ms debounce); server ms/push: the server process's CPU time per edit"

@@ -160,17 +160,7 @@ class CertificateAuthority:
         with self._lock:
             current = self._issued.get(spiffe_id)
             if current is None or self.clock() >= current.renew_at():
-                key = ec.generate_private_key(ec.SECP256R1())
-                cert = self._sign(key.public_key(), spiffe_id, self.workload_ttl)
-                current = IssuedCertificate(
-                    spiffe_id=spiffe_id,
-                    cert_pem=cert.public_bytes(serialization.Encoding.PEM),
-                    key_pem=key.private_bytes(
-                        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-                    ),
-                    issued_at=self.clock(),
-                    not_after=cert.not_valid_after_utc,
-                )
+                current = self._issue(spiffe_id, self.workload_ttl, spiffe_id)
                 self._issued[spiffe_id] = current
             return current
 
@@ -184,10 +174,16 @@ class CertificateAuthority:
                 sans.append(x509.IPAddress(ipaddress.ip_address(name)))
             except ValueError:
                 sans.append(x509.DNSName(name))
+        return self._issue(x509.SubjectAlternativeName(sans), ttl, "", common_name=dns_names[0])
+
+    def _issue(
+        self, san: x509.SubjectAlternativeName | str, ttl: dt.timedelta, spiffe_id: str, common_name: str = ""
+    ) -> IssuedCertificate:
+        """A new key and a certificate for it."""
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = self._sign(key.public_key(), x509.SubjectAlternativeName(sans), ttl, dns_names[0])
+        cert = self._sign(key.public_key(), san, ttl, common_name)
         return IssuedCertificate(
-            spiffe_id="",
+            spiffe_id=spiffe_id,
             cert_pem=cert.public_bytes(serialization.Encoding.PEM),
             key_pem=key.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()

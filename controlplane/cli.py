@@ -115,6 +115,7 @@ def _parser() -> argparse.ArgumentParser:
         "meshplane.mesh-system.svc[.cluster.local], localhost, 127.0.0.1)",
     )
     _injection_flags(s)
+    s.set_defaults(run=_serve)
 
     b = sub.add_parser(
         "bootstrap",
@@ -141,6 +142,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--format", choices=["json", "yaml"], default="json", help="output format (default: json)")
     b.add_argument("-o", "--output", type=Path, metavar="FILE", help="write here instead of standard output")
+    b.set_defaults(run=_bootstrap)
+
     d = sub.add_parser(
         "demo",
         help="run the control plane with real sidecar'd pods and live traffic (needs root)",
@@ -169,6 +172,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="the control plane's admin HTTP port on 127.0.0.1 (default: 15014)",
     )
+    d.set_defaults(run=_demo)
 
     j = sub.add_parser(
         "inject",
@@ -180,6 +184,7 @@ def _parser() -> argparse.ArgumentParser:
     j.add_argument("-f", "--filename", required=True, metavar="FILE", help="the manifests, or - for standard input")
     j.add_argument("-o", "--output", type=Path, metavar="FILE", help="write here instead of standard output")
     _injection_flags(j)
+    j.set_defaults(run=_inject)
 
     w = sub.add_parser(
         "webhook-config",
@@ -204,6 +209,7 @@ def _parser() -> argparse.ArgumentParser:
         help="what the API server does when the webhook cannot answer (default: Fail)",
     )
     w.add_argument("--timeout", type=int, default=10, metavar="SECONDS", help="timeoutSeconds (default: 10)")
+    w.set_defaults(run=_webhook_config)
 
     t = sub.add_parser(
         "wait",
@@ -213,6 +219,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--url", default="http://127.0.0.1:15021/healthz/ready", help="the readiness URL")
     t.add_argument("--timeout", default="60s", metavar="DURATION", help="give up after this long (default: 60s)")
+    t.set_defaults(run=_wait)
 
     a = sub.add_parser(
         "app",
@@ -223,6 +230,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--name", required=True, help="the pod name it reports")
     a.add_argument("--http", type=_port, action="append", default=[], metavar="PORT", help="an HTTP port (repeatable)")
     a.add_argument("--tcp", type=_port, action="append", default=[], metavar="PORT", help="a TCP port (repeatable)")
+    a.set_defaults(run=_app)
 
     i = sub.add_parser(
         "iptables",
@@ -274,6 +282,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--dry-run", action="store_true", help="print the exact iptables-restore input; change nothing")
     i.add_argument("--cleanup", action="store_true", help="remove the rules this command added")
     return p
+    i.set_defaults(run=_iptables)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -282,32 +291,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
     )
     try:
-        if args.command == "serve":
-            return _serve(args)
-        if args.command == "bootstrap":
-            return _bootstrap(args)
-        if args.command == "iptables":
-            return _iptables(args)
-        if args.command == "inject":
-            return _inject(args)
-        if args.command == "webhook-config":
-            return _webhook_config(args)
-        if args.command == "wait":
-            return _wait(args)
-        if args.command == "demo":
-            return _demo(args)
-        if args.command == "app":
-            from .demoapp import serve as serve_app
-
-            serve_app(args.name, args.http, args.tcp)
-            return 0
+        return int(args.run(args))
     except MeshError as e:
         print(f"meshctl {args.command}: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"meshctl {args.command}: {e}", file=sys.stderr)
         return 1
-    raise AssertionError(args.command)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -424,6 +414,13 @@ def _wait(args: argparse.Namespace) -> int:
         time.sleep(0.5)
     print(f"meshctl wait: {args.url} was not ready within {args.timeout}", file=sys.stderr)
     return 1
+
+
+def _app(args: argparse.Namespace) -> int:
+    from .demoapp import serve as serve_app
+
+    serve_app(args.name, args.http, args.tcp)
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
