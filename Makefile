@@ -22,6 +22,7 @@ system-deps:
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy controlplane bootstrap webhook
 
 test: install system-deps lint
 	$(BIN)/pytest

@@ -149,7 +149,7 @@ def bootstrap(
 
 
 def render(msg: bootstrap_pb2.Bootstrap, fmt: str = "json") -> str:
-    text = json_format.MessageToJson(msg, indent=2)
+    text: str = json_format.MessageToJson(msg, indent=2)
     if fmt == "json":
         return text + "\n"
     if fmt == "yaml":

@@ -111,9 +111,9 @@ def rules(config: CaptureConfig, *, ipv6: bool = False, existing_jumps: frozense
         add(f"-A {INBOUND} -p tcp -j {IN_REDIRECT}")
     else:
         skip = {*ALWAYS_EXCLUDED_INBOUND, *config.exclude_inbound_ports}
-        for port in config.inbound_ports:
-            if port not in skip:
-                add(f"-A {INBOUND} -p tcp -m tcp --dport {port} -j {IN_REDIRECT}")
+        for captured in config.inbound_ports:
+            if captured not in skip:
+                add(f"-A {INBOUND} -p tcp -m tcp --dport {captured} -j {IN_REDIRECT}")
 
     # Outbound: OUTPUT sees connections made inside the pod, by the app and by the proxy.
     for iface in config.exclude_interfaces:

@@ -92,7 +92,8 @@ class CertificateAuthority:
                 ) from None
             if not isinstance(key, ec.EllipticCurvePrivateKey):
                 raise CertificateError(f"{key_path}: the CA key must be an EC key")
-            if cert.public_key().public_numbers() != key.public_key().public_numbers():
+            raw = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+            if cert.public_key().public_bytes(*raw) != key.public_key().public_bytes(*raw):
                 raise CertificateError(f"{cert_path} and {key_path} do not belong together")
             return key, cert
         try:

@@ -15,6 +15,7 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 from google.protobuf import message
 
+from .ca import IssuedCertificate
 from .generate import SECRET_DEFAULT, SECRET_ROOTCA, MeshConfig, ProxyView, view_of
 from .generate.common import pack
 from .generate.secrets import root_secret, workload_secret
@@ -23,14 +24,10 @@ from .resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Resource, Res
 
 
 class CertificateSource(Protocol):
-    root_pem: bytes
+    @property
+    def root_pem(self) -> bytes: ...
 
-    def workload_certificate(self, spiffe_id: str) -> _Issued: ...
-
-
-class _Issued(Protocol):
-    cert_pem: bytes
-    key_pem: bytes
+    def workload_certificate(self, spiffe_id: str) -> IssuedCertificate: ...
 
 
 class InconsistentSnapshot(RuntimeError):

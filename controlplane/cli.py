@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import ConfigError, MeshError
-from .settings import Settings, default_ca_dir, parse_duration
+from .settings import WEBHOOK_DNS_NAMES, Settings, default_ca_dir, parse_duration
 
 if TYPE_CHECKING:
     from webhook.config import InjectionConfig
@@ -315,7 +315,7 @@ def _serve(args: argparse.Namespace) -> int:
         proxy_grace=parse_duration(args.proxy_grace).total_seconds(),
         webhook_cert=args.webhook_cert,
         webhook_key=args.webhook_key,
-        **({"webhook_dns_names": tuple(args.webhook_dns_name)} if args.webhook_dns_name else {}),
+        webhook_dns_names=tuple(args.webhook_dns_name or WEBHOOK_DNS_NAMES),
     )
     if (args.webhook_cert is None) != (args.webhook_key is None):
         raise ConfigError("--webhook-cert and --webhook-key go together")

