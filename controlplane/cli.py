@@ -281,8 +281,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     i.add_argument("--dry-run", action="store_true", help="print the exact iptables-restore input; change nothing")
     i.add_argument("--cleanup", action="store_true", help="remove the rules this command added")
-    return p
     i.set_defaults(run=_iptables)
+    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -44,6 +44,7 @@ class Net:
     pod_ip: str = "10.250.0.2"
     peer_ip: str = "10.250.0.1"
     peer_ip2: str = "10.250.1.1"
+    pod_dev: str = ""
     procs: list[subprocess.Popen[str]] = field(default_factory=list)
 
     def start(self, ns: str, *argv: str, uid: int | None = None) -> subprocess.Popen[str]:
@@ -62,7 +63,7 @@ class Net:
 @contextmanager
 def two_hosts() -> Iterator[Net]:
     tag = uuid.uuid4().hex[:6]
-    net = Net(pod=f"mp-pod-{tag}", peer=f"mp-peer-{tag}")
+    net = Net(pod=f"mp-pod-{tag}", peer=f"mp-peer-{tag}", pod_dev=f"v{tag}a")
     try:
         for ns in (net.pod, net.peer):
             sh("ip", "netns", "add", ns)

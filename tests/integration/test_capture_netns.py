@@ -145,3 +145,14 @@ def test_the_injected_init_container_captures_what_its_annotations_say(net: Net)
     assert call(net, net.pod, net.peer_ip, 5432) == f"5432 {net.peer_ip}:5432"
     assert call(net, net.pod, net.peer_ip2, 80) == f"80 {net.peer_ip2}:80"
     assert call(net, net.pod, net.peer_ip, 80, uid=1337) == f"80 {net.peer_ip}:80"
+
+
+def test_ipv6_rules_go_through_ip6tables(net: Net) -> None:
+    sh("ip", "-6", "addr", "add", "fd00:250::2/64", "dev", net.pod_dev, "nodad", ns=net.pod)
+    capture(net, "--ipv6", "auto", "-x", "fd00:1::/64,10.250.1.0/24")  # a global IPv6 address: auto applies both
+    v6 = sh("ip6tables-save", "-t", "nat", ns=net.pod)
+    assert "-A MESH_OUTPUT -s ::6/128 -o lo -j RETURN" in v6 and "-A MESH_OUTPUT -d fd00:1::/64 -j RETURN" in v6
+    assert "10.250.1.0/24" not in v6 and "-A OUTPUT -p tcp -j MESH_OUTPUT" in v6
+    assert "-A MESH_OUTPUT -d 10.250.1.0/24 -j RETURN" in "\n".join(nat_table(net.pod))
+    capture(net, "--cleanup", "--ipv6", "on")
+    assert "MESH_" not in sh("ip6tables-save", "-t", "nat", ns=net.pod)

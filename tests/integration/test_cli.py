@@ -173,3 +173,50 @@ async def test_envoy_with_meshctl_bootstrap_connects_to_meshctl_serve(tmp_path: 
     text = (tmp_path / "serve.log").read_text()
     assert "proxy sidecar~127.0.0.1~backend-1.demo~demo.svc.cluster.local connected" in text
     assert "shutting down" in text and "Traceback" not in text
+
+
+def test_webhook_config_carries_the_mesh_ca(tmp_path: Path) -> None:
+    import base64
+
+    import yaml
+
+    done = subprocess.run(
+        [
+            *MESHCTL,
+            "webhook-config",
+            "--ca-dir",
+            str(tmp_path / "ca"),
+            "--service",
+            "meshplane.istio-system",
+            "--failure-policy",
+            "Ignore",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    doc = yaml.safe_load(done.stdout)
+    assert doc["kind"] == "MutatingWebhookConfiguration"
+    root = (tmp_path / "ca" / "root-cert.pem").read_bytes()
+    for hook in doc["webhooks"]:
+        assert base64.b64decode(hook["clientConfig"]["caBundle"]) == root
+        assert hook["clientConfig"]["service"] == {
+            "name": "meshplane",
+            "namespace": "istio-system",
+            "path": "/inject",
+            "port": 443,
+        }
+        assert (
+            hook["failurePolicy"],
+            hook["sideEffects"],
+            hook["admissionReviewVersions"],
+            hook["reinvocationPolicy"],
+        ) == ("Ignore", "None", ["v1"], "IfNeeded")
+    selectors = {h["name"].split(".")[0]: h["namespaceSelector"] for h in doc["webhooks"]}
+    assert selectors["namespace"] == {"matchLabels": {"istio-injection": "enabled"}}
+    bad = subprocess.run(
+        [*MESHCTL, "webhook-config", "--ca-dir", str(tmp_path / "ca"), "--service", "nodot"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "must be NAME.NAMESPACE" in bad.stderr

@@ -126,3 +126,35 @@ async def test_serving_certificate_rotates_without_a_restart(plane_factory: Any)
     await wait_until(rotated, timeout=5, interval=0.2, what="a new serving certificate")
     status, _ = await post(plane, review())
     assert status == 200
+
+
+async def test_given_certificate_files_are_reloaded_when_they_change(plane_factory: Any, tmp_path: Any) -> None:
+    from controlplane.ca import CertificateAuthority
+
+    ca = CertificateAuthority(tmp_path / "ca", "cluster.local")
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+
+    def write(name: str) -> None:
+        issued = ca.server_certificate([name, "127.0.0.1"], dt.timedelta(hours=1))
+        cert.write_bytes(issued.cert_pem)
+        key.write_bytes(issued.key_pem)
+
+    write("first.example")
+    plane = await plane_factory(ca_dir=tmp_path / "ca", webhook_cert=cert, webhook_key=key)
+
+    async def served_name() -> str:
+        _, writer = await asyncio.open_connection(
+            "127.0.0.1", plane.webhook_port, ssl=client_tls(plane), server_hostname="127.0.0.1"
+        )
+        subject = dict(x[0] for x in writer.get_extra_info("peercert")["subject"])
+        writer.close()
+        await writer.wait_closed()
+        return str(subject["commonName"])
+
+    assert await served_name() == "first.example"
+    write("second.example")
+
+    async def reloaded() -> bool:
+        return await served_name() == "second.example"
+
+    await wait_until(reloaded, timeout=8, interval=0.3, what="the new certificate files to be served")
