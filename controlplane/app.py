@@ -60,21 +60,21 @@ class ControlPlane:
             proxy_grace=s.proxy_grace,
         )
         self.xds_port = await self.xds.start(s.bind, s.xds_port, s.xds_socket)
-        self._runner = web.AppRunner(admin.make_app(self.xds, self.metrics, lambda: True), access_log=None)
+        self._runner = web.AppRunner(admin.make_app(self.xds, self.metrics, lambda: self.xds.serving), access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, s.bind, s.admin_port)
         await site.start()
         self.admin_port = self._runner.addresses[0][1]
-        self.serving = ServingCertificate(
+        self.webhook_certificate = ServingCertificate(
             self.ca, s.webhook_dns_names, ttl=s.webhook_cert_ttl, cert_file=s.webhook_cert, key_file=s.webhook_key
         )
         self._webhook = web.AppRunner(make_webhook(self.injection, self.metrics), access_log=None)
         await self._webhook.setup()
-        await web.TCPSite(self._webhook, s.bind, s.webhook_port, ssl_context=self.serving.context).start()
+        await web.TCPSite(self._webhook, s.bind, s.webhook_port, ssl_context=self.webhook_certificate.context).start()
         self.webhook_port = self._webhook.addresses[0][1]
         log.info("injection webhook on https://%s:%d/inject", s.bind, self.webhook_port)
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self.watcher.run()), loop.create_task(self.serving.run())]
+        self._tasks = [loop.create_task(self.watcher.run()), loop.create_task(self.webhook_certificate.run())]
         log.info(
             "admin HTTP on %s:%d (/healthz /readyz /metrics /debug/proxies /debug/config/<proxy-id>)",
             s.bind,

@@ -118,6 +118,7 @@ class XdsServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._timers: set[asyncio.TimerHandle] = set()
         self.port = 0
+        self.serving = False
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -146,6 +147,7 @@ class XdsServer:
         except RuntimeError as e:
             raise OSError(f"cannot listen for xDS on {address} {socket_path or ''}: {e}") from None
         await server.start()
+        self.serving = True
         if socket_path is not None:
             # Sidecars run as their own uid (1337) and must be able to connect.
             socket_path.chmod(0o666)  # noqa: ASYNC240 - once, at start-up
@@ -158,6 +160,7 @@ class XdsServer:
         return self.port
 
     async def stop(self, grace: float = 1.0) -> None:
+        self.serving = False  # /readyz turns 503 first, so load balancers drain this replica
         self._debouncer.cancel()
         for task in self._tasks:
             task.cancel()

@@ -129,3 +129,15 @@ async def test_certificate_service_signs_a_csr(plane: ControlPlane) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await stub.CreateCertificate(ca_pb2.CreateCertificateRequest(csr="junk"))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "PKCS#10" in str(e.value.details())
+
+
+async def test_health_and_readiness(plane: ControlPlane) -> None:
+    import aiohttp
+
+    async def status(path: str) -> int:
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{plane.admin_port}{path}") as r:
+            return r.status
+
+    assert await status("/healthz") == 200 and await status("/readyz") == 200
+    await plane.xds.stop(grace=0)  # shutting down: readiness goes first, liveness stays
+    assert await status("/readyz") == 503 and await status("/healthz") == 200
