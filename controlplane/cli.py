@@ -323,6 +323,15 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _emit(text: str, output: Path | None) -> int:
+    """Write a command's result to -o FILE, or to standard output."""
+    if output:
+        output.write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def _injection_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--injection-config",
@@ -367,11 +376,7 @@ def _inject(args: argparse.Namespace) -> int:
     out, report = inject_manifests(text, _injection(args), source)
     for line in report:
         log.info("%s", line)
-    if args.output:
-        args.output.write_text(out)
-    else:
-        sys.stdout.write(out)
-    return 0
+    return _emit(out, args.output)
 
 
 def _webhook_config(args: argparse.Namespace) -> int:
@@ -445,11 +450,7 @@ def _bootstrap(args: argparse.Namespace) -> int:
         text = render(bootstrap(identity, args.xds_address, Ports(admin=args.admin_port)), args.format)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if args.output:
-        args.output.write_text(text)
-    else:
-        sys.stdout.write(text)
-    return 0
+    return _emit(text, args.output)
 
 
 def _iptables(args: argparse.Namespace) -> int:
