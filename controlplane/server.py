@@ -35,7 +35,7 @@ from .model import MeshModel
 from .proxy import NodeError, ProxyNode, from_node
 from .registry import Registry
 from .resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Resources, short
-from .stream import Nack, StreamState
+from .stream import StreamState
 
 log = logging.getLogger("meshplane.xds")
 
@@ -52,7 +52,6 @@ class Connection:
     connected_at: float = field(default_factory=time.time)
     queue: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
     push_queued: bool = False
-    last_nack: dict[str, Nack] = field(default_factory=dict)
 
     def push(self) -> None:
         if not self.push_queued:
@@ -314,7 +313,6 @@ class XdsServer:
             log.debug("proxy %s ACKed %s version %s", conn.node.id, kind, req.version_info)
         elif outcome.nack is not None:
             self.metrics.nacks.labels(kind).inc()
-            conn.last_nack[req.type_url] = outcome.nack
             log.warning(
                 "proxy %s NACKed %s version %s (nonce %s), keeping its last good config: %s",
                 conn.node.id,
