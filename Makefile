@@ -22,7 +22,10 @@ system-deps:
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy controlplane bootstrap webhook
+	@# mypy cannot follow setuptools' editable import hook: give it the namespace as a tree of links.
+	@mkdir -p $(VENV)/typecheck/meshplane
+	@for d in controlplane webhook bootstrap protos sandbox; do ln -sfn ../../../$$d $(VENV)/typecheck/meshplane/$$d; done
+	MYPYPATH=$(VENV)/typecheck $(BIN)/mypy -p meshplane.controlplane -p meshplane.webhook -p meshplane.bootstrap -p meshplane.sandbox
 
 test: install system-deps lint
 	$(BIN)/pytest

@@ -48,7 +48,7 @@ async def meshctl_serve(mesh: str) -> AsyncIterator[Server]:
     argv = [
         sys.executable,
         "-m",
-        "controlplane.cli",
+        "meshplane.controlplane.cli",
         "--log-level",
         "warning",
         "serve",

@@ -30,9 +30,9 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import json_format, struct_pb2, wrappers_pb2
 
-from controlplane.generate.common import pack as _pack
-from controlplane.generate.common import seconds as _seconds
-from controlplane.generate.common import socket_address as _address
+from .protobuf import pack as _pack
+from .protobuf import seconds as _seconds
+from .protobuf import socket_address as _address
 
 XDS_CLUSTER = "xds-grpc"
 ADMIN_CLUSTER = "prometheus_stats"

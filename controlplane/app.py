@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from webhook.app import ServingCertificate
-from webhook.app import make_app as make_webhook
-from webhook.config import InjectionConfig
+from meshplane.webhook.app import ServingCertificate
+from meshplane.webhook.app import make_app as make_webhook
+from meshplane.webhook.config import InjectionConfig
 
 from . import admin
 from .ca import CertificateAuthority
@@ -68,7 +68,7 @@ class ControlPlane:
         self.webhook_certificate = ServingCertificate(
             self.ca, s.webhook_dns_names, ttl=s.webhook_cert_ttl, cert_file=s.webhook_cert, key_file=s.webhook_key
         )
-        self._webhook = web.AppRunner(make_webhook(self.injection, self.metrics), access_log=None)
+        self._webhook = web.AppRunner(make_webhook(self.injection, self.metrics.webhook), access_log=None)
         await self._webhook.setup()
         await web.TCPSite(self._webhook, s.bind, s.webhook_port, ssl_context=self.webhook_certificate.context).start()
         self.webhook_port = self._webhook.addresses[0][1]

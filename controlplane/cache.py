@@ -15,9 +15,10 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 from google.protobuf import message
 
+from meshplane.bootstrap.protobuf import pack
+
 from .ca import IssuedCertificate
 from .generate import SECRET_DEFAULT, SECRET_ROOTCA, MeshConfig, ProxyView, view_of
-from .generate.common import pack
 from .generate.secrets import root_secret, workload_secret
 from .model import MeshModel, Workload, spiffe_id
 from .resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Resource, Resources

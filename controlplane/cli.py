@@ -14,7 +14,7 @@ from .errors import ConfigError, MeshError
 from .settings import WEBHOOK_DNS_NAMES, Settings, default_ca_dir, parse_duration
 
 if TYPE_CHECKING:
-    from webhook.config import InjectionConfig
+    from meshplane.webhook.config import InjectionConfig
 
 log = logging.getLogger("meshplane")
 
@@ -355,25 +355,32 @@ def _injection_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _injection(args: argparse.Namespace) -> InjectionConfig:
-    from webhook.config import InjectionConfig
+    from meshplane.webhook.config import InjectionConfig
+    from meshplane.webhook.selector import InjectionConfigError
 
-    return InjectionConfig.load(
-        args.injection_config,
-        proxy_image=args.proxy_image,
-        xds_address=args.injected_xds_address,
-        native_sidecars=args.native_sidecars,
-    )
+    try:
+        return InjectionConfig.load(
+            args.injection_config,
+            proxy_image=args.proxy_image,
+            xds_address=args.injected_xds_address,
+            native_sidecars=args.native_sidecars,
+        )
+    except InjectionConfigError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _inject(args: argparse.Namespace) -> int:
-    from webhook.manifests import inject_manifests
+    from meshplane.webhook.manifests import ManifestError, inject_manifests
 
     source = "<stdin>" if args.filename == "-" else args.filename
     try:
         text = sys.stdin.read() if args.filename == "-" else Path(args.filename).read_text()
     except OSError as e:
         raise ConfigError(f"cannot read {args.filename}: {e.strerror}") from None
-    out, report = inject_manifests(text, _injection(args), source)
+    try:
+        out, report = inject_manifests(text, _injection(args), source)
+    except ManifestError as e:
+        raise ConfigError(str(e)) from None
     for line in report:
         log.info("%s", line)
     return _emit(out, args.output)
@@ -382,7 +389,7 @@ def _inject(args: argparse.Namespace) -> int:
 def _webhook_config(args: argparse.Namespace) -> int:
     import yaml
 
-    from webhook.registration import webhook_configuration
+    from meshplane.webhook.registration import webhook_configuration
 
     from .ca import CertificateAuthority
 
@@ -422,14 +429,14 @@ def _wait(args: argparse.Namespace) -> int:
 
 
 def _app(args: argparse.Namespace) -> int:
-    from .demoapp import serve as serve_app
+    from meshplane.sandbox.demoapp import serve as serve_app
 
     serve_app(args.name, args.http, args.tcp)
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run
+    from meshplane.sandbox.demo import run
 
     settings = Settings(mesh_file=args.mesh, bind="127.0.0.1", xds_port=0, admin_port=args.admin_port, webhook_port=0)
     asyncio.run(run(settings, duration=parse_duration(args.duration).total_seconds()))
@@ -437,7 +444,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bootstrap(args: argparse.Namespace) -> int:
-    from bootstrap.envoy import Ports, WorkloadIdentity, bootstrap, render
+    from meshplane.bootstrap.envoy import Ports, WorkloadIdentity, bootstrap, render
 
     identity = WorkloadIdentity(
         name=args.name,
@@ -454,7 +461,7 @@ def _bootstrap(args: argparse.Namespace) -> int:
 
 
 def _iptables(args: argparse.Namespace) -> int:
-    from bootstrap import iptables
+    from meshplane.bootstrap import iptables
 
     try:
         ipv6 = {"on": True, "off": False}.get(args.ipv6)
@@ -490,7 +497,7 @@ def _iptables(args: argparse.Namespace) -> int:
 
 def _dry_run(argv: Sequence[str], stdin: str | None) -> str:
     """For --cleanup --dry-run: read the real table, print what would be restored."""
-    from bootstrap import iptables
+    from meshplane.bootstrap import iptables
 
     if stdin is None:
         return iptables.run_command(argv, stdin)

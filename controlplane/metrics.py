@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from meshplane.webhook.app import WebhookMetrics
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -23,13 +25,7 @@ class Metrics:
         self.stale = Counter("meshplane_xds_stale_requests", "Requests with an outdated nonce, ignored", registry=r)
         self.reloads = Counter("meshplane_mesh_reloads", "Mesh file reloads", ["result"], registry=r)
         self.views = Gauge("meshplane_config_views", "Distinct proxy views generated for the current model", registry=r)
-        self.injections = Counter("meshplane_webhook_requests", "Injection webhook answers", ["result"], registry=r)
-        self.webhook_seconds = Histogram(
-            "meshplane_webhook_latency_seconds",
-            "Time to answer an AdmissionReview",
-            registry=r,
-            buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5),
-        )
+        self.webhook = WebhookMetrics(r)
         self.certificates = Counter("meshplane_ca_certificates_issued", "Certificates signed for CSRs", registry=r)
 
     def render(self) -> bytes:

@@ -25,7 +25,7 @@ from envoy.service.route.v3 import rds_pb2_grpc
 from envoy.service.secret.v3 import sds_pb2_grpc
 from google.protobuf import json_format
 
-from protos import ca_pb2, ca_pb2_grpc
+from meshplane.protos import ca_pb2, ca_pb2_grpc
 
 from .ca import CertificateAuthority
 from .cache import ConfigCache

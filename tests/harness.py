@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from controlplane import engine
+from meshplane.sandbox import engine
 
 T = TypeVar("T")
 

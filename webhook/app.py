@@ -15,12 +15,10 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
-
-from controlplane.ca import CertificateAuthority
-from controlplane.metrics import Metrics
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from . import review
 from .config import InjectionConfig
@@ -32,13 +30,47 @@ MAX_BODY = 2 * 1024 * 1024
 """Larger than any object the API server stores (etcd's limit is 1.5 MiB)."""
 
 
+class Issued(Protocol):
+    @property
+    def cert_pem(self) -> bytes: ...
+
+    @property
+    def key_pem(self) -> bytes: ...
+
+    def renew_at(self) -> dt.datetime: ...
+
+
+class Issuer(Protocol):
+    """What the webhook needs of a CA (the mesh CA is one): its root, and serving certificates."""
+
+    @property
+    def root_pem(self) -> bytes: ...
+
+    def server_certificate(self, dns_names: Sequence[str], ttl: dt.timedelta) -> Issued: ...
+
+
+class WebhookMetrics:
+    """The webhook's Prometheus metrics, registered in the registry of whoever serves it."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.injections = Counter(
+            "meshplane_webhook_requests", "Injection webhook answers", ["result"], registry=registry
+        )
+        self.seconds = Histogram(
+            "meshplane_webhook_latency_seconds",
+            "Time to answer an AdmissionReview",
+            registry=registry,
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5),
+        )
+
+
 class ServingCertificate:
     """The webhook's TLS certificate: given files (reloaded when they change on disk), or issued
     by the mesh CA for `dns_names` and renewed at half-life. New handshakes use the new one."""
 
     def __init__(
         self,
-        ca: CertificateAuthority,
+        ca: Issuer,
         dns_names: Sequence[str],
         *,
         ttl: dt.timedelta,
@@ -91,7 +123,7 @@ class ServingCertificate:
                 log.error("webhook serving certificate not reloaded, keeping the current one: %s", e)
 
 
-def make_app(config: InjectionConfig, metrics: Metrics | None = None) -> web.Application:
+def make_app(config: InjectionConfig, metrics: WebhookMetrics | None = None) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
@@ -113,7 +145,7 @@ def make_app(config: InjectionConfig, metrics: Metrics | None = None) -> web.App
             answer, result = review.deny(req.uid, "internal error in the injector; see its logs", 500), "error"
         if metrics is not None:
             metrics.injections.labels(result).inc()
-            metrics.webhook_seconds.observe(time.perf_counter() - started)
+            metrics.seconds.observe(time.perf_counter() - started)
         return web.json_response(answer)
 
     app = web.Application(client_max_size=MAX_BODY)

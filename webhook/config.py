@@ -12,9 +12,7 @@ from typing import Any
 
 import yaml
 
-from controlplane.errors import ConfigError
-
-from .selector import LabelSelector
+from .selector import InjectionConfigError, LabelSelector
 
 DEFAULT_IMAGE = "meshplane-proxy:1.40.0"
 
@@ -55,9 +53,9 @@ class InjectionConfig:
             try:
                 doc = yaml.safe_load(path.read_text()) or {}
             except (OSError, yaml.YAMLError) as e:
-                raise ConfigError(f"{path}: cannot read the injection config: {e}") from None
+                raise InjectionConfigError(f"{path}: cannot read the injection config: {e}") from None
             if not isinstance(doc, dict):
-                raise ConfigError(f"{path}: the injection config must be a mapping")
+                raise InjectionConfigError(f"{path}: the injection config must be a mapping")
             values = _from_yaml(doc, str(path))
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -80,17 +78,17 @@ _KEYS = {
 def _from_yaml(doc: dict[str, Any], source: str) -> dict[str, Any]:
     unknown = sorted(set(doc) - set(_KEYS))
     if unknown:
-        raise ConfigError(f"{source}: unknown key {unknown[0]!r} (known: {', '.join(sorted(_KEYS))})")
+        raise InjectionConfigError(f"{source}: unknown key {unknown[0]!r} (known: {', '.join(sorted(_KEYS))})")
     out: dict[str, Any] = {}
     for key, value in doc.items():
         name = _KEYS[key]
         if key == "policy":
             if value not in ("enabled", "disabled"):
-                raise ConfigError(f"{source}: policy must be enabled or disabled, got {value!r}")
+                raise InjectionConfigError(f"{source}: policy must be enabled or disabled, got {value!r}")
             out[name] = value == "enabled"
         elif key in ("neverInjectSelector", "alwaysInjectSelector"):
             if not isinstance(value, list):
-                raise ConfigError(f"{source}: {key} must be a list of label selectors")
+                raise InjectionConfigError(f"{source}: {key} must be a list of label selectors")
             out[name] = tuple(LabelSelector.parse(v, f"{source}: {key}") for v in value)
         else:
             out[name] = value

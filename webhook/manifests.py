@@ -15,15 +15,13 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
-from controlplane.errors import MeshError
-
 from .config import InjectionConfig
 from .inject import inject
 
 TEMPLATE_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
 
 
-class ManifestError(MeshError):
+class ManifestError(ValueError):
     """A manifest that cannot be read, or a pod in it that the webhook would deny."""
 
 

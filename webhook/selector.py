@@ -6,7 +6,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from controlplane.errors import ConfigError
+
+class InjectionConfigError(ValueError):
+    """The injection settings (flags, the injection config file) cannot work; the message says which."""
+
 
 _OPERATORS = {"In", "NotIn", "Exists", "DoesNotExist"}
 
@@ -19,12 +22,14 @@ class LabelSelector:
     @classmethod
     def parse(cls, doc: Any, where: str) -> LabelSelector:
         if not isinstance(doc, dict) or set(doc) - {"matchLabels", "matchExpressions"}:
-            raise ConfigError(f"{where}: a label selector has matchLabels and/or matchExpressions")
+            raise InjectionConfigError(f"{where}: a label selector has matchLabels and/or matchExpressions")
         labels = doc.get("matchLabels") or {}
         expressions = []
         for e in doc.get("matchExpressions") or []:
             if not isinstance(e, dict) or e.get("operator") not in _OPERATORS or not e.get("key"):
-                raise ConfigError(f"{where}: matchExpressions need key and operator ({' | '.join(sorted(_OPERATORS))})")
+                raise InjectionConfigError(
+                    f"{where}: matchExpressions need key and operator ({' | '.join(sorted(_OPERATORS))})"
+                )
             expressions.append((str(e["key"]), str(e["operator"]), tuple(str(v) for v in e.get("values") or ())))
         return cls(tuple(sorted((str(k), str(v)) for k, v in labels.items())), tuple(expressions))
 

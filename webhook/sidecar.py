@@ -11,7 +11,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from bootstrap.envoy import AppProbe, Ports, WorkloadIdentity, bootstrap, render_compact
+from meshplane.bootstrap.envoy import AppProbe, Ports, WorkloadIdentity, bootstrap, render_compact
 
 from .annotations import ProxyOptions, dumps
 from .config import InjectionConfig

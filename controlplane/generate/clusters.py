@@ -6,6 +6,8 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, protocol_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as http_opts
 
+from meshplane.bootstrap.protobuf import seconds, socket_address
+
 from ..model import MeshModel, MtlsMode, Port, Service
 from .common import (
     BLACKHOLE,
@@ -18,8 +20,6 @@ from .common import (
     inbound_cluster_name,
     outbound_cluster_name,
     raw_buffer,
-    seconds,
-    socket_address,
     struct,
     upstream_tls,
 )

@@ -1,14 +1,15 @@
-"""Small builders shared by the generators: names, addresses, config sources, TLS."""
+"""Small builders shared by the generators: names, config sources, TLS (protobuf basics come from
+`bootstrap.protobuf`, which the sidecar bootstrap shares)."""
 
 from __future__ import annotations
 
-import datetime as dt
-
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2
+from envoy.config.core.v3 import base_pb2, config_source_pb2
 from envoy.extensions.transport_sockets.raw_buffer.v3 import raw_buffer_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from envoy.type.matcher.v3 import string_pb2
-from google.protobuf import any_pb2, duration_pb2, message, struct_pb2, wrappers_pb2
+from google.protobuf import struct_pb2, wrappers_pb2
+
+from meshplane.bootstrap.protobuf import pack
 
 from ..model import Port, Service
 
@@ -35,22 +36,6 @@ def outbound_cluster_name(port: Port, service: Service, domain_suffix: str) -> s
 
 def inbound_cluster_name(port: int) -> str:
     return f"inbound|{port}||"
-
-
-def pack(msg: message.Message) -> any_pb2.Any:
-    out = any_pb2.Any()
-    out.Pack(msg)
-    return out
-
-
-def seconds(value: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromTimedelta(dt.timedelta(seconds=value))
-    return d
-
-
-def socket_address(ip: str, port: int) -> address_pb2.Address:
-    return address_pb2.Address(socket_address=address_pb2.SocketAddress(address=ip, port_value=port))
 
 
 def ads() -> config_source_pb2.ConfigSource:

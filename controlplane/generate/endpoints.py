@@ -6,13 +6,14 @@ from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2 as ec
 from envoy.config.endpoint.v3 import endpoint_pb2
 
+from meshplane.bootstrap.protobuf import socket_address
+
 from ..model import MeshModel, MtlsMode, Port, Service
 from .common import (
     TLS_MODE_ISTIO,
     TLS_MODE_KEY,
     TRANSPORT_SOCKET_MATCH,
     outbound_cluster_name,
-    socket_address,
     struct,
 )
 

@@ -18,6 +18,8 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from google.protobuf import wrappers_pb2
 
+from meshplane.bootstrap.protobuf import pack, socket_address
+
 from ..model import MeshModel, MtlsMode, OutboundPolicy, Protocol
 from .common import (
     BLACKHOLE,
@@ -31,8 +33,6 @@ from .common import (
     downstream_tls,
     inbound_cluster_name,
     outbound_cluster_name,
-    pack,
-    socket_address,
 )
 
 ANY = "0.0.0.0"

@@ -10,8 +10,10 @@ from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 
+from meshplane.bootstrap.protobuf import pack
+
 from ..model import MeshModel, OutboundPolicy, Port, Service
-from .common import PASSTHROUGH, outbound_cluster_name, pack
+from .common import PASSTHROUGH, outbound_cluster_name
 
 RETRY_ON = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
 

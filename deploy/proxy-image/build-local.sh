@@ -39,7 +39,7 @@ for tool in /usr/bin/python3.11 /usr/sbin/xtables-nft-multi /bin/busybox; do
 done
 # A usr-merged layout like Debian's, so library paths from ldd land where the loader looks.
 mkdir -p "$R/usr/bin" "$R/usr/sbin" "$R/usr/lib" "$R/usr/lib64" "$R/usr/local/bin" "$R/etc" "$R/tmp" \
-  "$R/var/run" "$R/opt/meshplane"
+  "$R/var/run" "$R/opt/meshplane/meshplane"
 for d in bin sbin lib lib64; do ln -s "usr/$d" "$R/$d"; done
 with_libs /usr/bin/python3.11 /usr/sbin/xtables-nft-multi /bin/busybox
 chmod 1777 "$R/tmp"
@@ -56,12 +56,12 @@ mkdir -p "$R/usr/lib/python3.11"
   --exclude=ensurepip --exclude=lib2to3 --exclude=dist-packages -cf - .) | tar -C "$R/usr/lib/python3.11" -xf -
 for ext in "$R"/usr/lib/python3.11/lib-dynload/*.so; do copy_libs "${ext#"$R"}"; done
 # Meshplane's stdlib-only pieces: `meshctl iptables` for the init step, the demo's apps.
-cp -r "$top/controlplane" "$top/bootstrap" "$R/opt/meshplane/"
+cp -r "$top/controlplane" "$top/bootstrap" "$top/sandbox" "$R/opt/meshplane/meshplane/"
 find "$R/opt/meshplane" -name __pycache__ -prune -exec rm -rf {} +
 cat > "$R/usr/local/bin/meshctl" <<'SH'
 #!/bin/sh
 # The proxy image carries only the stdlib-only commands: `meshctl iptables` and `meshctl app`.
-PYTHONPATH=/opt/meshplane exec python3 -m controlplane.cli "$@"
+PYTHONPATH=/opt/meshplane exec python3 -m meshplane.controlplane.cli "$@"
 SH
 chmod 755 "$R/usr/local/bin/meshctl"
 printf 'root:x:0:0:root:/root:/bin/sh\nenvoy:x:1337:1337::/tmp:/bin/sh\n' > "$R/etc/passwd"

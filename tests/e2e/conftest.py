@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from controlplane.app import ControlPlane
-from controlplane.engine import Engine, EngineUnavailable, open_engine
-from controlplane.pods import Pod, PodRunner, PodSpec, remove_leftovers
-from controlplane.settings import Settings
+from meshplane.controlplane.app import ControlPlane
+from meshplane.controlplane.settings import Settings
+from meshplane.sandbox.engine import Engine, EngineUnavailable, open_engine
+from meshplane.sandbox.pods import Pod, PodRunner, PodSpec, remove_leftovers
 from tests.harness import EnvoyAdmin, wait_until
 
 PREFIX = "mp-e2e"

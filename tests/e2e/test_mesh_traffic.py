@@ -8,8 +8,8 @@ import asyncio
 import json
 from pathlib import Path
 
-from controlplane.engine import Engine
-from controlplane.pods import Pod
+from meshplane.sandbox.engine import Engine
+from meshplane.sandbox.pods import Pod
 from tests.harness import wait_until
 
 from .conftest import MESH, Mesh
@@ -132,7 +132,7 @@ def test_the_readme_demo_runs_and_cleans_up(engine: Engine) -> None:
 
     top = Path(__file__).parents[2]
     done = subprocess.run(
-        [sys.executable, "-m", "controlplane.cli", "demo", "--duration", "6s", "--admin-port", "0"],
+        [sys.executable, "-m", "meshplane.controlplane.cli", "demo", "--duration", "6s", "--admin-port", "0"],
         cwd=top,
         capture_output=True,
         text=True,

@@ -3,10 +3,10 @@ from pathlib import Path
 
 import pytest
 
-from bootstrap.envoy import Ports, WorkloadIdentity, bootstrap, render
-from controlplane.app import ControlPlane
-from controlplane.generate import MeshConfig
-from controlplane.settings import Settings
+from meshplane.bootstrap.envoy import Ports, WorkloadIdentity, bootstrap, render
+from meshplane.controlplane.app import ControlPlane
+from meshplane.controlplane.generate import MeshConfig
+from meshplane.controlplane.settings import Settings
 from tests.harness import Envoy, free_port
 
 MESH = """

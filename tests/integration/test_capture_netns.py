@@ -10,7 +10,7 @@ import pytest
 from tests.netns import Net, require_netns, sh, two_hosts
 
 PROBE = str(Path(__file__).parents[1] / "probe.py")
-MESHCTL = [sys.executable, "-m", "controlplane.cli", "iptables"]
+MESHCTL = [sys.executable, "-m", "meshplane.controlplane.cli", "iptables"]
 
 
 @pytest.fixture
@@ -120,8 +120,8 @@ def test_dry_run_prints_exactly_what_apply_restores(net: Net) -> None:
 
 
 def test_the_injected_init_container_captures_what_its_annotations_say(net: Net) -> None:
-    from webhook.config import InjectionConfig
-    from webhook.inject import inject
+    from meshplane.webhook.config import InjectionConfig
+    from meshplane.webhook.inject import inject
 
     pod = {
         "apiVersion": "v1",

@@ -12,7 +12,7 @@ from tests.harness import Envoy, admin_json, envoy_binary, free_port, wait_until
 
 from .conftest import MESH
 
-MESHCTL = [sys.executable, "-m", "controlplane.cli"]
+MESHCTL = [sys.executable, "-m", "meshplane.controlplane.cli"]
 
 
 def test_bootstrap_command_output_is_valid_for_envoy(tmp_path: Path) -> None:

@@ -14,9 +14,9 @@ from envoy.service.cluster.v3 import cds_pb2_grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import struct_pb2
 
-from controlplane.app import ControlPlane
-from controlplane.resources import CLUSTER, LISTENER, SECRET
-from protos import ca_pb2, ca_pb2_grpc
+from meshplane.controlplane.app import ControlPlane
+from meshplane.controlplane.resources import CLUSTER, LISTENER, SECRET
+from meshplane.protos import ca_pb2, ca_pb2_grpc
 from tests.harness import wait_until
 
 

@@ -9,10 +9,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from controlplane.app import ControlPlane
+from meshplane.controlplane.app import ControlPlane
+from meshplane.webhook.config import InjectionConfig
+from meshplane.webhook.inject import inject
 from tests.harness import Envoy, free_port, wait_until
-from webhook.config import InjectionConfig
-from webhook.inject import inject
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import aiohttp
 import jsonpatch
 import kubernetes_validate
 
-from controlplane.app import ControlPlane
+from meshplane.controlplane.app import ControlPlane
 from tests.harness import admin_json, wait_until
 
 POD = {
@@ -129,7 +129,7 @@ async def test_serving_certificate_rotates_without_a_restart(plane_factory: Any)
 
 
 async def test_given_certificate_files_are_reloaded_when_they_change(plane_factory: Any, tmp_path: Any) -> None:
-    from controlplane.ca import CertificateAuthority
+    from meshplane.controlplane.ca import CertificateAuthority
 
     ca = CertificateAuthority(tmp_path / "ca", "cluster.local")
     cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"

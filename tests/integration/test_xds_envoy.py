@@ -9,10 +9,10 @@ from typing import Any
 from cryptography import x509
 from envoy.config.cluster.v3 import cluster_pb2
 
-from controlplane.app import ControlPlane
-from controlplane.generate import MeshConfig, ProxyView
-from controlplane.generate.common import seconds
-from controlplane.resources import CLUSTER
+from meshplane.bootstrap.protobuf import seconds
+from meshplane.controlplane.app import ControlPlane
+from meshplane.controlplane.generate import MeshConfig, ProxyView
+from meshplane.controlplane.resources import CLUSTER
 from tests.harness import Envoy, admin_json, wait_until
 
 from .conftest import MESH

@@ -6,8 +6,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from controlplane.ca import ROOT_KEY, CertificateAuthority
-from controlplane.errors import CertificateError
+from meshplane.controlplane.ca import ROOT_KEY, CertificateAuthority
+from meshplane.controlplane.errors import CertificateError
 
 SPIFFE = "spiffe://cluster.local/ns/demo/sa/web"
 

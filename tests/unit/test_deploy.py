@@ -6,7 +6,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from webhook.registration import webhook_configuration
+from meshplane.webhook.registration import webhook_configuration
 
 DEPLOY = Path(__file__).parents[2] / "deploy" / "kubernetes"
 

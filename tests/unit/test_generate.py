@@ -3,11 +3,11 @@ from typing import Any
 import pytest
 from google.protobuf import json_format, message
 
-from controlplane import meshfile
-from controlplane.cache import check_consistent, resource
-from controlplane.generate import MeshConfig, ProxyView, view_of
-from controlplane.model import MtlsMode, Protocol
-from controlplane.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from meshplane.controlplane import meshfile
+from meshplane.controlplane.cache import check_consistent, resource
+from meshplane.controlplane.generate import MeshConfig, ProxyView, view_of
+from meshplane.controlplane.model import MtlsMode, Protocol
+from meshplane.controlplane.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 MESH = """
 trustDomain: example.org

@@ -10,12 +10,12 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from webhook.annotations import InvalidAnnotation, proxy_options
-from webhook.config import InjectionConfig
-from webhook.inject import inject
-from webhook.manifests import inject_manifests
-from webhook.patch import diff, escape
-from webhook.review import ReviewError, parse
+from meshplane.webhook.annotations import InvalidAnnotation, proxy_options
+from meshplane.webhook.config import InjectionConfig
+from meshplane.webhook.inject import inject
+from meshplane.webhook.manifests import inject_manifests
+from meshplane.webhook.patch import diff, escape
+from meshplane.webhook.review import ReviewError, parse
 
 K8S = "1.30"
 

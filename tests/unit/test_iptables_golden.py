@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from bootstrap.iptables import CaptureConfig, CaptureError, cleanup_rules, rules
+from meshplane.bootstrap.iptables import CaptureConfig, CaptureError, cleanup_rules, rules
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "iptables"
 

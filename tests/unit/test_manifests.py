@@ -1,8 +1,8 @@
 import pytest
 import yaml
 
-from webhook.config import InjectionConfig
-from webhook.manifests import ManifestError, inject_manifests
+from meshplane.webhook.config import InjectionConfig
+from meshplane.webhook.manifests import ManifestError, inject_manifests
 
 WORKLOADS = """\
 # Shop manifests: comments stay where they are.

@@ -2,9 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from controlplane import meshfile
-from controlplane.errors import MeshFileError
-from controlplane.model import MtlsMode, OutboundPolicy, Protocol
+from meshplane.controlplane import meshfile
+from meshplane.controlplane.errors import MeshFileError
+from meshplane.controlplane.model import MtlsMode, OutboundPolicy, Protocol
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "mesh.yaml"
 

@@ -2,9 +2,9 @@ from typing import Any
 
 import pytest
 
-from webhook.config import InjectionConfig
-from webhook.policy import decide
-from webhook.selector import LabelSelector
+from meshplane.webhook.config import InjectionConfig
+from meshplane.webhook.policy import decide
+from meshplane.webhook.selector import LabelSelector
 
 
 def pod(

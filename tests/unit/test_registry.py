@@ -2,10 +2,10 @@ import asyncio
 import os
 from pathlib import Path
 
-from controlplane import meshfile
-from controlplane.model import MeshModel, Workload, labels
-from controlplane.registry import MeshFileWatcher, Registry
-from controlplane.server import Debouncer
+from meshplane.controlplane import meshfile
+from meshplane.controlplane.model import MeshModel, Workload, labels
+from meshplane.controlplane.registry import MeshFileWatcher, Registry
+from meshplane.controlplane.server import Debouncer
 
 MESH = "services:\n  - {name: web, ports: [{port: 80, name: http}], selector: {app: web}}\n"
 

@@ -4,8 +4,8 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2, wrappers_pb2
 from google.rpc import status_pb2
 
-from controlplane.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource, Resources
-from controlplane.stream import StreamState
+from meshplane.controlplane.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource, Resources
+from meshplane.controlplane.stream import StreamState
 
 
 class FakeSource:

@@ -22,11 +22,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .app import ControlPlane
+from meshplane.controlplane.app import ControlPlane
+from meshplane.controlplane.errors import ConfigError
+from meshplane.controlplane.settings import Settings
+
 from .engine import Engine, open_engine
-from .errors import ConfigError
 from .pods import Pod, PodRunner, PodSpec, remove_leftovers
-from .settings import Settings
 
 log = logging.getLogger("meshplane.demo")
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import MeshError
+from meshplane.controlplane.errors import MeshError
 
 log = logging.getLogger("meshplane.engine")
 
@@ -27,6 +27,8 @@ ENVOY_VERSION = "1.40.0"
 OFFICIAL_IMAGE = f"envoyproxy/envoy:v{ENVOY_VERSION}"
 TOP = Path(__file__).resolve().parents[1]
 IMAGE_DIR = TOP / "deploy" / "proxy-image"
+IMAGE_PACKAGES = ("controlplane", "bootstrap", "sandbox")
+"""The packages build-local.sh copies into the image (its init step and demo apps run from them)."""
 
 
 class EngineUnavailable(MeshError):
@@ -125,9 +127,7 @@ def _start_podman(runtime_dir: Path) -> Engine:
 def local_image() -> str:
     """The local image's tag: Envoy's version and a hash of everything that goes into it."""
     h = hashlib.sha256(ENVOY_VERSION.encode())
-    for path in sorted(
-        [IMAGE_DIR / "build-local.sh", *(TOP / "controlplane").glob("*.py"), *(TOP / "bootstrap").glob("*.py")]
-    ):
+    for path in sorted([IMAGE_DIR / "build-local.sh", *(p for d in IMAGE_PACKAGES for p in (TOP / d).glob("*.py"))]):
         h.update(path.name.encode())
         h.update(path.read_bytes())
     return f"localhost/meshplane-proxy:{ENVOY_VERSION}-{h.hexdigest()[:10]}"

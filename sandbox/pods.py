@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bootstrap.envoy import Ports, WorkloadIdentity, bootstrap, render
+from meshplane.bootstrap.envoy import Ports, WorkloadIdentity, bootstrap, render
+from meshplane.controlplane.errors import MeshError
 
 from .engine import Engine
-from .errors import MeshError
 
 log = logging.getLogger("meshplane.pods")
 
