@@ -3,7 +3,9 @@
 Inbound connections to the pod's ports go to the inbound capture port (15006), the app's
 outbound connections to the outbound capture port (15001). The proxy's own traffic (its
 uid/gid) is never captured, except when it calls its own pod IP over loopback, which goes
-back to inbound. Traffic the proxy forwards to the app comes from 127.0.0.6 and passes.
+back to inbound. Traffic the proxy forwards to the app comes from 127.0.0.6 (IPv6: ::6) and passes.
+With IPv6, ::6/128 is first assigned to lo, as Istio's init does: 127.0.0.0/8 is local by
+default, ::6 is not, and the proxy could not bind it otherwise.
 
 `rules()` is pure: config in, iptables-restore input out, written in the canonical form
 iptables-save prints, so a dry run reads exactly like the installed table. `apply()` and `cleanup()` run
@@ -12,8 +14,12 @@ iptables-save/iptables-restore; both change the table in one atomic restore.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import os
 import re
+import socket
+import struct
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +33,8 @@ CHAINS = (INBOUND, REDIRECT, IN_REDIRECT, OUTPUT)
 ALWAYS_EXCLUDED_INBOUND = (15090, 15021, 15020)
 """Prometheus, health and the agent's merged-metrics port: never captured, as in Istio."""
 ALL = "*"
+INBOUND_SOURCE6 = "::6"
+"""The proxy's source address when it forwards IPv6 to the app (127.0.0.6 for IPv4)."""
 _IFACE = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
 
 Run = Callable[[Sequence[str], str | None], str]
@@ -96,7 +104,7 @@ def rules(config: CaptureConfig, *, ipv6: bool = False, existing_jumps: frozense
     Jumps from the built-in chains listed in `existing_jumps` are left out, so applying
     twice leaves one copy (our own chains are flushed and refilled by their declaration).
     """
-    loopback, passthrough_source = ("::1/128", "::6/128") if ipv6 else ("127.0.0.1/32", "127.0.0.6/32")
+    loopback, passthrough_source = ("::1/128", f"{INBOUND_SOURCE6}/128") if ipv6 else ("127.0.0.1/32", "127.0.0.6/32")
     out = ["*nat", *(f":{chain} - [0:0]" for chain in CHAINS)]
     add = out.append
     add(f"-A {REDIRECT} -p tcp -j REDIRECT --to-ports {config.envoy_port}")
@@ -179,8 +187,20 @@ def run_command(argv: Sequence[str], stdin: str | None) -> str:
     return done.stdout
 
 
-def apply(config: CaptureConfig, *, ipv6: bool, run: Run = run_command) -> list[str]:
-    """Install the rules (IPv4, and IPv6 when `ipv6`); returns what was restored, per family."""
+def apply(
+    config: CaptureConfig,
+    *,
+    ipv6: bool,
+    run: Run = run_command,
+    add_address: Callable[[str], None] | None = None,
+) -> list[str]:
+    """Install the rules (IPv4, and IPv6 when `ipv6`); returns what was restored, per family.
+
+    With `ipv6`, ::6 is assigned to lo first (`add_address`, by default `add_loopback_address`),
+    so that a failure there leaves the tables untouched.
+    """
+    if ipv6:
+        (add_address or add_loopback_address)(INBOUND_SOURCE6)
     applied = []
     for v6 in (False, True) if ipv6 else (False,):
         tool = "ip6tables" if v6 else "iptables"
@@ -192,7 +212,10 @@ def apply(config: CaptureConfig, *, ipv6: bool, run: Run = run_command) -> list[
 
 
 def cleanup(*, ipv6: bool, run: Run = run_command) -> list[str]:
-    """Remove exactly what `apply` added; a no-op where nothing is installed."""
+    """Remove exactly the rules `apply` added; a no-op where nothing is installed.
+
+    ::6 stays on lo (as with Istio): harmless, and a running proxy may still be using it.
+    """
     removed = []
     for v6 in (False, True) if ipv6 else (False,):
         tool = "ip6tables" if v6 else "iptables"
@@ -201,6 +224,39 @@ def cleanup(*, ipv6: bool, run: Run = run_command) -> list[str]:
             run([f"{tool}-restore", "--noflush"], text)
             removed.append(text)
     return removed
+
+
+_RTM_NEWADDR = 20
+_NLMSG_ERROR = 2
+_NLM_F_REQUEST, _NLM_F_ACK, _NLM_F_EXCL, _NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
+_IFA_ADDRESS, _IFA_LOCAL = 1, 2
+_IFA_F_NODAD = 0x2
+
+
+def add_loopback_address(address: str) -> None:
+    """`ip -6 addr add <address>/128 dev lo`, over rtnetlink; an address already there is fine.
+
+    Stdlib only, so the init image needs no iproute2. Needs CAP_NET_ADMIN, like iptables.
+    """
+    packed = ipaddress.IPv6Address(address).packed
+    try:
+        lo = socket.if_nametoindex("lo")
+        body = struct.pack("=BBBBI", socket.AF_INET6, 128, _IFA_F_NODAD, 0, lo)
+        for kind in (_IFA_LOCAL, _IFA_ADDRESS):
+            body += struct.pack("=HH", 4 + len(packed), kind) + packed
+        flags = _NLM_F_REQUEST | _NLM_F_ACK | _NLM_F_CREATE | _NLM_F_EXCL
+        request = struct.pack("=IHHII", 16 + len(body), _RTM_NEWADDR, flags, 1, 0) + body
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as nl:
+            nl.settimeout(5)
+            nl.sendto(request, (0, 0))
+            reply = nl.recv(65536)
+    except OSError as e:
+        raise CaptureError(f"cannot assign {address}/128 to lo: {e}") from None
+    _, kind, _, _, _ = struct.unpack_from("=IHHII", reply)
+    code = -struct.unpack_from("=i", reply, 16)[0] if kind == _NLMSG_ERROR else 0
+    if code and code != errno.EEXIST:
+        hint = " (is IPv6 disabled on lo? sysctl net.ipv6.conf.lo.disable_ipv6)" if code == errno.EACCES else ""
+        raise CaptureError(f"cannot assign {address}/128 to lo: {os.strerror(code)}{hint}")
 
 
 def has_ipv6(if_inet6: Path = Path("/proc/net/if_inet6")) -> bool:

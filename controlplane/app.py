@@ -44,6 +44,7 @@ class ControlPlane:
             s.mesh_file,
             self._file_changed,
             interval=s.poll_interval,
+            settle=s.mesh_settle,
             on_error=lambda e: self.metrics.reloads.labels("rejected").inc(),
         )
         model = self.watcher.load_initial()
@@ -58,6 +59,7 @@ class ControlPlane:
             debounce=s.debounce,
             debounce_max=s.debounce_max,
             proxy_grace=s.proxy_grace,
+            shutdown_delay=s.shutdown_delay,
         )
         self.xds_port = await self.xds.start(s.bind, s.xds_port, s.xds_socket)
         self._runner = web.AppRunner(admin.make_app(self.xds, self.metrics, lambda: self.xds.serving), access_log=None)
@@ -102,7 +104,7 @@ class ControlPlane:
         if webhook := getattr(self, "_webhook", None):
             await webhook.cleanup()
         if xds := getattr(self, "xds", None):
-            await xds.stop()
+            await xds.stop(self.settings.shutdown_grace)
         if runner := getattr(self, "_runner", None):
             await runner.cleanup()
 

@@ -65,10 +65,15 @@ class ConfigCache:
         self._packed: dict[int, tuple[message.Message, Resource]] = {}
 
     def view(self, workload: Workload) -> ProxyView:
-        """The view of `workload` under the current model, computed once per model and workload."""
+        """The view of `workload` under the current model, computed once per model and workload.
+
+        Built from the model's own entry for the workload when it has one (say a mesh-file entry
+        with `mtls: DISABLE` for a proxy that also connects): what clients send and what the
+        proxy accepts then come from the same entry."""
         found = self._view_of.get(workload)
         if found is None:
-            found = self._view_of[workload] = view_of(self._model, workload)
+            entry = self._model.workload(workload.namespace, workload.name) or workload
+            found = self._view_of[workload] = view_of(self._model, entry)
         return found
 
     def resources(self, view: ProxyView, type_url: str) -> Resources:
@@ -93,6 +98,11 @@ class ConfigCache:
             hit = (msg, resource(msg))
             self._packed[id(msg)] = hit
         return hit[1]
+
+    def retain_secrets(self, identities: set[str]) -> None:
+        """Forget packed secrets of identities no connected proxy has (keys are not kept for nothing)."""
+        for gone in self._secrets.keys() - identities:
+            del self._secrets[gone]
 
     def _secret_resources(self, view: ProxyView) -> Resources:
         """Only the proxy's own identity: a proxy can never be sent another identity's key."""

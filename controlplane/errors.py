@@ -3,6 +3,7 @@
 MeshError
 ├── MeshFileError      a mesh file that cannot be read or is invalid
 ├── CertificateError   the CA cannot load, issue or sign
+│   └── CANotFoundError  there is no CA where one was expected to be loaded
 └── ConfigError        bad settings or flags given to a command
 """
 
@@ -24,6 +25,10 @@ class MeshFileError(MeshError):
 
 class CertificateError(MeshError):
     """The mesh CA could not load its root or issue a certificate."""
+
+
+class CANotFoundError(CertificateError):
+    """A command that only uses an existing CA found none in the directory it was given."""
 
 
 class ConfigError(MeshError):

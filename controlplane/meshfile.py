@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from . import names
 from .errors import MeshFileError
 from .model import (
     MeshModel,
@@ -22,10 +23,8 @@ from .model import (
     labels,
 )
 
-_DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
-_DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
-_LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
-_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+_DNS_LABEL = names.DNS_LABEL
+_DNS_NAME = names.DNS_NAME
 
 _E = TypeVar("_E", MtlsMode, OutboundPolicy, Protocol)
 
@@ -185,7 +184,7 @@ class _Parser:
         out: dict[str, str] = {}
         for k, v in value.items():
             text = str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
-            if not _LABEL_KEY.match(k) or not isinstance(text, str) or not _LABEL_VALUE.match(text):
+            if not names.is_label_key(k) or not isinstance(text, str) or not names.is_label_value(text):
                 raise self.fail(f"{where}{key}.{k}", f"is not a valid Kubernetes label ({k}={v!r})", value.lines[k])
             out[k] = text
         return out

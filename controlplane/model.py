@@ -105,10 +105,21 @@ class MeshModel:
     _endpoints: dict[tuple[str, str], tuple[Workload, ...]] = field(
         default_factory=dict, init=False, repr=False, compare=False, hash=False
     )
+    _by_name: dict[tuple[str, str], Workload] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     def with_workloads(self, extra: tuple[Workload, ...]) -> MeshModel:
-        """This model plus `extra` workloads; a static workload wins over a same-named extra."""
-        have = {(w.namespace, w.name) for w in self.workloads}
+        """This model plus `extra` (connected) workloads. A static workload of the same namespace and
+        name wins, so the proxy and its clients see one entry, unless it names another service
+        account: a connected proxy's identity is a fact, and an entry contradicting it is dropped."""
+        extra_by_key = {(w.namespace, w.name): w for w in extra}
+        static = tuple(
+            w
+            for w in self.workloads
+            if (other := extra_by_key.get((w.namespace, w.name))) is None or other.service_account == w.service_account
+        )
+        have = {(w.namespace, w.name) for w in static}
         added = tuple(w for w in extra if (w.namespace, w.name) not in have)
         return MeshModel(
             trust_domain=self.trust_domain,
@@ -116,8 +127,14 @@ class MeshModel:
             mtls=self.mtls,
             outbound_policy=self.outbound_policy,
             services=self.services,
-            workloads=self.workloads + added,
+            workloads=static + added,
         )
+
+    def workload(self, namespace: str, name: str) -> Workload | None:
+        """The entry every part of the mesh uses for this workload (memoized)."""
+        if not self._by_name and self.workloads:
+            self._by_name.update(((w.namespace, w.name), w) for w in self.workloads)
+        return self._by_name.get((namespace, name))
 
     def endpoints(self, service: Service) -> tuple[Workload, ...]:
         """Workloads selected by `service`, ordered by address then name (memoized)."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from envoy.config.core.v3 import base_pb2
 from google.protobuf import json_format
 
+from . import names
 from .model import Workload, labels
 
 
@@ -29,35 +30,75 @@ def node_id(ip: str, name: str, namespace: str, domain_suffix: str = "cluster.lo
     return f"sidecar~{ip}~{name}.{namespace}~{namespace}.svc.{domain_suffix}"
 
 
+MAX_NODE_ID = 512
+"""Istio's ids are well under this; a longer one is not a sidecar of ours."""
+
+
 def from_node(node: base_pb2.Node) -> ProxyNode:
+    """The proxy's workload from its node, validated like the mesh file: a bad field raises
+    `NodeError` whose message starts with the field's name, so the proxy's operator can fix it."""
     if not node.id:
-        raise NodeError("the node has no id")
+        raise NodeError("node id: missing")
+    if len(node.id) > MAX_NODE_ID:
+        raise NodeError(f"node id: longer than {MAX_NODE_ID} characters")
     meta = json_format.MessageToDict(node.metadata) if node.HasField("metadata") else {}
     parts = node.id.split("~")
     ip_from_id = parts[1] if len(parts) == 4 else ""
     pod_from_id, _, ns_from_id = parts[2].partition(".") if len(parts) == 4 else ("", "", "")
-    namespace = str(meta.get("NAMESPACE") or ns_from_id)
-    name = str(meta.get("NAME") or pod_from_id)
-    ips = str(meta.get("INSTANCE_IPS") or ip_from_id).split(",")
+    namespace = _text(meta, "NAMESPACE", ns_from_id)
+    name = _text(meta, "NAME", pod_from_id)
     if not namespace or not name:
         raise NodeError(
-            f"node {node.id!r}: no namespace or name (set NAMESPACE and NAME metadata, "
+            f"NAMESPACE: node {node.id!r} says no namespace or name (set NAMESPACE and NAME metadata, "
             "or use an id like sidecar~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local)"
         )
+    _check("NAMESPACE", namespace, names.DNS_LABEL.match(namespace), "a DNS label of 63 characters at most")
+    _check("NAME", name, names.DNS_NAME.match(name), "a DNS name of 253 characters at most")
+    service_account = _text(meta, "SERVICE_ACCOUNT", "default")
+    _check("SERVICE_ACCOUNT", service_account, names.DNS_NAME.match(service_account), "a Kubernetes name")
+    ips = _text(meta, "INSTANCE_IPS", ip_from_id).split(",")
     try:
         address = str(ipaddress.ip_address(ips[0].strip()))
     except ValueError:
-        raise NodeError(f"node {node.id!r}: {ips[0]!r} is not an IP address (INSTANCE_IPS or the node id)") from None
-    raw_labels = meta.get("LABELS") or {}
-    if not isinstance(raw_labels, dict):
-        raise NodeError(f"node {node.id!r}: LABELS must be a map of strings")
+        raise NodeError(f"INSTANCE_IPS: {ips[0][:64]!r} is not an IP address (nor is the node id's)") from None
     return ProxyNode(
         node.id,
         Workload(
             name=name,
             namespace=namespace,
-            service_account=str(meta.get("SERVICE_ACCOUNT") or "default"),
+            service_account=service_account,
             address=address,
-            labels=labels({str(k): str(v) for k, v in raw_labels.items()}),
+            labels=labels(_labels(meta.get("LABELS"))),
         ),
     )
+
+
+def _text(meta: dict[str, object], key: str, default: str) -> str:
+    value = meta.get(key)
+    if value is None or value == "":
+        return default
+    if not isinstance(value, str):
+        raise NodeError(f"{key}: must be a string, got {type(value).__name__}")
+    return value
+
+
+def _check(key: str, value: str, ok: object, what: str) -> None:
+    if not ok:
+        raise NodeError(f"{key}: {value[:64]!r}{'...' if len(value) > 64 else ''} is not {what}")
+
+
+def _labels(raw: object) -> dict[str, str]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise NodeError("LABELS: must be a map of strings")
+    if len(raw) > names.MAX_LABELS:
+        raise NodeError(f"LABELS: {len(raw)} labels, more than the {names.MAX_LABELS} allowed")
+    out: dict[str, str] = {}
+    for key, value in raw.items():
+        if not names.is_label_key(key):
+            raise NodeError(f"LABELS.{key[:64]}: not a valid label key ([prefix/]name, name of 63 characters at most)")
+        if not isinstance(value, str) or not names.is_label_value(value):
+            raise NodeError(f"LABELS.{key}: {str(value)[:64]!r} is not a valid label value (63 characters at most)")
+        out[key] = value
+    return out

@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,9 +40,10 @@ class Registry:
 
     def register(self, proxy_id: str, workload: Workload) -> None:
         """A proxy's stream opened; several streams of one proxy are counted."""
-        _, count = self._proxies.get(proxy_id, (workload, 0))
+        previous, count = self._proxies.get(proxy_id, (None, 0))
         self._proxies[proxy_id] = (workload, count + 1)
-        if count == 0:
+        # The newest stream speaks for the proxy: a reconnect may bring new labels or an address.
+        if workload != previous:
             self._rebuild()
 
     def unregister(self, proxy_id: str) -> None:
@@ -58,6 +60,16 @@ class Registry:
     def _rebuild(self) -> None:
         dynamic = tuple(w for _, (w, _) in sorted(self._proxies.items()))
         model = self._static.with_workloads(dynamic)
+        for w in self._static.workloads:
+            if (served := model.workload(w.namespace, w.name)) is not None and served != w:
+                log.error(
+                    "mesh file entry %s/%s says service account %s, but the proxy connected as it is %s: "
+                    "serving the proxy's identity and ignoring the entry (fix the mesh file)",
+                    w.namespace,
+                    w.name,
+                    w.service_account,
+                    served.service_account,
+                )
         if model != self._model:
             self._model = model
             self._on_change(model)
@@ -68,6 +80,9 @@ class MeshFileWatcher:
 
     Polling (not inotify) because it also sees the atomic renames editors and
     Kubernetes ConfigMap volumes use, costs one stat per interval, and needs no extra package.
+    A change is applied only once the file has stopped changing for `settle` seconds: a file
+    written in place (`cat >`, `kubectl cp`, editors that truncate then write) is read half
+    written otherwise, and a valid first half would drop services mesh-wide.
     """
 
     def __init__(
@@ -76,13 +91,18 @@ class MeshFileWatcher:
         apply: Callable[[MeshModel], None],
         *,
         interval: float = 0.2,
+        settle: float = 0.5,
         on_error: Callable[[MeshFileError], None] = lambda e: None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = Path(path)
         self._apply = apply
         self._on_error = on_error
         self.interval = interval
-        self._stamp: tuple[int, int, int] | None = None
+        self.settle = settle
+        self._clock = clock
+        self._stamp: _Stamp | None = None
+        self._pending: tuple[_Stamp | None, float] | None = None
         self._digest = b""
 
     def load_initial(self) -> MeshModel:
@@ -99,11 +119,19 @@ class MeshFileWatcher:
             self.check()
 
     def check(self) -> bool:
-        """Reload if the file changed; True when a new model was applied."""
+        """Reload if the file changed and has settled; True when a new model was applied."""
         stamp = self._stat()
         if stamp == self._stamp:
+            self._pending = None
             return False
-        self._stamp = stamp
+        now = self._clock()
+        if self._pending is None or self._pending[0] != stamp:
+            self._pending = (stamp, now)
+        # Settled: unchanged across polls for `settle`, or last written at least that long ago.
+        quiet_since = self._pending[1] if stamp is None else min(self._pending[1], stamp[0] / 1e9)
+        if now - quiet_since < self.settle:
+            return False
+        self._stamp, self._pending = stamp, None
         try:
             text = self._read()
             digest = hashlib.sha256(text.encode()).digest()
@@ -124,7 +152,7 @@ class MeshFileWatcher:
         self._apply(model)
         return True
 
-    def _stat(self) -> tuple[int, int, int] | None:
+    def _stat(self) -> _Stamp | None:
         try:
             st = os.stat(self.path)
         except OSError:
@@ -133,3 +161,7 @@ class MeshFileWatcher:
 
     def _read(self) -> str:
         return meshfile.read(self.path)
+
+
+_Stamp = tuple[int, int, int]
+"""mtime (ns), size, inode."""

@@ -101,6 +101,7 @@ class XdsServer:
         debounce: float = 0.1,
         debounce_max: float = 1.0,
         proxy_grace: float = 5.0,
+        shutdown_delay: float = 0.0,
     ) -> None:
         self.cache = cache
         self.registry = registry
@@ -118,6 +119,8 @@ class XdsServer:
         self._timers: set[asyncio.TimerHandle] = set()
         self.port = 0
         self.serving = False
+        self.shutdown_delay = shutdown_delay
+        self._stopping = False
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -158,17 +161,32 @@ class XdsServer:
         )
         return self.port
 
-    async def stop(self, grace: float = 1.0) -> None:
-        self.serving = False  # /readyz turns 503 first, so load balancers drain this replica
+    async def stop(self, grace: float = 5.0) -> None:
+        """Shut down in the order that loses nothing: /readyz turns 503 and streams keep being served
+        for `shutdown_delay` (load balancers and new proxies move away); then GOAWAY, so connected
+        proxies reconnect elsewhere; pushes already queued finish, each stream ends, and whatever
+        is still open after `grace` seconds is cancelled. Calling it again does nothing."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self.serving = False
+        if self.shutdown_delay > 0:
+            log.info(
+                "shutting down: not ready; still serving %d streams for %.1fs",
+                len(self.connections),
+                self.shutdown_delay,
+            )
+            await asyncio.sleep(self.shutdown_delay)
         self._debouncer.cancel()
         for task in self._tasks:
             task.cancel()
         for timer in self._timers:
             timer.cancel()
-        for conn in list(self.connections.values()):
-            conn.queue.put_nowait(_END)
         if self._grpc:
-            await self._grpc.stop(grace)
+            stopping = asyncio.get_running_loop().create_task(self._grpc.stop(grace))  # GOAWAY now
+            for conn in list(self.connections.values()):
+                conn.queue.put_nowait(_END)  # after whatever the stream still has queued
+            await stopping
 
     # -- changes --------------------------------------------------------------------
 
@@ -197,10 +215,12 @@ class XdsServer:
             conn.push()
 
     async def _rotate_certificates(self) -> None:
-        """Push once a certificate is due for renewal (the push renews it).
+        """Renew certificates as they fall due, then push them.
 
-        Checks at least every quarter lifetime, so a certificate issued between
-        checks is still renewed well before it expires.
+        Renewal happens here, for every identity with a connected proxy, not when a proxy asks:
+        an identity kept alive by a stream that never subscribes to SDS would otherwise stay due
+        and be pushed every tick forever. Checks at least every quarter lifetime, so a
+        certificate issued between checks is still renewed well before it expires.
         """
         longest = min(60.0, self.ca.workload_ttl.total_seconds() / 4)
         while True:
@@ -208,10 +228,12 @@ class XdsServer:
             wait = longest if due is None else (due - dt.datetime.now(dt.UTC)).total_seconds()
             await asyncio.sleep(min(max(wait, 0.1), longest))
             trust_domain = self.cache.model.trust_domain
-            self.ca.retain({c.node.workload.spiffe_id(trust_domain) for c in self.connections.values()})
-            due = self.ca.next_renewal()
-            if due is not None and dt.datetime.now(dt.UTC) >= due:
-                log.info("renewing workload certificates due at %s", due.isoformat(timespec="seconds"))
+            alive = {c.node.workload.spiffe_id(trust_domain) for c in self.connections.values()}
+            self.ca.retain(alive)
+            self.cache.retain_secrets(alive)
+            renewed = await asyncio.to_thread(self.ca.renew_due)
+            if renewed:
+                log.info("renewed %d workload certificates; pushing them", len(renewed))
                 self._change_started = time.monotonic()
                 self.push_all()
 
@@ -435,7 +457,7 @@ class _CertificateService(ca_pb2_grpc.CertificateServiceServicer):
         request: ca_pb2.CreateCertificateRequest,
         context: grpc.aio.ServicerContext,
     ) -> ca_pb2.CreateCertificateResponse:
-        validity = dt.timedelta(seconds=request.validity_seconds) if request.validity_seconds > 0 else None
+        validity = request.validity_seconds  # the CA clamps and checks it before any timedelta exists
         try:
             chain = await asyncio.to_thread(self.server.ca.sign_csr, request.csr, validity)
         except CertificateError as e:

@@ -17,6 +17,11 @@ WEBHOOK_DNS_NAMES = (
 )
 
 
+MIN_CERT_TTL = dt.timedelta(seconds=2)
+"""Below this, renewal at half-life leaves no time for a push to reach every proxy before expiry,
+and renewals would follow each other as fast as the loop runs."""
+
+
 def default_ca_dir() -> Path:
     return Path.home() / ".local" / "state" / "meshplane" / "ca"
 
@@ -54,6 +59,19 @@ class Settings:
     """How long a disconnected proxy stays an endpoint (it may be reconnecting)."""
     poll_interval: float = 0.2
     """How often the mesh file is checked for edits."""
+    mesh_settle: float = 0.5
+    """An edit is applied once the mesh file has not changed for this long (never half written)."""
+    shutdown_delay: float = 3.0
+    """On shutdown, how long /readyz reports 503 while streams keep being served, before GOAWAY."""
+    shutdown_grace: float = 5.0
+    """Then how long in-flight pushes may take before the remaining streams are cancelled."""
+
+    def __post_init__(self) -> None:
+        if self.cert_ttl < MIN_CERT_TTL:
+            raise ConfigError(
+                f"--cert-ttl {self.cert_ttl.total_seconds():g}s is too short: certificates are renewed at "
+                f"half-life and pushed, which needs at least {MIN_CERT_TTL.total_seconds():g}s (1h is the default)"
+            )
 
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")

@@ -37,14 +37,22 @@ def sh(*argv: str, ns: str | None = None, check: bool = True, timeout: float = 1
 
 @dataclass
 class Net:
-    """Two hosts joined by a veth pair: `pod` (10.250.0.2) and `peer` (10.250.0.1, also 10.250.1.1)."""
+    """Two hosts joined by a veth pair: `pod` (10.250.0.2) and `peer` (10.250.0.1, also 10.250.1.1).
+
+    With `two_hosts(ipv6=True)` they are dual-stack: `pod` also has fd00:250::2 and `peer`
+    fd00:250::1 and fd00:251::1, global addresses on the same veth pair.
+    """
 
     pod: str
     peer: str
     pod_ip: str = "10.250.0.2"
     peer_ip: str = "10.250.0.1"
     peer_ip2: str = "10.250.1.1"
+    pod_ip6: str = "fd00:250::2"
+    peer_ip6: str = "fd00:250::1"
+    peer_ip6_2: str = "fd00:251::1"
     pod_dev: str = ""
+    peer_dev: str = ""
     procs: list[subprocess.Popen[str]] = field(default_factory=list)
 
     def start(self, ns: str, *argv: str, uid: int | None = None) -> subprocess.Popen[str]:
@@ -61,9 +69,9 @@ class Net:
 
 
 @contextmanager
-def two_hosts() -> Iterator[Net]:
+def two_hosts(*, ipv6: bool = False) -> Iterator[Net]:
     tag = uuid.uuid4().hex[:6]
-    net = Net(pod=f"mp-pod-{tag}", peer=f"mp-peer-{tag}", pod_dev=f"v{tag}a")
+    net = Net(pod=f"mp-pod-{tag}", peer=f"mp-peer-{tag}", pod_dev=f"v{tag}a", peer_dev=f"v{tag}b")
     try:
         for ns in (net.pod, net.peer):
             sh("ip", "netns", "add", ns)
@@ -89,6 +97,12 @@ def two_hosts() -> Iterator[Net]:
         for ns, dev in ((net.pod, f"v{tag}a"), (net.peer, f"v{tag}b")):
             sh("ip", "link", "set", dev, "up", ns=ns)
         sh("ip", "route", "add", "default", "via", net.peer_ip, ns=net.pod)
+        if ipv6:
+            # nodad: usable at once, no duplicate address detection delay.
+            sh("ip", "-6", "addr", "add", f"{net.pod_ip6}/64", "dev", net.pod_dev, "nodad", ns=net.pod)
+            for ip in (net.peer_ip6, net.peer_ip6_2):
+                sh("ip", "-6", "addr", "add", f"{ip}/64", "dev", net.peer_dev, "nodad", ns=net.peer)
+            sh("ip", "-6", "route", "add", "default", "via", net.peer_ip6, ns=net.pod)
         yield net
     finally:
         for proc in net.procs:

@@ -51,6 +51,9 @@ class MeshConfig:
 
     def __init__(self, model: MeshModel) -> None:
         self.model = model
+        self._routes: dict[str, list[message.Message]] = {}
+        self._inbound_clusters: dict[int, message.Message] = {}
+        self._inbound_listeners: dict[tuple[InboundPorts, MtlsMode], message.Message] = {}
 
     @functools.cached_property
     def outbound_clusters(self) -> list[message.Message]:
@@ -67,17 +70,26 @@ class MeshConfig:
         m = self.model
         return [listeners.virtual_outbound(m), *(listeners.outbound_port(m, p) for p in listeners.outbound_ports(m))]
 
-    @functools.cache  # noqa: B019 - bounded by the model's namespaces; dies with this object
+    # Memoized per instance, not with functools.cache: that cache lives on the class and would keep
+    # every model's config alive (it held hundreds of MB after a few hundred pod changes).
     def routes(self, namespace: str) -> list[message.Message]:
-        return [routes.route_config(self.model, port, namespace) for port in routes.http_ports(self.model)]
+        found = self._routes.get(namespace)
+        if found is None:
+            m = self.model
+            found = self._routes[namespace] = [routes.route_config(m, port, namespace) for port in routes.http_ports(m)]
+        return found
 
-    @functools.cache  # noqa: B019
     def inbound_cluster(self, port: int) -> message.Message:
-        return clusters.inbound(port)
+        found = self._inbound_clusters.get(port)
+        if found is None:
+            found = self._inbound_clusters[port] = clusters.inbound(port)
+        return found
 
-    @functools.cache  # noqa: B019
     def inbound_listener(self, ports: InboundPorts, mtls: MtlsMode) -> message.Message:
-        return listeners.virtual_inbound(self.model, ports, mtls)
+        found = self._inbound_listeners.get((ports, mtls))
+        if found is None:
+            found = self._inbound_listeners[(ports, mtls)] = listeners.virtual_inbound(self.model, ports, mtls)
+        return found
 
     def resources(self, view: ProxyView) -> dict[str, list[message.Message]]:
         """CDS, EDS, LDS and RDS resources for a proxy with `view` (SDS comes from the CA)."""

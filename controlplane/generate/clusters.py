@@ -13,6 +13,7 @@ from .common import (
     BLACKHOLE,
     INBOUND_PASSTHROUGH,
     INBOUND_SOURCE,
+    INBOUND_SOURCE6,
     PASSTHROUGH,
     TLS_MODE_ISTIO,
     TLS_MODE_KEY,
@@ -70,7 +71,7 @@ def outbound(model: MeshModel, service: Service, port: Port) -> cluster_pb2.Clus
 
 
 def inbound(port: int) -> cluster_pb2.Cluster:
-    """`inbound|<port>||`: to the app at the connection's original destination, from 127.0.0.6."""
+    """`inbound|<port>||`: to the app at the connection's original destination, from 127.0.0.6 (::6)."""
     return _original_dst(inbound_cluster_name(port), bind_inbound_source=True)
 
 
@@ -98,8 +99,14 @@ def _original_dst(name: str, *, bind_inbound_source: bool) -> cluster_pb2.Cluste
     )
     if bind_inbound_source:
         # Without this source the capture rules would send the proxy's own forward
-        # to the app back into 15006, looping (see notes/envoy.md).
+        # to the app back into 15006, looping (see notes/envoy.md). Envoy binds the
+        # source of the upstream's family: ::6 for IPv6 (an IPv4 source cannot bind there).
         cluster.upstream_bind_config.CopyFrom(
-            address_pb2.BindConfig(source_address=socket_address(INBOUND_SOURCE, 0).socket_address)
+            address_pb2.BindConfig(
+                source_address=socket_address(INBOUND_SOURCE, 0).socket_address,
+                extra_source_addresses=[
+                    address_pb2.ExtraSourceAddress(address=socket_address(INBOUND_SOURCE6, 0).socket_address)
+                ],
+            )
         )
     return cluster

@@ -24,6 +24,13 @@ SECRET_DEFAULT = "default"
 SECRET_ROOTCA = "ROOTCA"
 INBOUND_SOURCE = "127.0.0.6"
 """Source address of inbound forwarding, so the capture rules can tell it from app traffic."""
+INBOUND_SOURCE6 = "::6"
+"""The same for IPv6, as in Istio. Unlike 127.0.0.6 it is not local by itself: the capture step
+(`meshctl iptables` with IPv6) assigns ::6/128 to lo."""
+ANY = "0.0.0.0"
+ANY6 = "::"
+"""Listeners take both wildcards (IPv6 as an additional address), so a dual-stack pod's captured
+IPv6 connections find them: original-destination hand-off looks for `[::]:<port>` for IPv6."""
 TLS_SOCKET = "envoy.transport_sockets.tls"
 TLS_MODE_KEY = "tlsMode"
 TLS_MODE_ISTIO = "istio"

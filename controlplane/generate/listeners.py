@@ -1,4 +1,7 @@
-"""LDS: `virtualOutbound` (15001), one `0.0.0.0_<port>` per outbound port, `virtualInbound` (15006)."""
+"""LDS: `virtualOutbound` (15001), one `0.0.0.0_<port>` per outbound port, `virtualInbound` (15006).
+
+Every listener takes IPv4 and IPv6 (0.0.0.0 and [::]): the capture rules redirect both families.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ from meshplane.bootstrap.protobuf import pack, socket_address
 
 from ..model import MeshModel, MtlsMode, OutboundPolicy, Protocol
 from .common import (
+    ANY,
+    ANY6,
     BLACKHOLE,
     INBOUND_CAPTURE_PORT,
     INBOUND_PASSTHROUGH,
@@ -35,7 +40,6 @@ from .common import (
     outbound_cluster_name,
 )
 
-ANY = "0.0.0.0"
 OUTBOUND = base_pb2.OUTBOUND
 INBOUND = base_pb2.INBOUND
 
@@ -45,6 +49,7 @@ def virtual_outbound(model: MeshModel) -> listener_pb2.Listener:
     return listener_pb2.Listener(
         name=VIRTUAL_OUTBOUND,
         address=socket_address(ANY, OUTBOUND_CAPTURE_PORT),
+        additional_addresses=_ipv6_wildcard(OUTBOUND_CAPTURE_PORT),
         use_original_dst=wrappers_pb2.BoolValue(value=True),
         traffic_direction=OUTBOUND,
         filter_chains=[
@@ -89,6 +94,7 @@ def outbound_port(model: MeshModel, port: int) -> listener_pb2.Listener:
     return listener_pb2.Listener(
         name=f"{ANY}_{port}",
         address=socket_address(ANY, port),
+        additional_addresses=_ipv6_wildcard(port),
         bind_to_port=wrappers_pb2.BoolValue(value=False),
         traffic_direction=OUTBOUND,
         filter_chains=chains,
@@ -119,6 +125,7 @@ def virtual_inbound(model: MeshModel, ports: tuple[tuple[int, Protocol], ...], m
     return listener_pb2.Listener(
         name=VIRTUAL_INBOUND,
         address=socket_address(ANY, INBOUND_CAPTURE_PORT),
+        additional_addresses=_ipv6_wildcard(INBOUND_CAPTURE_PORT),
         traffic_direction=INBOUND,
         listener_filters=[
             lc.ListenerFilter(
@@ -133,6 +140,17 @@ def virtual_inbound(model: MeshModel, ports: tuple[tuple[int, Protocol], ...], m
         continue_on_listener_filters_timeout=True,
         filter_chains=chains,
     )
+
+
+def _ipv6_wildcard(port: int) -> list[listener_pb2.AdditionalAddress]:
+    """[::]:`port` beside 0.0.0.0:`port` (an IPv6-only socket), as Istio does for dual-stack proxies.
+
+    For a captured IPv6 connection, Envoy hands off to the listener of `[::]:<port>`, so the
+    per-port listeners need it too. One [::] socket with ipv4_compat also carried both families
+    in our tests (Envoy 1.40), but it renames every listener and its stats to `[__]_<port>`
+    and puts IPv4 on an IPv6 socket; this keeps 0.0.0.0 exactly as it was.
+    """
+    return [listener_pb2.AdditionalAddress(address=socket_address(ANY6, port))]
 
 
 def _transports(mtls: MtlsMode) -> tuple[bool, ...]:

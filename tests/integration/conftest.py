@@ -51,6 +51,9 @@ async def plane_factory(tmp_path: Path, mesh_file: Path) -> AsyncIterator[Callab
             debounce=0.05,
             proxy_grace=0.5,
             poll_interval=0.1,
+            mesh_settle=0.2,
+            shutdown_delay=0,
+            shutdown_grace=1,
         )
         values.update(settings)
         plane = ControlPlane(Settings(**values), config=config)  # type: ignore[arg-type]

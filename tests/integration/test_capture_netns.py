@@ -154,5 +154,9 @@ def test_ipv6_rules_go_through_ip6tables(net: Net) -> None:
     assert "-A MESH_OUTPUT -s ::6/128 -o lo -j RETURN" in v6 and "-A MESH_OUTPUT -d fd00:1::/64 -j RETURN" in v6
     assert "10.250.1.0/24" not in v6 and "-A OUTPUT -p tcp -j MESH_OUTPUT" in v6
     assert "-A MESH_OUTPUT -d 10.250.1.0/24 -j RETURN" in "\n".join(nat_table(net.pod))
+    # ::6, the proxy's IPv6 source towards the app, is made local (127.0.0.6 is by itself); again is fine.
+    assert "inet6 ::6/128 scope global" in sh("ip", "-6", "addr", "show", "dev", "lo", ns=net.pod)
+    capture(net, "--ipv6", "on")
+    sh("/usr/bin/python3", "-c", "import socket; socket.socket(socket.AF_INET6).bind(('::6', 0))", ns=net.pod)
     capture(net, "--cleanup", "--ipv6", "on")
     assert "MESH_" not in sh("ip6tables-save", "-t", "nat", ns=net.pod)

@@ -184,6 +184,7 @@ def test_webhook_config_carries_the_mesh_ca(tmp_path: Path) -> None:
         [
             *MESHCTL,
             "webhook-config",
+            "--create",
             "--ca-dir",
             str(tmp_path / "ca"),
             "--service",
@@ -220,3 +221,37 @@ def test_webhook_config_carries_the_mesh_ca(tmp_path: Path) -> None:
         text=True,
     )
     assert bad.returncode == 2 and "must be NAME.NAMESPACE" in bad.stderr
+
+
+def test_webhook_config_never_creates_a_ca_by_mistake(tmp_path: Path) -> None:
+    wrong = tmp_path / "typo" / "ca"
+    done = subprocess.run([*MESHCTL, "webhook-config", "--ca-dir", str(wrong)], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stdout == ""
+    assert f"no mesh CA in {wrong}" in done.stderr
+    assert f"meshctl serve --ca-dir {wrong}" in done.stderr and "--create" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "typo").exists()
+
+
+def test_webhook_config_uses_an_existing_ca_or_creates_one_when_asked(tmp_path: Path) -> None:
+    import base64
+
+    import yaml
+
+    def bundle(*flags: str) -> bytes:
+        done = subprocess.run(
+            [*MESHCTL, "webhook-config", "--ca-dir", str(tmp_path / "ca"), *flags], capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        return base64.b64decode(yaml.safe_load(done.stdout)["webhooks"][0]["clientConfig"]["caBundle"])
+
+    created = bundle("--create")
+    assert created == (tmp_path / "ca" / "root-cert.pem").read_bytes()
+    assert bundle() == bundle("--create") == created
+
+
+def test_webhook_config_refuses_a_root_key_others_can_read(tmp_path: Path) -> None:
+    subprocess.run([*MESHCTL, "webhook-config", "--create", "--ca-dir", str(tmp_path)], capture_output=True, check=True)
+    (tmp_path / "root-key.pem").chmod(0o644)
+    done = subprocess.run([*MESHCTL, "webhook-config", "--ca-dir", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 2 and f"chmod 600 {tmp_path / 'root-key.pem'}" in done.stderr
+    assert "Traceback" not in done.stderr

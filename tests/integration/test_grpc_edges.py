@@ -141,3 +141,71 @@ async def test_health_and_readiness(plane: ControlPlane) -> None:
     assert await status("/healthz") == 200 and await status("/readyz") == 200
     await plane.xds.stop(grace=0)  # shutting down: readiness goes first, liveness stays
     assert await status("/readyz") == 503 and await status("/healthz") == 200
+
+
+async def test_bad_node_metadata_is_invalid_argument_naming_the_field(plane: ControlPlane) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.xds_port}") as channel:
+        client = Client(channel)
+        client.send(type_url=SECRET, node=node(sa="a/b"), resource_names=["default"])
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await client.recv()
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "SERVICE_ACCOUNT" in str(e.value.details())
+
+
+async def test_a_new_stream_whose_first_request_carries_a_nonce_is_answered(plane: ControlPlane) -> None:
+    """Other xDS clients, and Envoys after a control-plane restart, open with the last nonce they saw."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.xds_port}") as channel:
+        client = Client(channel)
+        client.send(type_url=CLUSTER, node=node(), response_nonce="17", version_info="from-another-server")
+        resp = await client.recv()
+        assert resp.type_url == CLUSTER and resp.resources
+        client.send(type_url=LISTENER, response_nonce="3", version_info="older")
+        assert (await client.recv()).type_url == LISTENER
+
+
+async def test_a_certificate_nobody_asks_for_is_renewed_without_spinning(plane_factory: Any, mesh_file: Any) -> None:
+    """A stream that never subscribes to SDS keeps its identity alive; renewal must still move on
+    instead of pushing every 100 ms forever."""
+    import datetime as dt
+
+    plane = await plane_factory(cert_ttl=dt.timedelta(seconds=2))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.xds_port}") as channel:
+        sds = Client(channel)
+        sds.send(type_url=SECRET, node=node("sds-1"), resource_names=["default"])
+        await sds.recv()
+        # Same identity (sa "web"), a second proxy subscribed to clusters only.
+        cds = Client(channel)
+        cds.send(type_url=CLUSTER, node=node("cds-only"))
+        first = await cds.recv()
+        cds.send(type_url=CLUSTER, response_nonce=first.nonce, version_info=first.version_info)
+        await asyncio.sleep(0.1)
+        sds.call.cancel()  # the only SDS subscriber leaves; the identity stays alive through cds-only
+        before = _pushes(plane)
+        await asyncio.sleep(3)  # past the 1 s renewal point of the certificate
+        pushed = _pushes(plane) - before
+        assert pushed <= 4, f"{pushed} pushes in 3 s: renewal is spinning"
+        assert plane.ca.next_renewal() is None or plane.ca.next_renewal() > dt.datetime.now(dt.UTC)
+
+
+def _pushes(plane: ControlPlane) -> float:
+    return sum(
+        s.value for metric in plane.metrics.pushes.collect() for s in metric.samples if s.name.endswith("_total")
+    )
+
+
+async def test_shutdown_turns_readiness_off_before_closing_streams(plane_factory: Any) -> None:
+    import aiohttp
+
+    plane = await plane_factory(shutdown_delay=1.0)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.xds_port}") as channel:
+        client = Client(channel)
+        client.send(type_url=CLUSTER, node=node())
+        await client.recv()
+        stopping = asyncio.get_running_loop().create_task(plane.xds.stop(grace=0.5))
+        await asyncio.sleep(0.3)
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{plane.admin_port}/readyz") as r:
+            assert r.status == 503
+        assert plane.xds.connections, "the stream was closed in the same instant readiness turned off"
+        await asyncio.wait_for(stopping, 5)
+        assert not plane.xds.connections

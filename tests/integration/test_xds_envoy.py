@@ -228,6 +228,7 @@ workloads:
 
 
 async def test_certificates_rotate_before_expiry(plane_factory: Any, tmp_path: Path) -> None:
+    """Several rotations, each new certificate in Envoy before the one it replaces has expired."""
     from .conftest import write_bootstrap
 
     plane = await plane_factory(cert_ttl=dt.timedelta(seconds=3))
@@ -235,18 +236,48 @@ async def test_certificates_rotate_before_expiry(plane_factory: Any, tmp_path: P
     async with Envoy(path, admin, tmp_path / "envoy.log") as envoy:
         await synced(envoy, plane)
 
-        async def serial() -> int:
+        async def current() -> x509.Certificate:
             dump = await envoy.config_dump()
             secret = next(s for s in dump["SecretsConfigDump"]["dynamic_active_secrets"] if s["name"] == "default")
             pem = base64.b64decode(secret["secret"]["tls_certificate"]["certificate_chain"]["inline_bytes"])
-            return x509.load_pem_x509_certificate(pem).serial_number
+            return x509.load_pem_x509_certificate(pem)
 
-        first = await serial()
+        held = await current()
+        for _ in range(3):
 
-        async def rotated() -> bool:
-            return await serial() != first
+            async def replaced(old: int = held.serial_number) -> x509.Certificate | None:
+                cert = await current()
+                return cert if cert.serial_number != old else None
 
-        await wait_until(rotated, timeout=6, what="the workload certificate to be renewed and pushed")
+            new = await wait_until(replaced, timeout=6, interval=0.05, what="the certificate to be renewed and pushed")
+            seen_at = dt.datetime.now(dt.UTC)
+            assert seen_at < held.not_valid_after_utc, "Envoy got its new certificate only after the old one expired"
+            assert new.not_valid_after_utc > held.not_valid_after_utc
+            held = new
+
+
+async def test_a_proxy_is_served_the_mesh_file_entry_its_clients_see(
+    plane_factory: Any, tmp_path: Path, mesh_file: Path
+) -> None:
+    """A static entry for a workload that also connects (here mtls: DISABLE) decides the proxy's own
+    inbound listener too, so clients sending plaintext find a plaintext listener."""
+    from .conftest import write_bootstrap
+
+    mesh_file.write_text(
+        MESH + "  - {name: backend-1, namespace: demo, serviceAccount: backend, labels: {app: backend}, "
+        "address: 127.0.0.1, mtls: DISABLE}\n"
+    )
+    plane = await plane_factory()
+    path, admin = write_bootstrap(tmp_path, plane.xds_port)
+    async with Envoy(path, admin, tmp_path / "envoy.log") as envoy:
+        dump = await synced(envoy, plane)
+        inbound = next(
+            item["active_state"]["listener"]
+            for item in dump["ListenersConfigDump"]["dynamic_listeners"]
+            if item["name"] == "virtualInbound"
+        )
+        transports = {c["filter_chain_match"]["transport_protocol"] for c in inbound["filter_chains"]}
+        assert transports == {"raw_buffer"}
 
 
 async def test_debug_config_shows_what_was_sent_without_private_keys(plane: ControlPlane, envoy: Envoy) -> None:

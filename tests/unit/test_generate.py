@@ -180,3 +180,41 @@ def test_snapshot_is_consistent_and_shared_across_views(config: MeshConfig) -> N
     assert a[ENDPOINT] is b[ENDPOINT]
     assert a[CLUSTER][0] is b[CLUSTER][0]
     assert a[ROUTE] is b[ROUTE]  # same namespace
+
+
+def test_every_capture_listener_takes_ipv4_and_ipv6(config: MeshConfig) -> None:
+    listeners = as_dicts(config.resources(reviews_view(config))[LISTENER])
+    for name, port in (("virtualOutbound", 15001), ("virtualInbound", 15006), ("0.0.0.0_5432", 5432)):
+        listener = listeners[name]
+        assert listener["address"]["socketAddress"] == {"address": "0.0.0.0", "portValue": port}
+        # An IPv6-only [::] socket beside it (no ipv4_compat): IPv4 stays on 0.0.0.0 as before.
+        assert listener["additionalAddresses"] == [{"address": {"socketAddress": {"address": "::", "portValue": port}}}]
+
+
+def test_inbound_forwarding_has_a_source_per_family(config: MeshConfig) -> None:
+    clusters = as_dicts(config.resources(reviews_view(config))[CLUSTER])
+    for name in ("inbound|9080||", "InboundPassthroughCluster"):
+        bind = clusters[name]["upstreamBindConfig"]
+        assert bind["sourceAddress"] == {"address": "127.0.0.6", "portValue": 0}
+        assert bind["extraSourceAddresses"] == [{"address": {"address": "::6", "portValue": 0}}]
+    assert "upstreamBindConfig" not in clusters["PassthroughCluster"]  # outbound: the pod's own address
+
+
+def test_ipv6_services_and_endpoints_match_as_single_addresses() -> None:
+    mesh = """
+services:
+  - name: db
+    namespace: ns
+    ports: [{port: 5432, name: tcp-pg}]
+    selector: {app: db}
+    addresses: ["fd00:10:96::11", 10.96.0.11]
+workloads:
+  - {name: db-1, namespace: ns, serviceAccount: db, labels: {app: db}, address: "FD00:250:0::9"}
+"""
+    config = MeshConfig(meshfile.parse(mesh))
+    chain = as_dicts(config.outbound_listeners)["0.0.0.0_5432"]["filterChains"][0]
+    ranges = [(r["addressPrefix"], r["prefixLen"]) for r in chain["filterChainMatch"]["prefixRanges"]]
+    assert ranges == [("fd00:10:96::11", 128), ("10.96.0.11", 32), ("fd00:250::9", 128)]
+    cla = as_dicts(config.assignments)["outbound|5432||db.ns.svc.cluster.local"]
+    address = cla["endpoints"][0]["lbEndpoints"][0]["endpoint"]["address"]["socketAddress"]
+    assert address == {"address": "fd00:250::9", "portValue": 5432}

@@ -1,11 +1,12 @@
 """Golden files for the capture rules. UPDATE_GOLDEN=1 rewrites them; a golden file no case uses fails."""
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
-from meshplane.bootstrap.iptables import CaptureConfig, CaptureError, cleanup_rules, rules
+from meshplane.bootstrap.iptables import CaptureConfig, CaptureError, apply, cleanup_rules, rules
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "iptables"
 
@@ -90,3 +91,51 @@ def test_bad_flags_are_rejected(flags: dict[str, str], message: str) -> None:
     with pytest.raises(CaptureError) as e:
         CaptureConfig.from_flags(**flags)
     assert message in str(e.value)
+
+
+class FakeHost:
+    """Records what `apply` does: commands run and addresses assigned, in order."""
+
+    def __init__(self, address_error: str = "") -> None:
+        self.done: list[str] = []
+        self.address_error = address_error
+
+    def run(self, argv: Sequence[str], stdin: str | None) -> str:
+        self.done.append(" ".join(argv))
+        return "*nat\nCOMMIT\n" if argv[0].endswith("-save") else ""
+
+    def add_address(self, address: str) -> None:
+        if self.address_error:
+            raise CaptureError(self.address_error)
+        self.done.append(f"lo += {address}/128")
+
+
+def test_ipv6_capture_first_makes_6_local() -> None:
+    host = FakeHost()
+    v4, v6 = apply(CaptureConfig(), ipv6=True, run=host.run, add_address=host.add_address)
+    assert host.done == [
+        "lo += ::6/128",
+        "iptables-save -t nat",
+        "iptables-restore --noflush",
+        "ip6tables-save -t nat",
+        "ip6tables-restore --noflush",
+    ]
+    # The rule that lets the proxy's forwards from ::6 reach the app, before any capture of lo.
+    lines = v6.splitlines()
+    assert lines.index("-A MESH_OUTPUT -s ::6/128 -o lo -j RETURN") < min(
+        i for i, ln in enumerate(lines) if "-o lo" in ln and "MESH_IN_REDIRECT" in ln
+    )
+    assert "::6" not in v4
+
+
+def test_ipv4_only_capture_assigns_nothing() -> None:
+    host = FakeHost()
+    apply(CaptureConfig(), ipv6=False, run=host.run, add_address=host.add_address)
+    assert host.done == ["iptables-save -t nat", "iptables-restore --noflush"]
+
+
+def test_no_rules_when_6_cannot_be_assigned() -> None:
+    host = FakeHost(address_error="cannot assign ::6/128 to lo: Permission denied")
+    with pytest.raises(CaptureError, match="::6/128"):
+        apply(CaptureConfig(), ipv6=True, run=host.run, add_address=host.add_address)
+    assert host.done == []

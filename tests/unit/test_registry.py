@@ -30,7 +30,9 @@ def test_proxies_become_endpoints_and_streams_are_counted() -> None:
 
 
 def test_static_workload_wins_over_a_proxy_of_the_same_name() -> None:
-    static = meshfile.parse(MESH + "workloads:\n  - {name: web-1, labels: {app: web}, address: 10.9.9.9}\n")
+    static = meshfile.parse(
+        MESH + "workloads:\n  - {name: web-1, serviceAccount: web, labels: {app: web}, address: 10.9.9.9}\n"
+    )
     registry = Registry(static)
     registry.register("p1", proxy())
     assert [w.address for w in registry.model.workloads] == ["10.9.9.9"]
@@ -41,7 +43,7 @@ def test_watcher_applies_good_edits_and_keeps_last_good(tmp_path: Path) -> None:
     path.write_text(MESH)
     applied: list[MeshModel] = []
     errors: list[str] = []
-    watcher = MeshFileWatcher(path, applied.append, on_error=lambda e: errors.append(str(e)))
+    watcher = MeshFileWatcher(path, applied.append, settle=0, on_error=lambda e: errors.append(str(e)))
     watcher.load_initial()
     assert not watcher.check()
     path.write_text(MESH + "  - {name: api, ports: [{port: 81}]}\n")
@@ -76,3 +78,46 @@ async def test_debouncer_fires_by_max_delay_under_constant_change() -> None:
         await asyncio.sleep(0.02)
     await asyncio.sleep(0.1)
     assert 2 <= len(fired) <= 3
+
+
+def test_a_proxy_that_reconnects_with_new_labels_is_seen_with_them() -> None:
+    """Reconnecting within the grace period (the old stream not yet unregistered) with other labels."""
+    seen: list[MeshModel] = []
+    registry = Registry(meshfile.parse(MESH), seen.append)
+    registry.register("p1", proxy())
+    moved = Workload("web-1", "default", "web", "10.0.0.1", labels({"app": "api"}))
+    registry.register("p1", moved)  # the new stream
+    registry.unregister("p1")  # the old stream's grace period ends
+    assert registry.model.workloads == (moved,)
+    assert registry.model.endpoints(registry.model.services[0]) == ()
+    assert len(seen) == 2
+
+
+def test_watcher_waits_until_a_file_written_in_place_stops_changing(tmp_path: Path) -> None:
+    """`cat > mesh.yaml` truncates then writes: a valid first half must never be applied."""
+    path = tmp_path / "mesh.yaml"
+    path.write_text(MESH + "  - {name: api, ports: [{port: 81}]}\n")
+    now = [1000.0]
+    applied: list[MeshModel] = []
+    watcher = MeshFileWatcher(path, applied.append, settle=0.5, clock=lambda: now[0])
+    watcher.load_initial()
+    path.write_text(MESH)  # half written: valid YAML with one service fewer
+    os.utime(path, (now[0], now[0]))
+    assert not watcher.check() and not applied  # too fresh
+    now[0] += 0.2
+    path.write_text(MESH + "  - {name: api, ports: [{port: 81}]}\n  - {name: db, ports: [{port: 5432}]}\n")
+    os.utime(path, (now[0], now[0]))
+    now[0] += 0.2
+    assert not watcher.check() and not applied  # still changing
+    now[0] += 0.5
+    assert watcher.check()
+    assert [s.name for s in applied[-1].services] == ["web", "api", "db"]
+
+
+def test_a_mesh_file_entry_naming_another_identity_for_a_connected_proxy_is_dropped() -> None:
+    static = meshfile.parse(
+        MESH + "workloads:\n  - {name: web-1, serviceAccount: other, labels: {app: web}, address: 10.9.9.9}\n"
+    )
+    registry = Registry(static)
+    registry.register("p1", proxy())
+    assert registry.model.workloads == (proxy(),)  # clients expect the identity the proxy really has

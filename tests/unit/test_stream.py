@@ -162,3 +162,13 @@ def test_reconnect_gets_full_state_although_envoy_has_a_version() -> None:
     new = StreamState(source)
     (again,) = new.on_request(req(CLUSTER, version=resp.version_info)).responses
     assert again.version_info == resp.version_info and names(again) == ["a@1"]
+
+
+def test_a_first_request_with_a_nonce_is_a_new_subscription() -> None:
+    """After a control-plane restart Envoy opens with the nonce the old server gave it."""
+    state = StreamState(FakeSource(cds={"a": "1"}))
+    out = state.on_request(req(CLUSTER, nonce="41", version="old"))
+    assert out.kind == "request" and len(out.responses) == 1
+    (resp,) = out.responses
+    assert state.on_request(req(CLUSTER, nonce="41", version="old")).kind == "stale"
+    assert state.on_request(req(CLUSTER, nonce=resp.nonce, version=resp.version_info)).kind == "ack"

@@ -1,0 +1,197 @@
+"""Dual stack through a real sidecar: IPv6 and IPv4 connections into and out of a pod whose traffic
+`meshctl iptables` captures, carried by a real Envoy (uid 1337, in the pod's network namespace)
+that gets its config from a ControlPlane over a unix socket. Assertions are on what the app and
+the peer saw, and on Envoy's own /stats."""
+
+import asyncio
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from meshplane.bootstrap.envoy import Ports, WorkloadIdentity, bootstrap, render
+from meshplane.controlplane.app import ControlPlane
+from meshplane.controlplane.settings import Settings
+from tests.harness import EnvoyAdmin, envoy_binary, wait_until
+from tests.netns import Net, require_netns, sh, two_hosts
+
+MESHCTL = [sys.executable, "-m", "meshplane.controlplane.cli", "iptables"]
+EXT = "outbound|80||ext.demo.svc.cluster.local"
+EXT_HTTP = "outbound|9080||ext.demo.svc.cluster.local"
+VIP6 = "fd00:96::20"
+MESH = """
+trustDomain: cluster.local
+mtls: PERMISSIVE
+services:
+  - name: web
+    namespace: demo
+    ports: [{port: 8080, name: tcp-web}]
+    selector: {app: web}
+  - name: ext
+    namespace: demo
+    ports: [{port: 80, name: tcp-ext}, {port: 9080, name: http}]
+    selector: {app: ext}
+    addresses: ["fd00:96::20"]
+workloads:
+  - {name: ext-1, namespace: demo, serviceAccount: ext, labels: {app: ext}, address: "fd00:250::1", mtls: DISABLE}
+"""
+
+# A dual-stack TCP server: on every connection it replies '<port> <client address>' and closes.
+SERVER = """
+import selectors, socket, sys, time
+sel = selectors.DefaultSelector()
+for port in map(int, sys.argv[1:]):
+    s = socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=True)
+    sel.register(s, selectors.EVENT_READ, port)
+print("ready", flush=True)
+deadline = time.monotonic() + 90
+while time.monotonic() < deadline:
+    for key, _ in sel.select(0.5):
+        conn, peer = key.fileobj.accept()
+        with conn:
+            conn.sendall(f"{key.data} {peer[0].removeprefix('::ffff:')}\\n".encode())
+"""
+CLIENT = """
+import socket, sys
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3) as s:
+    s.settimeout(3)
+    print(s.makefile().readline().strip())
+"""
+
+
+HTTP_GET = """
+import sys, urllib.request
+with urllib.request.urlopen(sys.argv[1], timeout=3) as r:
+    print(r.status, r.headers.get("x-envoy-upstream-service-time") is not None)
+"""
+
+
+def call(ns: str, ip: str, port: int) -> str:
+    """Connect from `ns` (as root: an app, captured) and return the server's answer, '' if none."""
+    return sh("/usr/bin/python3", "-c", CLIENT, ip, str(port), ns=ns, timeout=10, check=False).strip()
+
+
+@pytest.fixture
+def net() -> Iterator[Net]:
+    require_netns()
+    if not shutil.which("ip6tables-restore"):
+        pytest.skip("needs ip6tables (make system-deps installs it)")
+    with two_hosts(ipv6=True) as net, tempfile.TemporaryDirectory() as empty:
+        # The pod's app on 8080; the peer's servers on 80 (fd00:250::1 is the mesh service ext,
+        # fd00:251::1 is outside the mesh).
+        for ns, port in ((net.pod, "8080"), (net.peer, "80")):
+            proc = net.start(ns, "/usr/bin/python3", "-c", SERVER, port)
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        net.start(net.peer, "/usr/bin/python3", "-m", "http.server", "--bind", "::", "--directory", empty, "9080")
+        # The init container's step: `auto` sees the pod's global IPv6 address and captures both families.
+        sh(*MESHCTL, "--ipv6", "auto", ns=net.pod)
+        yield net
+
+
+@pytest.fixture
+async def sidecar(net: Net) -> AsyncIterator[EnvoyAdmin]:
+    runtime = Path(tempfile.mkdtemp(prefix="meshplane-dual-"))
+    runtime.chmod(0o755)
+    (runtime / "mesh.yaml").write_text(MESH)
+    plane = ControlPlane(
+        Settings(
+            mesh_file=runtime / "mesh.yaml",
+            bind="127.0.0.1",
+            xds_port=0,
+            admin_port=0,
+            webhook_port=0,
+            xds_socket=runtime / "xds.sock",
+            ca_dir=runtime / "ca",
+            debounce=0.05,
+            proxy_grace=0.5,
+            poll_interval=0.1,
+            shutdown_delay=0,
+            shutdown_grace=1,
+        )
+    )
+    envoy = None
+    try:
+        await plane.start()
+        envoy_dir = runtime / "envoy"
+        envoy_dir.mkdir()
+        shutil.chown(envoy_dir, 1337, 1337)
+        identity = WorkloadIdentity(
+            name="web-1", namespace="demo", service_account="web", ip=net.pod_ip6, labels={"app": "web"}
+        )
+        config = envoy_dir / "bootstrap.json"
+        config.write_text(
+            render(bootstrap(identity, f"unix:{runtime}/xds.sock", Ports(admin_socket=str(envoy_dir / "admin.sock"))))
+        )
+        envoy = net.start(
+            net.pod,
+            envoy_binary(), "-c", str(config), "--use-dynamic-base-id", "-l", "warning",
+            "--log-path", str(envoy_dir / "envoy.log"), "--drain-time-s", "1",
+            uid=1337,
+        )  # fmt: skip
+        admin = EnvoyAdmin(socket=envoy_dir / "admin.sock")
+
+        async def ready() -> bool:
+            if not admin.socket or not admin.socket.exists() or (await admin.get("/ready")).strip() != "LIVE":
+                return False
+            listeners = await admin.get("/listeners")
+            return "virtualInbound" in listeners and "0.0.0.0_80" in listeners and not await admin.warming()
+
+        try:
+            await wait_until(ready, timeout=20, what="the sidecar's listeners")
+        except AssertionError:
+            log = envoy_dir / "envoy.log"
+            raise AssertionError(log.read_text()[-3000:] if log.exists() else "no Envoy log") from None
+        yield admin
+    finally:
+        if envoy is not None and envoy.poll() is None:
+            os.killpg(envoy.pid, 9)  # first, or the plane waits for its stream to end
+        await plane.stop()
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+async def counted(admin: EnvoyAdmin, ns: str, ip: str, port: int, *stats: str) -> tuple[str, list[int]]:
+    """Make one connection; return the answer and how much each of `stats` grew meanwhile."""
+    before = await admin.stats()
+    answer = await asyncio.to_thread(call, ns, ip, port)
+    after = await admin.stats()
+    return answer, [after.get(s, 0) - before.get(s, 0) for s in stats]
+
+
+async def test_inbound_ipv6_and_ipv4_go_through_the_sidecar(net: Net, sidecar: EnvoyAdmin) -> None:
+    inbound = ("cluster.inbound|8080||.upstream_cx_total", "listener.0.0.0.0_15006.downstream_cx_total")
+    # IPv6: the app sees Envoy's inbound source ::6, so the connection went through virtualInbound.
+    assert await counted(sidecar, net.peer, net.pod_ip6, 8080, *inbound) == ("8080 ::6", [1, 1])
+    # IPv4 as before: from 127.0.0.6.
+    assert await counted(sidecar, net.peer, net.pod_ip, 8080, *inbound) == ("8080 127.0.0.6", [1, 1])
+
+
+async def test_outbound_ipv6_goes_through_the_sidecar(net: Net, sidecar: EnvoyAdmin) -> None:
+    ext = f"cluster.{EXT}.upstream_cx_total"
+    passthrough = "cluster.PassthroughCluster.upstream_cx_total"
+    # A mesh service at an IPv6 address: matched by its /128 prefix, sent to its own cluster.
+    answer, grown = await counted(sidecar, net.pod, net.peer_ip6, 80, ext, passthrough)
+    assert (answer, grown) == (f"80 {net.pod_ip6}", [1, 0])
+    # An IPv6 destination outside the mesh: allowed (ALLOW_ANY) through the passthrough cluster.
+    answer, grown = await counted(sidecar, net.pod, net.peer_ip6_2, 80, ext, passthrough)
+    assert (answer, grown) == (f"80 {net.pod_ip6}", [0, 1])
+    # IPv4 outside the mesh still passes through too.
+    answer, grown = await counted(sidecar, net.pod, net.peer_ip, 80, ext, passthrough)
+    assert (answer, grown) == (f"80 {net.pod_ip}", [0, 1])
+
+
+async def test_outbound_http_to_an_ipv6_service_address(net: Net, sidecar: EnvoyAdmin) -> None:
+    # By the service's IPv6 address: Host `[fd00:96::20]:9080` is routed to the service's cluster.
+    url = f"http://[{VIP6}]:9080/"
+    stat = f"cluster.{EXT_HTTP}.upstream_rq_total"
+    for _ in range(20):  # the peer's HTTP server may still be starting
+        before = await sidecar.stats()
+        answer = await asyncio.to_thread(sh, "/usr/bin/python3", "-c", HTTP_GET, url, ns=net.pod, check=False)
+        if answer.strip():
+            break
+        await asyncio.sleep(0.1)
+    after = await sidecar.stats()
+    assert (answer.strip(), after.get(stat, 0) - before.get(stat, 0)) == ("200 True", 1)
