@@ -18,6 +18,7 @@ from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
 from envoy.config.core.v3 import address_pb2, backoff_pb2, base_pb2, config_source_pb2, grpc_service_pb2, protocol_pb2
 from envoy.config.core.v3 import health_check_pb2 as core_health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.grpc_credential.v3 import file_based_metadata_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.overload.v3 import overload_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
@@ -35,6 +36,7 @@ from .protobuf import seconds as _seconds
 from .protobuf import socket_address as _address
 
 XDS_CLUSTER = "xds-grpc"
+FILE_BASED_METADATA = "envoy.grpc_credentials.file_based_metadata"
 ADMIN_CLUSTER = "prometheus_stats"
 _VAR = re.compile(r"^\$\([A-Z_][A-Z0-9_]*\)$")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
@@ -68,6 +70,23 @@ class Ports:
 
 
 @dataclass(frozen=True, slots=True)
+class XdsCredentials:
+    """How a sidecar proves who it is to the control plane, with no agent process beside it.
+
+    Envoy's Google gRPC client reads `token_file` on every connection (rotated tokens work) and
+    sends it as `authorization: Bearer <token>`. gRPC attaches such credentials to secure channels
+    only, so a TCP address is TLS, verified against `ca_file` (the mesh root), and a unix socket
+    uses local credentials."""
+
+    token_file: str
+    ca_file: str = ""
+
+
+KEEPALIVE_SECONDS = 30
+"""The sidecar pings an idle xDS connection this often; the server accepts pings down to 10 s."""
+
+
+@dataclass(frozen=True, slots=True)
 class AppProbe:
     """One of the app's original probes, run by the sidecar for kubelet on the status port.
 
@@ -92,10 +111,29 @@ class AppProbe:
 
 
 def bootstrap(
-    identity: WorkloadIdentity, xds_address: str, ports: Ports = Ports(), probes: Sequence[AppProbe] = ()
+    identity: WorkloadIdentity,
+    xds_address: str,
+    ports: Ports = Ports(),
+    probes: Sequence[AppProbe] = (),
+    credentials: XdsCredentials | None = None,
 ) -> bootstrap_pb2.Bootstrap:
-    """The bootstrap for a sidecar of `identity` that gets its config over ADS from `xds_address`."""
+    """The bootstrap for a sidecar of `identity` that gets its config over ADS from `xds_address`,
+    authenticated with `credentials` (without them, plaintext to a server that trusts node metadata)."""
     _check(identity)
+    if credentials is not None:
+        service = _authenticated_xds(xds_address, credentials)
+        xds_clusters = []
+    else:
+        service = grpc_service_pb2.GrpcService(
+            envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(
+                cluster_name=XDS_CLUSTER,
+                retry_policy=base_pb2.RetryPolicy(
+                    retry_back_off=backoff_pb2.BackoffStrategy(base_interval=_seconds(0.5), max_interval=_seconds(5)),
+                    num_retries=wrappers_pb2.UInt32Value(value=10),
+                ),
+            )
+        )
+        xds_clusters = [_xds_cluster(xds_address)]
     labels = dict(identity.labels)
     app = labels.get("app") or labels.get("app.kubernetes.io/name") or identity.name
     metadata = struct_pb2.Struct()
@@ -115,7 +153,7 @@ def bootstrap(
     return bootstrap_pb2.Bootstrap(
         node=base_pb2.Node(id=identity.node_id, cluster=f"{app}.{identity.namespace}", metadata=metadata),
         static_resources=bootstrap_pb2.Bootstrap.StaticResources(
-            clusters=[_xds_cluster(xds_address), _admin_cluster(ports), *(_probe_cluster(p) for p in probes)],
+            clusters=[*xds_clusters, _admin_cluster(ports), *(_probe_cluster(p) for p in probes)],
             listeners=[
                 _admin_listener("prometheus", ports.stats, "/stats/prometheus", "/stats/prometheus"),
                 _admin_listener("health", ports.health, "/healthz/ready", "/ready", probes),
@@ -126,19 +164,7 @@ def bootstrap(
                 api_type=config_source_pb2.ApiConfigSource.GRPC,
                 transport_api_version=config_source_pb2.V3,
                 set_node_on_first_message_only=True,
-                grpc_services=[
-                    grpc_service_pb2.GrpcService(
-                        envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(
-                            cluster_name=XDS_CLUSTER,
-                            retry_policy=base_pb2.RetryPolicy(
-                                retry_back_off=backoff_pb2.BackoffStrategy(
-                                    base_interval=_seconds(0.5), max_interval=_seconds(5)
-                                ),
-                                num_retries=wrappers_pb2.UInt32Value(value=10),
-                            ),
-                        )
-                    )
-                ],
+                grpc_services=[service],
             ),
             cds_config=ads,
             lds_config=ads,
@@ -191,6 +217,48 @@ def _check(identity: WorkloadIdentity) -> None:
             raise BootstrapError(f"IP {identity.ip!r} is not an IP address or a $(VAR) reference") from None
 
 
+def _authenticated_xds(xds_address: str, credentials: XdsCredentials) -> grpc_service_pb2.GrpcService:
+    host, port = split_address(xds_address)
+    google = grpc_service_pb2.GrpcService.GoogleGrpc
+    if port:
+        if not credentials.ca_file:
+            raise BootstrapError(f"xDS address {xds_address!r} is TCP: TLS needs the mesh root (--xds-ca FILE)")
+        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        channel = google.ChannelCredentials(
+            ssl_credentials=google.SslCredentials(root_certs=base_pb2.DataSource(filename=credentials.ca_file))
+        )
+    else:
+        target = f"unix:{host}"
+        channel = google.ChannelCredentials(local_credentials=google.GoogleLocalCredentials())
+    token = file_based_metadata_pb2.FileBasedMetadataConfig(
+        secret_data=base_pb2.DataSource(filename=credentials.token_file),
+        header_key="authorization",
+        header_prefix="Bearer ",
+    )
+    args = {
+        "grpc.keepalive_time_ms": KEEPALIVE_SECONDS * 1000,
+        "grpc.keepalive_timeout_ms": 10_000,
+        "grpc.keepalive_permit_without_calls": 1,
+        "grpc.http2.max_pings_without_data": 0,
+    }
+    return grpc_service_pb2.GrpcService(
+        google_grpc=google(
+            target_uri=target,
+            stat_prefix=XDS_CLUSTER,
+            channel_credentials=channel,
+            call_credentials=[
+                google.CallCredentials(
+                    from_plugin=google.CallCredentials.MetadataCredentialsFromPlugin(
+                        name=FILE_BASED_METADATA, typed_config=_pack(token)
+                    )
+                )
+            ],
+            credentials_factory_name=FILE_BASED_METADATA,
+            channel_args=google.ChannelArgs(args={k: google.ChannelArgs.Value(int_value=v) for k, v in args.items()}),
+        )
+    )
+
+
 def _xds_cluster(xds_address: str) -> cluster_pb2.Cluster:
     host, port = split_address(xds_address)
     try:
@@ -222,7 +290,9 @@ def _xds_cluster(xds_address: str) -> cluster_pb2.Cluster:
         http_protocol_options_pb2.HttpProtocolOptions(
             explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
                 http2_protocol_options=protocol_pb2.Http2ProtocolOptions(
-                    connection_keepalive=protocol_pb2.KeepaliveSettings(interval=_seconds(30), timeout=_seconds(10))
+                    connection_keepalive=protocol_pb2.KeepaliveSettings(
+                        interval=_seconds(KEEPALIVE_SECONDS), timeout=_seconds(10)
+                    )
                 )
             )
         )

@@ -14,16 +14,20 @@ from meshplane.webhook.app import make_app as make_webhook
 from meshplane.webhook.config import InjectionConfig
 
 from . import admin
+from .auth import Authenticator
 from .ca import CertificateAuthority
 from .cache import ConfigCache
 from .generate import MeshConfig
 from .metrics import Metrics
 from .model import MeshModel
-from .registry import MeshFileWatcher, Registry
+from .registry import MeshFileWatcher, RegistrationStore, Registry
 from .server import XdsServer
 from .settings import Settings
+from .tokens import Identity
 
 log = logging.getLogger("meshplane")
+
+REGISTRATIONS = "registrations.json"
 
 
 @dataclass
@@ -35,8 +39,12 @@ class ControlPlane:
     injection: InjectionConfig = field(default_factory=InjectionConfig)
     metrics: Metrics = field(default_factory=Metrics)
     xds_port: int = 0
+    """The plaintext port, when served (`insecure_trust_node_metadata`), else 0."""
+    xds_tls_port: int = 0
+    xds_mtls_port: int = 0
     admin_port: int = 0
     webhook_port: int = 0
+    _registrations_changed: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
 
     async def start(self) -> None:
         s = self.settings
@@ -49,20 +57,52 @@ class ControlPlane:
         )
         model = self.watcher.load_initial()
         self.ca = CertificateAuthority(s.ca_dir, model.trust_domain, workload_ttl=s.cert_ttl)
-        self.cache = ConfigCache(model, self.ca, self.config)
-        self.registry = Registry(model, lambda m: self.xds.model_changed(m))
+        self.registry = Registry(model, self._registry_changed)
+        self._store = RegistrationStore(s.state_dir / REGISTRATIONS) if s.state_dir else None
+        if self._store is not None:
+            restored = await asyncio.to_thread(self._store.load)
+            if restored:
+                log.info(
+                    "restored %d registrations from before the restart; those whose proxy is not back in %.0fs "
+                    "are dropped",
+                    len(restored),
+                    s.restore_grace,
+                )
+                self.registry.restore(restored)
+        self.cache = ConfigCache(self.registry.model, self.ca, self.config)
+        ca = self.ca
+
+        async def verify_token(token: str) -> Identity:
+            return ca.verify_token(token, s.token_audience)
+
+        authenticator = Authenticator(
+            model.trust_domain, verify_token, trust_node_metadata=s.insecure_trust_node_metadata
+        )
         self.xds = XdsServer(
             self.cache,
             self.registry,
             self.ca,
             self.metrics,
+            authenticator,
             debounce=s.debounce,
             debounce_max=s.debounce_max,
             proxy_grace=s.proxy_grace,
             shutdown_delay=s.shutdown_delay,
         )
-        self.xds_port = await self.xds.start(s.bind, s.xds_port, s.xds_socket)
-        self._runner = web.AppRunner(admin.make_app(self.xds, self.metrics, lambda: self.xds.serving), access_log=None)
+        self.xds_tls_port, self.xds_port = await self.xds.start(
+            s.bind,
+            tls_port=s.xds_tls_port,
+            dns_names=s.xds_dns_names,
+            plaintext_port=s.xds_port if s.insecure_trust_node_metadata else None,
+            mtls_port=s.xds_mtls_port,
+            socket_path=s.xds_socket,
+            socket_group=s.xds_socket_group,
+        )
+        self.xds_mtls_port = self.xds.mtls_port
+        self._runner = web.AppRunner(
+            admin.make_app(self.xds, self.metrics, lambda: self.xds.serving, debug_from_anywhere=s.debug_from_anywhere),
+            access_log=None,
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, s.bind, s.admin_port)
         await site.start()
@@ -77,11 +117,35 @@ class ControlPlane:
         log.info("injection webhook on https://%s:%d/inject", s.bind, self.webhook_port)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self.watcher.run()), loop.create_task(self.webhook_certificate.run())]
+        if self._store is not None:
+            self._tasks.append(loop.create_task(self._save_registrations()))
+            self._expiry = loop.call_later(s.restore_grace, self._expire_restored)
         log.info(
             "admin HTTP on %s:%d (/healthz /readyz /metrics /debug/proxies /debug/config/<proxy-id>)",
             s.bind,
             self.admin_port,
         )
+
+    def _registry_changed(self, model: MeshModel) -> None:
+        if xds := getattr(self, "xds", None):
+            xds.model_changed(model)
+        self._registrations_changed.set()
+
+    def _expire_restored(self) -> None:
+        if gone := self.registry.expire_restored():
+            log.info("dropped %d restored registrations whose proxies did not come back: %s", len(gone), gone)
+
+    async def _save_registrations(self) -> None:
+        """Keep the registrations on disk (at most once a second), so a restart starts from them."""
+        assert self._store is not None
+        while True:
+            await self._registrations_changed.wait()
+            self._registrations_changed.clear()
+            try:
+                await asyncio.to_thread(self._store.save, self.registry.registrations())
+            except OSError as e:
+                log.error("cannot save registrations to %s: %s", self._store.path, e)
+            await asyncio.sleep(1)
 
     def _file_changed(self, model: MeshModel) -> None:
         if model.trust_domain != self.ca.trust_domain:
@@ -101,6 +165,8 @@ class ControlPlane:
         """Stop whatever `start()` got to start (it may have failed half-way)."""
         for task in getattr(self, "_tasks", []):
             task.cancel()
+        if expiry := getattr(self, "_expiry", None):
+            expiry.cancel()
         if webhook := getattr(self, "_webhook", None):
             await webhook.cleanup()
         if xds := getattr(self, "xds", None):
@@ -118,10 +184,13 @@ async def serve(settings: Settings, injection: InjectionConfig | None = None) ->
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     log.info(
-        "serving %s; point a sidecar at %s:%d (meshctl bootstrap --xds-address ...)",
+        "serving %s; point a sidecar at %s:%d with a token (meshctl token, then meshctl bootstrap --xds-address "
+        "HOST:%d --token-file FILE --xds-ca %s)",
         settings.mesh_file,
         settings.bind,
-        plane.xds_port,
+        plane.xds_tls_port,
+        plane.xds_tls_port,
+        settings.ca_dir / "root-cert.pem",
     )
     try:
         await stop.wait()

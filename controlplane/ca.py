@@ -32,7 +32,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .errors import CANotFoundError, CertificateError
+from . import tokens
+from .errors import AuthError, CANotFoundError, CertificateError
 
 log = logging.getLogger("meshplane.ca")
 
@@ -346,14 +347,29 @@ class CertificateAuthority:
                     renewed.append(spiffe_id)
         return renewed
 
+    def mint_token(
+        self, namespace: str, service_account: str, ttl: dt.timedelta, audiences: Sequence[str] = (tokens.AUDIENCE,)
+    ) -> str:
+        """A bearer token for a workload identity, signed with the root key (see `tokens`)."""
+        return tokens.mint(self._root_key, namespace, service_account, ttl=ttl.total_seconds(), audiences=audiences)
+
+    def verify_token(self, token: str, audience: str = tokens.AUDIENCE) -> tokens.Identity:
+        """The identity a token minted by this CA proves; `tokens.TokenError` says why not."""
+        return tokens.verify(token, [self._root_key.public_key()], audience=audience)
+
     def retain(self, spiffe_ids: set[str]) -> None:
         """Keep certificates only for these identities (those with a connected proxy)."""
         with self._lock:
             for gone in self._issued.keys() - spiffe_ids:
                 del self._issued[gone]
 
-    def sign_csr(self, csr_pem: str | bytes, validity: dt.timedelta | int | None = None) -> list[bytes]:
+    def sign_csr(
+        self, csr_pem: str | bytes, validity: dt.timedelta | int | None = None, *, for_identity: str | None = None
+    ) -> list[bytes]:
         """Sign a PKCS#10 request whose only URI SAN is a SPIFFE ID of this mesh; leaf then root.
+
+        With `for_identity` (the caller's authenticated SPIFFE ID), a CSR for any other identity
+        raises `AuthError` (denied): a workload can only ever get a certificate for itself.
 
         `validity` is the lifetime asked for: a timedelta, or whole seconds as a gRPC
         CreateCertificateRequest carries them (int64, taken as is). None or zero means the
@@ -379,6 +395,10 @@ class CertificateAuthority:
         if len(uris) != 1 or len(list(san)) != 1:
             raise CertificateError("the CSR must have exactly one SAN, the workload's SPIFFE URI")
         self.check_spiffe_id(uris[0])
+        if for_identity is not None and uris[0] != for_identity:
+            raise AuthError(
+                f"the CSR asks for {uris[0]}, but the caller is {for_identity}", reason="csr-identity", denied=True
+            )
         cert = self._sign(public_key, uris[0], self._requested_ttl(validity))
         return [cert.public_bytes(serialization.Encoding.PEM), self.root_pem]
 

@@ -8,10 +8,10 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, MeshError
-from .settings import WEBHOOK_DNS_NAMES, Settings, default_ca_dir, parse_duration
+from .settings import WEBHOOK_DNS_NAMES, Settings, default_ca_dir, default_state_dir, parse_duration
 
 if TYPE_CHECKING:
     from meshplane.webhook.config import InjectionConfig
@@ -59,12 +59,52 @@ def _parser() -> argparse.ArgumentParser:
         metavar="ADDRESS",
         help="address to listen on (default: 0.0.0.0, all interfaces, as istiod)",
     )
-    s.add_argument("--xds-port", type=_port, default=15010, metavar="N", help="gRPC xDS and CA port (default: 15010)")
+    s.add_argument(
+        "--xds-tls-port",
+        type=_port,
+        default=15012,
+        metavar="N",
+        help="gRPC xDS and CA over TLS, with a mesh-CA certificate; proxies authenticate with a bearer "
+        "token (meshctl token) or a mesh client certificate (default: 15012)",
+    )
     s.add_argument(
         "--xds-socket",
         type=Path,
         metavar="PATH",
-        help="also serve xDS on this unix socket (for sidecars that cannot reach the host)",
+        help="also serve xDS on this unix socket (local credentials plus a bearer token; for sidecars that "
+        "cannot reach the host); owner-only unless --xds-socket-group",
+    )
+    s.add_argument(
+        "--xds-socket-group",
+        type=int,
+        metavar="GID",
+        help="make the socket 0660 for this group (the sidecars' gid, e.g. 1337) instead of owner-only",
+    )
+    s.add_argument(
+        "--token-audience",
+        default="meshplane",
+        metavar="AUD",
+        help="the audience proxies' bearer tokens must carry (default: meshplane)",
+    )
+    s.add_argument(
+        "--xds-mtls-port",
+        type=_port,
+        metavar="N",
+        help="also serve gRPC over TLS requiring a mesh client certificate, which is then the caller's identity "
+        "(off by default; sidecars authenticate with tokens on --xds-tls-port)",
+    )
+    s.add_argument(
+        "--insecure-trust-node-metadata",
+        action="store_true",
+        help="INSECURE, local experiments only: also serve plaintext xDS on --xds-port and believe the "
+        "identity each proxy's node metadata claims (anyone who reaches it gets any identity's key)",
+    )
+    s.add_argument(
+        "--xds-port",
+        type=_port,
+        default=15010,
+        metavar="N",
+        help="the plaintext port of --insecure-trust-node-metadata (default: 15010); not served otherwise",
     )
     s.add_argument(
         "--admin-port",
@@ -99,6 +139,21 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         help="how long a disconnected proxy stays an endpoint (default: 5s)",
     )
+    s.add_argument(
+        "--state-dir",
+        type=Path,
+        default=default_state_dir(),
+        metavar="DIR",
+        help=f"where proxies' self-registrations are kept across restarts, so a restarted control plane does not "
+        f"push a mesh that lacks them (default: {default_state_dir()})",
+    )
+    s.add_argument(
+        "--shutdown-delay",
+        default="3s",
+        metavar="DURATION",
+        help="on SIGTERM, how long /readyz reports 503 while xDS keeps serving, so load balancers and "
+        "proxies move away before streams close (default: 3s)",
+    )
 
     s.add_argument(
         "--webhook-cert",
@@ -113,6 +168,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="a name for the CA-issued webhook certificate (repeatable; default: "
         "meshplane.mesh-system.svc[.cluster.local], localhost, 127.0.0.1)",
+    )
+    s.add_argument(
+        "--debug-from-anywhere",
+        action="store_true",
+        help="serve the admin /debug/* pages (every proxy's config and identity) to any address; by default only "
+        "callers on this host (loopback) get them, while /healthz, /readyz and /metrics answer everyone",
     )
     _injection_flags(s)
     s.set_defaults(run=_serve)
@@ -140,9 +201,41 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--admin-port", type=_port, default=15000, metavar="N", help="Envoy admin port on 127.0.0.1 (default: 15000)"
     )
+    b.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="authenticate with the bearer token in FILE (meshctl token, or a projected service-account token); "
+        "Envoy re-reads it on every connection. Without it the bootstrap is for an --insecure-trust-node-metadata "
+        "server's plaintext port",
+    )
+    b.add_argument(
+        "--xds-ca",
+        metavar="FILE",
+        help="the mesh root (CA_DIR/root-cert.pem) Envoy verifies the control plane's TLS certificate against; "
+        "needed with --token-file and a HOST:PORT address (a unix: address uses local credentials)",
+    )
     b.add_argument("--format", choices=["json", "yaml"], default="json", help="output format (default: json)")
     b.add_argument("-o", "--output", type=Path, metavar="FILE", help="write here instead of standard output")
     b.set_defaults(run=_bootstrap)
+
+    t = sub.add_parser(
+        "token",
+        help="mint a bearer token for a workload identity (outside Kubernetes)",
+        description="Mint a token, signed by the mesh CA, that proves a workload identity to `meshctl serve` "
+        "(it verifies it offline with the CA's key). Give it to a sidecar with `meshctl bootstrap --token-file`. "
+        "Anyone holding the token can act as that identity until it expires: keep it as secret as a key.",
+    )
+    t.add_argument("--ca-dir", type=Path, default=default_ca_dir(), metavar="DIR", help="the mesh CA (must exist)")
+    t.add_argument("--namespace", required=True, help="the workload's namespace")
+    t.add_argument("--service-account", required=True, help="the workload's service account")
+    t.add_argument("--ttl", default="24h", metavar="DURATION", help="how long the token is valid (default: 24h)")
+    t.add_argument(
+        "--audience", default="meshplane", metavar="AUD", help="the audience the server expects (default: meshplane)"
+    )
+    t.add_argument(
+        "-o", "--output", type=Path, metavar="FILE", help="write here (mode 0600) instead of standard output"
+    )
+    t.set_defaults(run=_token)
 
     d = sub.add_parser(
         "demo",
@@ -190,10 +283,22 @@ def _parser() -> argparse.ArgumentParser:
         "webhook-config",
         help="print the MutatingWebhookConfiguration for this injector",
         description="Print the MutatingWebhookConfiguration that sends pods to the injector, with the mesh CA's "
-        "root as caBundle (the CA is created in --ca-dir if it does not exist yet).",
+        "root as caBundle. The CA must already exist in --ca-dir (`meshctl serve` creates it on first start), "
+        "unless --create is given.",
     )
-    w.add_argument("--ca-dir", type=Path, default=default_ca_dir(), metavar="DIR", help="the mesh CA's directory")
-    w.add_argument("--trust-domain", default="cluster.local", help="the trust domain, if the CA is new")
+    w.add_argument(
+        "--ca-dir",
+        type=Path,
+        default=default_ca_dir(),
+        metavar="DIR",
+        help=f"the mesh CA's directory, as given to `meshctl serve` (default: {default_ca_dir()})",
+    )
+    w.add_argument(
+        "--create",
+        action="store_true",
+        help="create a new CA in --ca-dir if there is none (to make the root before a first install)",
+    )
+    w.add_argument("--trust-domain", default="cluster.local", help="the trust domain, if --create makes a new CA")
     w.add_argument(
         "--service",
         default="meshplane.mesh-system",
@@ -220,6 +325,20 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--url", default="http://127.0.0.1:15021/healthz/ready", help="the readiness URL")
     t.add_argument("--timeout", default="60s", metavar="DURATION", help="give up after this long (default: 60s)")
     t.set_defaults(run=_wait)
+
+    dr = sub.add_parser(
+        "drain",
+        help="drain the local Envoy sidecar before it is stopped (the proxy's preStop hook)",
+        description="Ask the local Envoy to drain its inbound listeners gracefully (admin POST "
+        "/drain_listeners?graceful&inboundonly), then wait --duration so in-flight requests finish before the "
+        "kubelet sends SIGTERM, on which Envoy exits at once. Like Istio's terminationDrainDuration.",
+    )
+    dr.add_argument(
+        "--admin-url", default="http://127.0.0.1:15000", metavar="URL", help="Envoy's admin API (default: %(default)s)"
+    )
+    dr.add_argument("--admin-socket", type=Path, metavar="PATH", help="Envoy's admin API on a unix socket instead")
+    dr.add_argument("--duration", default="5s", metavar="DURATION", help="how long to drain (default: 5s)")
+    dr.set_defaults(run=_drain)
 
     a = sub.add_parser(
         "app",
@@ -282,6 +401,65 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--dry-run", action="store_true", help="print the exact iptables-restore input; change nothing")
     i.add_argument("--cleanup", action="store_true", help="remove the rules this command added")
     i.set_defaults(run=_iptables)
+
+    import textwrap
+
+    from .status import STATES
+
+    ps = sub.add_parser(
+        "proxy-status",
+        help="show whether each connected proxy has the latest config (like istioctl proxy-status)",
+        description=textwrap.fill(
+            "One row per proxy connected to the control plane: its id, SPIFFE identity, the control plane replica "
+            "it talks to, and for each xDS type (CDS clusters, EDS endpoints, LDS listeners, RDS routes, SDS "
+            "certificates) one of these states:"
+        )
+        + "\n\n"
+        + "".join(
+            textwrap.fill(m, initial_indent=f"  {s:10}", subsequent_indent=" " * 12) + "\n" for s, m in STATES.items()
+        )
+        + "\n"
+        + textwrap.fill(
+            "With PROXY_ID: that proxy's versions and resource counts per type and, for a NACK, the rejected "
+            "version, Envoy's error, the rejected resources and the version the proxy still runs. Reads the admin "
+            "API's /debug/syncz, which answers callers on the control plane's host only (unless it runs with "
+            "--debug-from-anywhere)."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ps.add_argument(
+        "proxy_id", nargs="?", metavar="PROXY_ID", help="show the details of this proxy (an id from the table)"
+    )
+    ps.add_argument(
+        "--admin", default=ADMIN_URL, metavar="URL", help="the control plane's admin API (default: %(default)s)"
+    )
+    ps.add_argument(
+        "-o",
+        "--output",
+        choices=["table", "json"],
+        default="table",
+        help="table for people (default), json for scripts",
+    )
+    ps.set_defaults(run=_proxy_status)
+
+    ex = sub.add_parser(
+        "explain",
+        help="explain what the mesh does with a pod: injection, capture rules, identity, mTLS, services",
+        description="Explain one pod. With -f POD.yaml (a Pod, or a Deployment or other workload with a pod "
+        "template): whether it would get a sidecar and why, the traffic-capture rules its init container installs "
+        "(the exact iptables-restore input), and with --mesh what its sidecar would be sent: its SPIFFE identity, "
+        "inbound ports with their mTLS mode, and outbound services (host:port, cluster, protocol, endpoints, "
+        "the identities it accepts from servers). With PROXY_ID instead: the same mesh view for a connected "
+        "proxy, read from the running control plane's admin API (the config it last sent).",
+    )
+    ex.add_argument("proxy_id", nargs="?", metavar="PROXY_ID", help="a connected proxy (see `meshctl proxy-status`)")
+    ex.add_argument("-f", "--filename", metavar="FILE", help="the pod manifest, or - for standard input")
+    ex.add_argument("-n", "--namespace", help="the pod's namespace when the manifest names none (default: default)")
+    ex.add_argument("--mesh", type=Path, metavar="FILE", help="the mesh file, to show identity, mTLS and services")
+    ex.add_argument("--admin", default=ADMIN_URL, metavar="URL", help="admin API, for PROXY_ID (default: %(default)s)")
+    ex.add_argument("-o", "--output", choices=["text", "json"], default="text", help="text (default) or json")
+    _injection_flags(ex)
+    ex.set_defaults(run=_explain)
     return p
 
 
@@ -307,15 +485,23 @@ def _serve(args: argparse.Namespace) -> int:
         mesh_file=args.mesh,
         bind=args.bind,
         xds_port=args.xds_port,
+        xds_tls_port=args.xds_tls_port,
+        xds_mtls_port=args.xds_mtls_port,
+        insecure_trust_node_metadata=args.insecure_trust_node_metadata,
+        xds_socket_group=args.xds_socket_group,
+        token_audience=args.token_audience,
         xds_socket=args.xds_socket,
         admin_port=args.admin_port,
         webhook_port=args.webhook_port,
         ca_dir=args.ca_dir,
         cert_ttl=parse_duration(args.cert_ttl),
         proxy_grace=parse_duration(args.proxy_grace).total_seconds(),
+        shutdown_delay=parse_duration(args.shutdown_delay).total_seconds(),
+        state_dir=args.state_dir,
         webhook_cert=args.webhook_cert,
         webhook_key=args.webhook_key,
         webhook_dns_names=tuple(args.webhook_dns_name or WEBHOOK_DNS_NAMES),
+        debug_from_anywhere=args.debug_from_anywhere,
     )
     if (args.webhook_cert is None) != (args.webhook_key is None):
         raise ConfigError("--webhook-cert and --webhook-key go together")
@@ -392,11 +578,18 @@ def _webhook_config(args: argparse.Namespace) -> int:
     from meshplane.webhook.registration import webhook_configuration
 
     from .ca import CertificateAuthority
+    from .errors import CANotFoundError
 
     name, _, namespace = args.service.partition(".")
     if not name or not namespace:
         raise ConfigError(f"--service {args.service!r} must be NAME.NAMESPACE")
-    ca = CertificateAuthority(args.ca_dir, args.trust_domain)
+    try:
+        ca = CertificateAuthority(args.ca_dir, args.trust_domain, create=args.create)
+    except CANotFoundError as e:
+        raise ConfigError(
+            f"{e}. Pass the --ca-dir that `meshctl serve` uses; `meshctl serve --ca-dir {args.ca_dir}` creates a "
+            "CA there on first start, as does this command with --create"
+        ) from None
     doc = webhook_configuration(
         ca_bundle=ca.root_pem,
         service=name,
@@ -428,6 +621,46 @@ def _wait(args: argparse.Namespace) -> int:
     return 1
 
 
+def _drain(args: argparse.Namespace) -> int:
+    """Stdlib only: it runs in the proxy image."""
+    import http.client
+    import socket
+    import time
+    import urllib.parse
+
+    seconds = parse_duration(args.duration).total_seconds()
+    path = "/drain_listeners?graceful&inboundonly"
+    if args.admin_socket:
+        where = str(args.admin_socket)
+
+        class _Unix(http.client.HTTPConnection):
+            def connect(self) -> None:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.settimeout(self.timeout)
+                self.sock.connect(where)
+
+        conn: http.client.HTTPConnection = _Unix("localhost", timeout=5)
+    else:
+        url = urllib.parse.urlsplit(args.admin_url)
+        where = args.admin_url
+        conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port or 15000, timeout=5)
+    try:
+        conn.request("POST", path)
+        response = conn.getresponse()
+        body = response.read().decode(errors="replace").strip()
+    except OSError as e:
+        print(f"meshctl drain: cannot reach Envoy's admin API at {where}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        conn.close()
+    if response.status != 200:
+        print(f"meshctl drain: {path} answered {response.status}: {body}", file=sys.stderr)
+        return 1
+    log.info("draining inbound listeners for %gs", seconds)
+    time.sleep(seconds)
+    return 0
+
+
 def _app(args: argparse.Namespace) -> int:
     from meshplane.sandbox.demoapp import serve as serve_app
 
@@ -443,8 +676,30 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _token(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from .ca import CertificateAuthority
+
+    ttl = parse_duration(args.ttl)
+    if ttl <= dt.timedelta(0):
+        raise ConfigError("--ttl must be positive")
+    ca = CertificateAuthority(args.ca_dir, "unused", create=False)
+    try:
+        token = ca.mint_token(args.namespace, args.service_account, ttl, audiences=(args.audience,))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if args.output:
+        args.output.touch(mode=0o600)
+        args.output.chmod(0o600)
+        args.output.write_text(token)
+        return 0
+    print(token)
+    return 0
+
+
 def _bootstrap(args: argparse.Namespace) -> int:
-    from meshplane.bootstrap.envoy import Ports, WorkloadIdentity, bootstrap, render
+    from meshplane.bootstrap.envoy import Ports, WorkloadIdentity, XdsCredentials, bootstrap, render
 
     identity = WorkloadIdentity(
         name=args.name,
@@ -454,7 +709,10 @@ def _bootstrap(args: argparse.Namespace) -> int:
         labels=dict(args.label),
     )
     try:
-        text = render(bootstrap(identity, args.xds_address, Ports(admin=args.admin_port)), args.format)
+        if args.xds_ca and not args.token_file:
+            raise ConfigError("--xds-ca goes with --token-file")
+        credentials = XdsCredentials(args.token_file, args.xds_ca or "") if args.token_file else None
+        text = render(bootstrap(identity, args.xds_address, Ports(admin=args.admin_port), (), credentials), args.format)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return _emit(text, args.output)
@@ -493,6 +751,94 @@ def _iptables(args: argparse.Namespace) -> int:
         return 0
     except iptables.CaptureError as e:
         raise ConfigError(str(e)) from None
+
+
+ADMIN_URL = "http://127.0.0.1:15014"
+
+
+def _admin_get(base: str, path: str) -> Any:
+    """GET `path` from the control plane's admin API as JSON; errors say what to check."""
+    import json
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    url = base.rstrip("/") + "/" + urllib.parse.quote(path.lstrip("/"), safe="/")
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return json.load(r)
+    except urllib.error.HTTPError as e:
+        try:
+            body = json.load(e)
+        except ValueError:
+            body = {}
+        if isinstance(body, dict) and e.code == 404 and "connected" in body:
+            known = ", ".join(body["connected"]) or "none"
+            raise ConfigError(f"{body.get('error')}; connected proxies: {known}") from None
+        message = body.get("error") if isinstance(body, dict) else None
+        raise ConfigError(f"{url} answered {e.code}: {message or e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise ConnectionError(
+            f"cannot reach the control plane's admin API at {base} ({reason}). Check that `meshctl serve` runs and "
+            f"that --admin matches its --admin-port (default 15014); in Kubernetes, first run "
+            f"`kubectl -n mesh-system port-forward deploy/meshplane 15014`."
+        ) from None
+
+
+def _proxy_status(args: argparse.Namespace) -> int:
+    import json
+
+    from . import status
+
+    doc = _admin_get(args.admin, "/debug/syncz")
+    if args.proxy_id is None:
+        out = json.dumps(doc, indent=2, sort_keys=True) + "\n" if args.output == "json" else status.table(doc)
+        return _emit(out, None)
+    proxy = status.find(doc, args.proxy_id)
+    if proxy is None:
+        known = ", ".join(sorted({p["id"] for p in doc.get("proxies", [])})) or "none"
+        raise ConfigError(f"no connected proxy {args.proxy_id!r} (connected: {known})")
+    return _emit(
+        json.dumps(proxy, indent=2, sort_keys=True) + "\n" if args.output == "json" else status.detail(proxy), None
+    )
+
+
+def _explain(args: argparse.Namespace) -> int:
+    import json
+
+    import yaml
+
+    from . import explain, meshfile
+
+    if (args.proxy_id is None) == (args.filename is None):
+        raise ConfigError("give either -f POD.yaml (a manifest) or PROXY_ID (a connected proxy), not both or neither")
+    if args.proxy_id is not None:
+        proxies = _admin_get(args.admin, "/debug/proxies")
+        streams = [p for p in proxies if p["id"] == args.proxy_id]
+        if not streams:
+            known = ", ".join(sorted({p["id"] for p in proxies})) or "none"
+            raise ConfigError(f"no connected proxy {args.proxy_id!r} (connected: {known})")
+        config = _admin_get(args.admin, f"/debug/config/{args.proxy_id}")
+        report = explain.explain_live(max(streams, key=lambda p: p["stream"]), config)
+    else:
+        try:
+            text = sys.stdin.read() if args.filename == "-" else Path(args.filename).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read {args.filename}: {e.strerror}") from None
+        try:
+            docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{args.filename}: not valid YAML: {e}") from None
+        if len(docs) != 1:
+            raise ConfigError(f"{args.filename}: expected one manifest, found {len(docs)}")
+        model = meshfile.load(args.mesh) if args.mesh else None
+        try:
+            pod, namespace = explain.pod_of(docs[0], args.namespace)
+        except explain.ExplainError as e:
+            raise ConfigError(f"{args.filename}: {e}") from None
+        report = explain.explain_pod(pod, namespace, _injection(args), model)
+    return _emit(json.dumps(report, indent=2) + "\n" if args.output == "json" else explain.render(report), None)
 
 
 def _dry_run(argv: Sequence[str], stdin: str | None) -> str:

@@ -4,6 +4,7 @@ MeshError
 ├── MeshFileError      a mesh file that cannot be read or is invalid
 ├── CertificateError   the CA cannot load, issue or sign
 │   └── CANotFoundError  there is no CA where one was expected to be loaded
+├── AuthError          a caller without a valid credential, or asking for more than it proves
 └── ConfigError        bad settings or flags given to a command
 """
 
@@ -33,3 +34,13 @@ class CANotFoundError(CertificateError):
 
 class ConfigError(MeshError):
     """Settings or command-line flags that cannot work together."""
+
+
+class AuthError(MeshError):
+    """A caller that proves no identity (`denied` False: unauthenticated), or asks for something its
+    identity does not allow (`denied` True). `reason` is a short stable label for metrics and logs."""
+
+    def __init__(self, message: str, *, reason: str, denied: bool = False) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.denied = denied

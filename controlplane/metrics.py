@@ -22,6 +22,9 @@ class Metrics:
         )
         self.acks = Counter("meshplane_xds_acks", "Responses acknowledged by proxies", ["type"], registry=r)
         self.nacks = Counter("meshplane_xds_nacks", "Responses rejected by proxies", ["type"], registry=r)
+        self.auth_failures = Counter(
+            "meshplane_xds_auth_failures", "Calls refused: no or bad credential, or beyond it", ["reason"], registry=r
+        )
         self.stale = Counter("meshplane_xds_stale_requests", "Requests with an outdated nonce, ignored", registry=r)
         self.reloads = Counter("meshplane_mesh_reloads", "Mesh file reloads", ["result"], registry=r)
         self.views = Gauge("meshplane_config_views", "Distinct proxy views generated for the current model", registry=r)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import time
@@ -16,19 +17,40 @@ from pathlib import Path
 
 from . import meshfile
 from .errors import MeshFileError
-from .model import MeshModel, Workload
+from .model import MeshModel, Workload, labels
 
 log = logging.getLogger("meshplane.registry")
 
 
 class Registry:
-    """Not thread-safe: call from the event loop."""
+    """Not thread-safe: call from the event loop.
+
+    Registrations may be restored from before a restart (`restore`): they count as registered
+    until their proxy reconnects or `expire_restored()` drops those that did not, so the first
+    proxies to reconnect after a restart are not sent a mesh that lacks the others.
+    """
 
     def __init__(self, static: MeshModel, on_change: Callable[[MeshModel], None] = lambda m: None) -> None:
         self._static = static
         self._proxies: dict[str, tuple[Workload, int]] = {}
+        self._restored: dict[str, Workload] = {}
         self._on_change = on_change
         self._model = static
+
+    def restore(self, registrations: dict[str, Workload]) -> None:
+        self._restored = {k: w for k, w in registrations.items() if k not in self._proxies}
+        self._rebuild()
+
+    def expire_restored(self) -> list[str]:
+        """Drop restored registrations whose proxy has not come back; returns their ids."""
+        gone, self._restored = sorted(self._restored), {}
+        if gone:
+            self._rebuild()
+        return gone
+
+    def registrations(self) -> dict[str, Workload]:
+        """Every registration in force (connected proxies, and restored ones not yet back)."""
+        return {**self._restored, **{k: w for k, (w, _) in self._proxies.items()}}
 
     @property
     def model(self) -> MeshModel:
@@ -40,7 +62,7 @@ class Registry:
 
     def register(self, proxy_id: str, workload: Workload) -> None:
         """A proxy's stream opened; several streams of one proxy are counted."""
-        previous, count = self._proxies.get(proxy_id, (None, 0))
+        previous, count = self._proxies.get(proxy_id, (self._restored.pop(proxy_id, None), 0))
         self._proxies[proxy_id] = (workload, count + 1)
         # The newest stream speaks for the proxy: a reconnect may bring new labels or an address.
         if workload != previous:
@@ -58,7 +80,7 @@ class Registry:
         self._rebuild()
 
     def _rebuild(self) -> None:
-        dynamic = tuple(w for _, (w, _) in sorted(self._proxies.items()))
+        dynamic = tuple(w for _, w in sorted(self.registrations().items()))
         model = self._static.with_workloads(dynamic)
         for w in self._static.workloads:
             if (served := model.workload(w.namespace, w.name)) is not None and served != w:
@@ -73,6 +95,51 @@ class Registry:
         if model != self._model:
             self._model = model
             self._on_change(model)
+
+
+class RegistrationStore:
+    """Self-registrations kept in a JSON file across restarts (local mode: in Kubernetes mode the
+    endpoints come from EndpointSlices). Written atomically; a damaged file is logged and ignored."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> dict[str, Workload]:
+        try:
+            doc = json.loads(self.path.read_text())
+            return {
+                str(proxy_id): Workload(
+                    name=w["name"],
+                    namespace=w["namespace"],
+                    service_account=w["service_account"],
+                    address=w["address"],
+                    labels=labels(w["labels"]),
+                )
+                for proxy_id, w in doc["registrations"].items()
+            }
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            log.warning("ignoring saved registrations in %s: %s", self.path, e)
+            return {}
+
+    def save(self, registrations: dict[str, Workload]) -> None:
+        doc = {
+            "registrations": {
+                proxy_id: {
+                    "name": w.name,
+                    "namespace": w.namespace,
+                    "service_account": w.service_account,
+                    "address": w.address,
+                    "labels": dict(w.labels),
+                }
+                for proxy_id, w in sorted(registrations.items())
+            }
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, self.path)
 
 
 class MeshFileWatcher:

@@ -11,6 +11,7 @@ import asyncio
 import datetime as dt
 import itertools
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -27,20 +28,34 @@ from google.protobuf import json_format
 
 from meshplane.protos import ca_pb2, ca_pb2_grpc
 
-from .ca import CertificateAuthority
+from .auth import Authenticator, Call
+from .ca import CertificateAuthority, IssuedCertificate
 from .cache import ConfigCache
-from .errors import CertificateError
+from .errors import AuthError, CertificateError
 from .metrics import Metrics
-from .model import MeshModel
+from .model import MeshModel, spiffe_id
 from .proxy import NodeError, ProxyNode, from_node
 from .registry import Registry
 from .resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Resources, short
 from .stream import StreamState
+from .tokens import Identity
 
 log = logging.getLogger("meshplane.xds")
 
 _PUSH = object()
 _END = object()
+
+MAX_MESSAGE = 4 * 1024 * 1024
+"""Bytes in one request: a DiscoveryRequest naming every cluster of a very large mesh is under 1 MB."""
+MAX_NAMES = 20_000
+"""Resource names in one request."""
+MAX_STREAMS_PER_PROXY = 8
+"""Open streams of one proxy id (Envoy holds one ADS stream; a few more cover reconnect races)."""
+PING_INTERVAL_FLOOR_MS = 10_000
+"""The most frequent keepalive ping accepted on an idle connection. Sidecars ping every 30 s; gRPC's
+default (5 min) answers pings more frequent than that with GOAWAY, and idle Envoys reconnect."""
+SERVER_CERT_TTL = dt.timedelta(hours=24)
+"""The control plane's own serving certificate, renewed at half-life for new handshakes."""
 
 
 @dataclass(eq=False)
@@ -97,6 +112,7 @@ class XdsServer:
         registry: Registry,
         ca: CertificateAuthority,
         metrics: Metrics,
+        authenticator: Authenticator,
         *,
         debounce: float = 0.1,
         debounce_max: float = 1.0,
@@ -107,6 +123,7 @@ class XdsServer:
         self.registry = registry
         self.ca = ca
         self.metrics = metrics
+        self.auth = authenticator
         self.proxy_grace = proxy_grace
         metrics.views.set_function(cache.views)
         self.connections: dict[int, Connection] = {}
@@ -118,19 +135,38 @@ class XdsServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._timers: set[asyncio.TimerHandle] = set()
         self.port = 0
+        self.tls_port = 0
+        self.mtls_port = 0
         self.serving = False
         self.shutdown_delay = shutdown_delay
         self._stopping = False
 
     # -- lifecycle ----------------------------------------------------------------
 
-    async def start(self, bind: str, port: int, socket_path: Path | None = None) -> int:
+    async def start(
+        self,
+        bind: str,
+        *,
+        tls_port: int,
+        dns_names: tuple[str, ...],
+        plaintext_port: int | None = None,
+        mtls_port: int | None = None,
+        socket_path: Path | None = None,
+        socket_group: int | None = None,
+        ping_floor_ms: int = PING_INTERVAL_FLOOR_MS,
+    ) -> tuple[int, int]:
+        """Listen on the TLS port (mesh-CA certificate for `dns_names`; callers send a bearer token),
+        optionally the mTLS port (callers present a mesh client certificate), the unix socket (local
+        credentials and a token) and, only when node metadata is trusted, the plaintext port.
+        Returns the bound (TLS, plaintext) ports, 0 for one not served."""
         server = grpc.aio.server(
             options=[
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.max_pings_without_data", 0),
-                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", ping_floor_ms),
+                ("grpc.http2.min_ping_interval_without_data_ms", ping_floor_ms),
+                ("grpc.max_receive_message_length", MAX_MESSAGE),
             ]
         )
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(_Ads(self), server)
@@ -140,26 +176,46 @@ class XdsServer:
         rds_pb2_grpc.add_RouteDiscoveryServiceServicer_to_server(_Rds(self), server)
         sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(_Sds(self), server)
         ca_pb2_grpc.add_CertificateServiceServicer_to_server(_CertificateService(self), server)
-        address = f"[{bind}]:{port}" if ":" in bind else f"{bind}:{port}"
+        self._serving_cert = _ServingCertificate(self.ca, dns_names)
+        where = []
         try:
-            self.port = server.add_insecure_port(address)
+            tls_address = _address(bind, tls_port)
+            self.tls_port = server.add_secure_port(tls_address, self._serving_cert.credentials())
+            where.append(f"TLS {tls_address.replace(f':{tls_port}', f':{self.tls_port}')}")
+            if mtls_port is not None:
+                address = _address(bind, mtls_port)
+                self.mtls_port = server.add_secure_port(address, self._serving_cert.credentials(require_client=True))
+                where.append(f"mTLS {address.replace(f':{mtls_port}', f':{self.mtls_port}')}")
+            if plaintext_port is not None:
+                address = _address(bind, plaintext_port)
+                self.port = server.add_insecure_port(address)
+                where.append(f"PLAINTEXT {address.replace(f':{plaintext_port}', f':{self.port}')}")
             if socket_path is not None:
                 socket_path.unlink(missing_ok=True)  # noqa: ASYNC240 - once, at start-up
-                server.add_insecure_port(f"unix:{socket_path}")
+                server.add_secure_port(
+                    f"unix:{socket_path}", grpc.local_server_credentials(grpc.LocalConnectionType.UDS)
+                )
+                where.append(f"unix:{socket_path}")
         except RuntimeError as e:
-            raise OSError(f"cannot listen for xDS on {address} {socket_path or ''}: {e}") from None
+            raise OSError(
+                f"cannot listen for xDS on {bind} ports {tls_port}/{plaintext_port} {socket_path or ''}: {e}"
+            ) from None
         await server.start()
         self.serving = True
         if socket_path is not None:
-            # Sidecars run as their own uid (1337) and must be able to connect.
-            socket_path.chmod(0o666)  # noqa: ASYNC240 - once, at start-up
-            log.info("xDS server also on unix:%s", socket_path)
+            # Owner only, or owner and one group (the sidecars' gid): never world-writable.
+            if socket_group is not None:
+                os.chown(socket_path, -1, socket_group)
+            socket_path.chmod(0o660 if socket_group is not None else 0o600)  # noqa: ASYNC240 - once, at start-up
         self._grpc = server
         self._tasks.add(asyncio.get_running_loop().create_task(self._rotate_certificates()))
-        log.info(
-            "xDS server listening on %s (ADS, CDS, EDS, LDS, RDS, SDS, CA)", address.replace(":0", f":{self.port}")
-        )
-        return self.port
+        log.info("xDS server listening on %s (ADS, CDS, EDS, LDS, RDS, SDS, CA)", ", ".join(where))
+        if plaintext_port is not None:
+            log.warning(
+                "INSECURE: the plaintext xDS port believes whatever identity a proxy claims and hands it that "
+                "identity's private key. Only for local experiments (--insecure-trust-node-metadata)."
+            )
+        return self.tls_port, self.port
 
     async def stop(self, grace: float = 5.0) -> None:
         """Shut down in the order that loses nothing: /readyz turns 503 and streams keep being served
@@ -246,6 +302,7 @@ class XdsServer:
         only: str | None = None,
     ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
         peer = context.peer()
+        identity = await self.authenticate(context, peer)
         try:
             first = await anext(requests)
         except StopAsyncIteration:
@@ -256,6 +313,24 @@ class XdsServer:
             log.warning("rejected stream from %s: %s", peer, e)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             return
+        w = node.workload
+        if identity is not None and (w.namespace, w.service_account) != (identity.namespace, identity.service_account):
+            await self._refuse(
+                context,
+                peer,
+                AuthError(
+                    f"proxy {node.id} claims {w.namespace}/{w.service_account}, but its credential is for "
+                    f"{identity.namespace}/{identity.service_account}",
+                    reason="identity-mismatch",
+                    denied=True,
+                ),
+            )
+        if sum(1 for c in self.connections.values() if c.node.id == node.id) >= MAX_STREAMS_PER_PROXY:
+            self.metrics.auth_failures.labels("too-many-streams").inc()
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"proxy {node.id} already has {MAX_STREAMS_PER_PROXY} open streams; close one before opening another",
+            )
         conn = Connection(next(self._ids), peer, node, StreamState(self._source_for(node)))
         self.connections[conn.id] = conn
         self.metrics.connected.set(len(self.connections))
@@ -280,6 +355,12 @@ class XdsServer:
                     pushed = True
                 else:
                     assert isinstance(item, discovery_pb2.DiscoveryRequest)
+                    if len(item.resource_names) > MAX_NAMES:
+                        await context.abort(
+                            grpc.StatusCode.INVALID_ARGUMENT,
+                            f"{len(item.resource_names)} resource names in one request; at most {MAX_NAMES}",
+                        )
+                        return
                     if only and item.type_url != only:
                         await context.abort(
                             grpc.StatusCode.INVALID_ARGUMENT,
@@ -300,6 +381,24 @@ class XdsServer:
             )
             timer = asyncio.get_running_loop().call_later(self.proxy_grace, self._unregister, node.id)
             self._timers.add(timer)
+
+    def identity_id(self, identity: Identity) -> str:
+        return spiffe_id(self.cache.model.trust_domain, identity.namespace, identity.service_account)
+
+    async def authenticate(self, context: grpc.aio.ServicerContext, peer: str) -> Identity | None:
+        """The identity the call proves (None: plaintext port, node metadata trusted); aborts otherwise."""
+        call = Call.from_grpc(context.invocation_metadata() or (), context.auth_context())
+        try:
+            return await self.auth.authenticate(call)
+        except AuthError as e:
+            await self._refuse(context, peer, e)
+            raise AssertionError("unreachable: abort raises") from None
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, peer: str, error: AuthError) -> None:
+        self.metrics.auth_failures.labels(error.reason).inc()
+        log.warning("refused %s: %s", peer, error)
+        code = grpc.StatusCode.PERMISSION_DENIED if error.denied else grpc.StatusCode.UNAUTHENTICATED
+        await context.abort(code, str(error))
 
     def _unregister(self, proxy_id: str) -> None:
         self._timers = {t for t in self._timers if not t.cancelled() and t.when() > asyncio.get_running_loop().time()}
@@ -370,6 +469,8 @@ class XdsServer:
             for type_url, t in conn.state.types.items():
                 nack = t.last_nack
                 types[short(type_url)] = {
+                    "requested": t.requested,
+                    "subscribed": sorted(t.names),
                     "sent_version": t.version,
                     "nonce": t.nonce,
                     "acked_version": t.acked_version,
@@ -377,7 +478,14 @@ class XdsServer:
                     "resources": sorted(t.sent),
                     "last_nack": None
                     if nack is None
-                    else {"version": nack.version, "nonce": nack.nonce, "message": nack.message, "at": _iso(nack.at)},
+                    else {
+                        "version": nack.version,
+                        "nonce": nack.nonce,
+                        "message": nack.message,
+                        "at": _iso(nack.at),
+                        "resources": list(nack.resources),
+                        "accepted_version": nack.accepted_version,
+                    },
                 }
             w = conn.node.workload
             out.append(
@@ -457,10 +565,50 @@ class _CertificateService(ca_pb2_grpc.CertificateServiceServicer):
         request: ca_pb2.CreateCertificateRequest,
         context: grpc.aio.ServicerContext,
     ) -> ca_pb2.CreateCertificateResponse:
+        identity = await self.server.authenticate(context, context.peer())
+        caller = None if identity is None else self.server.identity_id(identity)
         validity = request.validity_seconds  # the CA clamps and checks it before any timedelta exists
         try:
-            chain = await asyncio.to_thread(self.server.ca.sign_csr, request.csr, validity)
+            chain = await asyncio.to_thread(self.server.ca.sign_csr, request.csr, validity, for_identity=caller)
+        except AuthError as e:
+            await self.server._refuse(context, context.peer(), e)
         except CertificateError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         self.server.metrics.certificates.inc()
         return ca_pb2.CreateCertificateResponse(cert_chain=[c.decode() for c in chain])
+
+
+def _address(bind: str, port: int) -> str:
+    return f"[{bind}]:{port}" if ":" in bind else f"{bind}:{port}"
+
+
+class _ServingCertificate:
+    """The xDS server's own certificate from the mesh CA, renewed at half-life: gRPC asks before
+    each handshake, so renewal needs no restart."""
+
+    def __init__(self, ca: CertificateAuthority, dns_names: tuple[str, ...]) -> None:
+        self.ca, self.dns_names = ca, dns_names
+        self.issued = self._issue()
+
+    def _issue(self) -> IssuedCertificate:
+        return self.ca.server_certificate(self.dns_names, SERVER_CERT_TTL)
+
+    def _configuration(self) -> grpc.ServerCertificateConfiguration:
+        chain = self.issued.cert_pem + self.ca.root_pem
+        return grpc.ssl_server_certificate_configuration(
+            [(self.issued.key_pem, chain)], root_certificates=self.ca.root_pem
+        )
+
+    def credentials(self, *, require_client: bool = False) -> grpc.ServerCredentials:
+        """TLS; with `require_client`, a client certificate chaining to the mesh root is required.
+        (gRPC Python cannot ask for an optional one, hence one port for each kind of caller.)"""
+        return grpc.dynamic_ssl_server_credentials(
+            self._configuration(), self._fetch, require_client_authentication=require_client
+        )
+
+    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        if dt.datetime.now(dt.UTC) < self.issued.renew_at():
+            return None
+        self.issued = self._issue()
+        log.info("xDS serving certificate renewed for %s", ", ".join(self.dns_names))
+        return self._configuration()

@@ -22,8 +22,12 @@ MIN_CERT_TTL = dt.timedelta(seconds=2)
 and renewals would follow each other as fast as the loop runs."""
 
 
+def default_state_dir() -> Path:
+    return Path.home() / ".local" / "state" / "meshplane"
+
+
 def default_ca_dir() -> Path:
-    return Path.home() / ".local" / "state" / "meshplane" / "ca"
+    return default_state_dir() / "ca"
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,10 +36,26 @@ class Settings:
     """The YAML mesh file, watched for edits."""
     bind: str = "0.0.0.0"
     """Address every server listens on (all interfaces by default, as istiod does)."""
+    xds_tls_port: int = 15012
+    """gRPC over TLS: ADS, the per-type discovery services and the CA's certificate service. Callers
+    authenticate with a bearer token or a mesh client certificate."""
+    xds_mtls_port: int | None = None
+    """Also serve gRPC over TLS that requires a mesh client certificate, which is then the caller's
+    identity (for clients that hold one, e.g. agents); off by default. Sidecars use tokens."""
     xds_port: int = 15010
-    """gRPC: ADS, the per-type discovery services and the CA's certificate service."""
+    """The plaintext gRPC port: served only with `insecure_trust_node_metadata`."""
+    insecure_trust_node_metadata: bool = False
+    """Serve the plaintext port and believe the identity a proxy's node metadata claims (anyone who
+    reaches the port gets any identity's key). Local experiments only."""
     xds_socket: Path | None = None
-    """Also serve xDS on this unix socket (for sidecars in pods with no route to the host)."""
+    """Also serve xDS on this unix socket, local credentials plus a bearer token (for sidecars in pods
+    with no route to the host)."""
+    xds_socket_group: int | None = None
+    """The socket is owner-only (0600); with a group id it is 0660 for that group (the sidecars' gid)."""
+    xds_dns_names: tuple[str, ...] = field(default_factory=lambda: WEBHOOK_DNS_NAMES)
+    """Names (and IPs) in the xDS server's TLS certificate, issued by the mesh CA."""
+    token_audience: str = "meshplane"
+    """The audience a proxy's bearer token must carry."""
     admin_port: int = 15014
     """HTTP: /healthz, /readyz, /metrics, /debug/*."""
     webhook_port: int = 15017
@@ -49,6 +69,10 @@ class Settings:
     """A serving certificate and key to use instead (reloaded when the files change)."""
     ca_dir: Path = field(default_factory=default_ca_dir)
     """Where the CA root lives; created on first start."""
+    state_dir: Path | None = None
+    """Where self-registrations are kept across restarts (None: not kept)."""
+    restore_grace: float = 30.0
+    """After a restart, how long a saved registration stands in for a proxy that has not reconnected."""
     cert_ttl: dt.timedelta = dt.timedelta(hours=1)
     """Lifetime of workload certificates; they are renewed and re-pushed at half-life."""
     debounce: float = 0.1
@@ -65,6 +89,9 @@ class Settings:
     """On shutdown, how long /readyz reports 503 while streams keep being served, before GOAWAY."""
     shutdown_grace: float = 5.0
     """Then how long in-flight pushes may take before the remaining streams are cancelled."""
+    debug_from_anywhere: bool = False
+    """Serve the admin /debug/* pages (every proxy's config and identity) to any address, not only
+    to loopback callers; /healthz, /readyz and /metrics answer everyone either way."""
 
     def __post_init__(self) -> None:
         if self.cert_ttl < MIN_CERT_TTL:

@@ -10,7 +10,9 @@ the nonce of that response, and the last ACK and NACK. The rules it follows:
   `error_detail`. A NACK is recorded and nothing is re-sent: the proxy keeps its last
   good config, and the next change that alters the resources is pushed as usual.
 - The first request for a type on a stream is always answered (wildcard types even
-  when empty, since Envoy waits for them during initialization).
+  when empty, since Envoy waits for them during initialization), unless it already carries
+  the version it would be sent: a proxy reconnecting to a restarted or another replica with
+  the same config is sent nothing again.
 - Otherwise a request is answered only when it changes the subscription and the resources to
   send differ from the last sent; changed content arrives through `on_change` (a push).
 - After clusters are sent, endpoints are sent again even if unchanged: Envoy re-requests
@@ -40,9 +42,15 @@ Source = Callable[[str], Resources]
 @dataclass(frozen=True, slots=True)
 class Nack:
     version: str
+    """The rejected version (what we sent)."""
     nonce: str
     message: str
+    """Envoy's error_detail message."""
     at: float
+    resources: tuple[str, ...] = ()
+    """Names of the resources in the rejected response (Envoy's message says which of them failed)."""
+    accepted_version: str = ""
+    """The version the proxy still runs: its last accepted one, "" if it never accepted any."""
 
 
 @dataclass(slots=True)
@@ -65,7 +73,8 @@ class Outcome:
 
     responses: list[discovery_pb2.DiscoveryResponse]
     kind: str
-    """"request" (first or subscription change), "ack", "nack" or "stale"."""
+    """"request" (first or subscription change), "ack", "nack", "stale", or "resumed" (a reconnecting
+    proxy already holds the version it would be sent)."""
     nack: Nack | None = None
 
 
@@ -86,7 +95,9 @@ class StreamState:
         kind, nack = "request", None
         if req.response_nonce and t.nonce:
             if req.HasField("error_detail"):
-                nack = Nack(t.version, t.nonce, req.error_detail.message, self._clock())
+                nack = Nack(
+                    t.version, t.nonce, req.error_detail.message, self._clock(), tuple(sorted(t.sent)), req.version_info
+                )
                 t.last_nack = nack
                 kind = "nack"
             else:
@@ -101,7 +112,12 @@ class StreamState:
         # when it is the first, changes the subscription, or endpoints are owed after clusters.
         if not (first or changed or t.resend):
             return Outcome([], kind, nack)
-        response = self._respond(req.type_url, always=first)
+        # A proxy that reconnects already holding exactly this version (say the control plane
+        # restarted with the same config) is not sent it again.
+        have = req.version_info if first and req.version_info else ""
+        response = self._respond(req.type_url, always=first, have=have)
+        if response is None and have and t.version == have:
+            return Outcome([], "resumed", nack)
         return Outcome([response] if response else [], kind, nack)
 
     def on_change(self) -> list[discovery_pb2.DiscoveryResponse]:
@@ -125,7 +141,7 @@ class StreamState:
         return out
 
     def _respond(
-        self, type_url: str, *, always: bool = False, keep: set[str] | None = None
+        self, type_url: str, *, always: bool = False, keep: set[str] | None = None, have: str = ""
     ) -> discovery_pb2.DiscoveryResponse | None:
         t = self.types[type_url]
         available = self._source(type_url)
@@ -141,9 +157,14 @@ class StreamState:
             return None
         if not chosen and type_url not in WILDCARD and not t.sent:
             return None
+        version = _version(frozenset(versions.items()))
+        if have and version == have:
+            t.sent, t.version, t.acked_version, t.last_ack = versions, version, version, self._clock()
+            self._sent[type_url] = chosen
+            return None
         t.resend = False
         t.sent = versions
-        t.version = _version(frozenset(versions.items()))
+        t.version = version
         t.nonce = str(next(self._nonces))
         self._sent[type_url] = chosen
         if type_url == CLUSTER and ENDPOINT in self.types:

@@ -1,10 +1,13 @@
+import datetime as dt
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import grpc
 import pytest
 
-from meshplane.bootstrap.envoy import Ports, WorkloadIdentity, bootstrap, render
+from meshplane.bootstrap.envoy import Ports, WorkloadIdentity, XdsCredentials, bootstrap, render
 from meshplane.controlplane.app import ControlPlane
+from meshplane.controlplane.ca import ROOT_CERT
 from meshplane.controlplane.generate import MeshConfig
 from meshplane.controlplane.settings import Settings
 from tests.harness import Envoy, free_port
@@ -44,7 +47,7 @@ async def plane_factory(tmp_path: Path, mesh_file: Path) -> AsyncIterator[Callab
         values: dict[str, object] = dict(
             mesh_file=mesh_file,
             bind="127.0.0.1",
-            xds_port=0,
+            xds_tls_port=0,
             admin_port=0,
             webhook_port=0,
             ca_dir=tmp_path / "ca",
@@ -71,9 +74,22 @@ async def plane(plane_factory: Callable[..., object]) -> ControlPlane:
     return await plane_factory()  # type: ignore[misc, no-any-return]
 
 
+def token_file(plane: ControlPlane, directory: Path, namespace: str = "demo", sa: str = "backend") -> Path:
+    """A mesh token for namespace/sa, as `meshctl token` writes it (readable by the Envoy that runs here)."""
+    path = directory / f"token-{namespace}-{sa}"
+    path.write_text(plane.ca.mint_token(namespace, sa, dt.timedelta(hours=1)))
+    return path
+
+
 def write_bootstrap(
-    tmp_path: Path, xds_port: int, *, name: str = "backend-1", sa: str = "backend", labels: dict[str, str] | None = None
+    tmp_path: Path,
+    plane: ControlPlane,
+    *,
+    name: str = "backend-1",
+    sa: str = "backend",
+    labels: dict[str, str] | None = None,
 ) -> tuple[Path, int]:
+    """A sidecar bootstrap as shipped: TLS to the control plane, verified against the mesh root, and a token."""
     admin = free_port()
     identity = WorkloadIdentity(
         name=name,
@@ -82,15 +98,29 @@ def write_bootstrap(
         ip="127.0.0.1",
         labels=labels if labels is not None else {"app": "backend"},
     )
+    credentials = XdsCredentials(str(token_file(plane, tmp_path, "demo", sa)), str(plane.settings.ca_dir / ROOT_CERT))
     path = tmp_path / f"{name}.json"
-    path.write_text(
-        render(bootstrap(identity, f"127.0.0.1:{xds_port}", Ports(admin=admin, stats=free_port(), health=free_port())))
-    )
+    ports = Ports(admin=admin, stats=free_port(), health=free_port())
+    path.write_text(render(bootstrap(identity, f"127.0.0.1:{plane.xds_tls_port}", ports, (), credentials)))
     return path, admin
+
+
+def call_token(plane: ControlPlane, namespace: str = "demo", sa: str = "web") -> grpc.CallCredentials:
+    return grpc.access_token_call_credentials(plane.ca.mint_token(namespace, sa, dt.timedelta(hours=1)))
+
+
+def xds_channel(
+    plane: ControlPlane, namespace: str | None = "demo", sa: str = "web", **options: object
+) -> grpc.aio.Channel:
+    """A gRPC channel to the TLS port, as a proxy of namespace/sa (no token when namespace is None)."""
+    credentials = grpc.ssl_channel_credentials(root_certificates=plane.ca.root_pem)
+    if namespace is not None:
+        credentials = grpc.composite_channel_credentials(credentials, call_token(plane, namespace, sa))
+    return grpc.aio.secure_channel(f"127.0.0.1:{plane.xds_tls_port}", credentials, options=list(options.items()))
 
 
 @pytest.fixture
 async def envoy(tmp_path: Path, plane: ControlPlane) -> AsyncIterator[Envoy]:
-    path, admin = write_bootstrap(tmp_path, plane.xds_port)
+    path, admin = write_bootstrap(tmp_path, plane)
     async with Envoy(path, admin, tmp_path / "envoy.log") as proxy:
         yield proxy

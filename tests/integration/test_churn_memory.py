@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import grpc
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
@@ -20,6 +19,8 @@ from google.protobuf import struct_pb2
 
 from meshplane.controlplane.app import ControlPlane
 from meshplane.controlplane.resources import CLUSTER, ENDPOINT, SECRET
+
+from .conftest import call_token, xds_channel
 
 SERVICES = 400
 WARMUP, ROUNDS = 70, 200
@@ -48,7 +49,7 @@ def node(i: int) -> base_pb2.Node:
     return base_pb2.Node(id=f"sidecar~10.1.0.1~pod-{i}.churn~churn.svc.cluster.local", metadata=meta)
 
 
-async def one_proxy(stub: Any, i: int) -> None:
+async def one_proxy(plane: ControlPlane, stub: Any, i: int) -> None:
     """Connect, subscribe like Envoy (CDS, then EDS for its clusters, SDS), ACK everything, leave."""
     queue: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
 
@@ -56,7 +57,7 @@ async def one_proxy(stub: Any, i: int) -> None:
         while (item := await queue.get()) is not None:
             yield item
 
-    call = stub.StreamAggregatedResources(requests())
+    call = stub.StreamAggregatedResources(requests(), credentials=call_token(plane, "churn", f"sa-{i}"))
     queue.put_nowait(discovery_pb2.DiscoveryRequest(type_url=CLUSTER, node=node(i)))
     cds = await asyncio.wait_for(call.read(), 5)
     names = []
@@ -94,14 +95,14 @@ def rss() -> int:
 async def test_memory_stays_flat_under_pod_churn(plane_factory: Any, mesh_file: Path) -> None:
     mesh_file.write_text(mesh())
     plane: ControlPlane = await plane_factory(proxy_grace=0.01, debounce=0.005, debounce_max=0.02)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.xds_port}") as channel:
+    async with xds_channel(plane, namespace=None) as channel:
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
         for i in range(WARMUP):
-            await one_proxy(stub, i)
+            await one_proxy(plane, stub, i)
             await asyncio.sleep(0.03)  # let the grace period end and the model change land
         after_warmup = rss()
         for i in range(WARMUP, ROUNDS):
-            await one_proxy(stub, i)
+            await one_proxy(plane, stub, i)
             await asyncio.sleep(0.03)
         at_end = rss()
     growth = (at_end - after_warmup) / 2**20

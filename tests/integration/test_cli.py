@@ -4,6 +4,7 @@ import asyncio
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -110,23 +111,48 @@ async def test_envoy_with_meshctl_bootstrap_connects_to_meshctl_serve(tmp_path: 
         str(mesh),
         "--ca-dir",
         str(tmp_path / "ca"),
+        "--state-dir",
+        str(tmp_path / "state"),
         "--bind",
         "127.0.0.1",
-        "--xds-port",
+        "--xds-tls-port",
         str(xds),
         "--admin-port",
         str(admin),
         "--webhook-port",
         "0",
+        "--shutdown-delay",
+        "0s",
         stdout=log,
         stderr=log,
         start_new_session=True,
     )
     try:
         await wait_until(lambda: admin_json(admin, "/healthz"), timeout=20, what="meshctl serve")
+        # The documented flow: a token for the workload, then a bootstrap that uses it over TLS.
+        token = await asyncio.create_subprocess_exec(
+            *MESHCTL,
+            "token",
+            "--ca-dir",
+            str(tmp_path / "ca"),
+            "--namespace",
+            "demo",
+            "--service-account",
+            "backend",
+            "--ttl",
+            "1h",
+            "-o",
+            str(tmp_path / "token"),
+        )
+        assert await token.wait() == 0
+        assert stat.S_IMODE((tmp_path / "token").stat().st_mode) == 0o600
         bootstrap = await asyncio.create_subprocess_exec(
             *MESHCTL,
             "bootstrap",
+            "--token-file",
+            str(tmp_path / "token"),
+            "--xds-ca",
+            str(tmp_path / "ca" / "root-cert.pem"),
             "--xds-address",
             f"127.0.0.1:{xds}",
             "--name",

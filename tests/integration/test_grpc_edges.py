@@ -19,6 +19,8 @@ from meshplane.controlplane.resources import CLUSTER, LISTENER, SECRET
 from meshplane.protos import ca_pb2, ca_pb2_grpc
 from tests.harness import wait_until
 
+from .conftest import xds_channel
+
 
 def node(name: str = "web-1", sa: str = "web", labels: dict[str, str] | None = None) -> base_pb2.Node:
     meta = struct_pb2.Struct()
@@ -48,7 +50,7 @@ class Client:
 
 
 async def test_stream_without_identity_is_rejected_clearly(plane: ControlPlane) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.xds_port}") as channel:
+    async with xds_channel(plane) as channel:
         client = Client(channel)
         client.send(type_url=CLUSTER, node=base_pb2.Node(id="just-an-id"))
         with pytest.raises(grpc.aio.AioRpcError) as e:
@@ -58,7 +60,7 @@ async def test_stream_without_identity_is_rejected_clearly(plane: ControlPlane) 
 
 
 async def test_a_proxy_only_ever_gets_its_own_identity(plane: ControlPlane) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.xds_port}") as channel:
+    async with xds_channel(plane) as channel:
         client = Client(channel)
         # Asking for other names gets nothing: there is no way to name another identity's secret.
         client.send(
@@ -83,7 +85,7 @@ async def test_a_proxy_only_ever_gets_its_own_identity(plane: ControlPlane) -> N
 
 
 async def test_per_type_service_serves_its_type_only(plane: ControlPlane) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.xds_port}") as channel:
+    async with xds_channel(plane) as channel:
         stub = cds_pb2_grpc.ClusterDiscoveryServiceStub(channel).StreamClusters
         client = Client(channel, stub)
         client.send(type_url=CLUSTER, node=node())
@@ -97,14 +99,14 @@ async def test_per_type_service_serves_its_type_only(plane: ControlPlane) -> Non
 
 async def test_disconnect_mid_push_leaves_the_server_healthy(plane: ControlPlane, mesh_file: Any) -> None:
     for _ in range(5):
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{plane.xds_port}")
+        channel = xds_channel(plane)
         client = Client(channel)
         client.send(type_url=CLUSTER, node=node(labels={"app": "backend"}))
         client.send(type_url=LISTENER)
         await client.recv()
         await channel.close()  # gone without a word, with responses in flight
     await wait_until(lambda: asyncio.sleep(0, result=not plane.xds.connections), what="streams to be cleaned up")
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.xds_port}") as channel:
+    async with xds_channel(plane) as channel:
         client = Client(channel)
         client.send(type_url=CLUSTER, node=node())
         assert (await client.recv()).resources
@@ -121,7 +123,7 @@ async def test_certificate_service_signs_a_csr(plane: ControlPlane) -> None:
         .public_bytes(serialization.Encoding.PEM)
         .decode()
     )
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.xds_port}") as channel:
+    async with xds_channel(plane) as channel:
         stub = ca_pb2_grpc.CertificateServiceStub(channel)
         resp = await stub.CreateCertificate(ca_pb2.CreateCertificateRequest(csr=csr, validity_seconds=600))
         leaf = x509.load_pem_x509_certificate(resp.cert_chain[0].encode())
@@ -144,7 +146,7 @@ async def test_health_and_readiness(plane: ControlPlane) -> None:
 
 
 async def test_bad_node_metadata_is_invalid_argument_naming_the_field(plane: ControlPlane) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.xds_port}") as channel:
+    async with xds_channel(plane) as channel:
         client = Client(channel)
         client.send(type_url=SECRET, node=node(sa="a/b"), resource_names=["default"])
         with pytest.raises(grpc.aio.AioRpcError) as e:
@@ -155,7 +157,7 @@ async def test_bad_node_metadata_is_invalid_argument_naming_the_field(plane: Con
 
 async def test_a_new_stream_whose_first_request_carries_a_nonce_is_answered(plane: ControlPlane) -> None:
     """Other xDS clients, and Envoys after a control-plane restart, open with the last nonce they saw."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.xds_port}") as channel:
+    async with xds_channel(plane) as channel:
         client = Client(channel)
         client.send(type_url=CLUSTER, node=node(), response_nonce="17", version_info="from-another-server")
         resp = await client.recv()
@@ -170,7 +172,7 @@ async def test_a_certificate_nobody_asks_for_is_renewed_without_spinning(plane_f
     import datetime as dt
 
     plane = await plane_factory(cert_ttl=dt.timedelta(seconds=2))
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.xds_port}") as channel:
+    async with xds_channel(plane) as channel:
         sds = Client(channel)
         sds.send(type_url=SECRET, node=node("sds-1"), resource_names=["default"])
         await sds.recv()
@@ -198,7 +200,7 @@ async def test_shutdown_turns_readiness_off_before_closing_streams(plane_factory
     import aiohttp
 
     plane = await plane_factory(shutdown_delay=1.0)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.xds_port}") as channel:
+    async with xds_channel(plane) as channel:
         client = Client(channel)
         client.send(type_url=CLUSTER, node=node())
         await client.recv()

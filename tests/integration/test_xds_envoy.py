@@ -187,7 +187,7 @@ async def test_nack_is_reported_and_envoy_keeps_last_good_config(
     from .conftest import write_bootstrap
 
     plane = await plane_factory(config=NackOnDemand)
-    path, admin = write_bootstrap(tmp_path, plane.xds_port)
+    path, admin = write_bootstrap(tmp_path, plane)
     async with Envoy(path, admin, tmp_path / "envoy.log") as envoy:
         await synced(envoy, plane)
         good = await envoy.clusters()
@@ -207,15 +207,18 @@ workloads:
 
         await wait_until(nacked, timeout=5, what="Envoy to reject the bad cluster")
 
-        proxies = await admin_json(plane.admin_port, "/debug/proxies")
-        (proxy,) = proxies
-        nack = proxy["types"]["CDS"]["last_nack"]
-        assert nack is not None and "Expected positive duration" in nack["message"]
+        async def recorded() -> dict[str, Any] | None:
+            (proxy,) = await admin_json(plane.admin_port, "/debug/proxies")
+            return proxy["types"]["CDS"]["last_nack"]  # type: ignore[no-any-return]
+
+        nack = await wait_until(recorded, timeout=5, what="the control plane to record the NACK")
+        assert "Expected positive duration" in nack["message"]
         metrics = await admin_json(plane.admin_port, "/metrics")
         assert 'meshplane_xds_nacks_total{type="CDS"} 1.0' in metrics
         # Envoy still runs the last good clusters and never got the bad one.
         now = await envoy.clusters()
         assert set(now) == set(good) and "nack-me" not in now
+        (proxy,) = await admin_json(plane.admin_port, "/debug/proxies")
         assert proxy["types"]["CDS"]["acked_version"] != proxy["types"]["CDS"]["sent_version"]
 
         mesh_file.write_text(MESH)  # the fix is pushed and accepted
@@ -232,7 +235,7 @@ async def test_certificates_rotate_before_expiry(plane_factory: Any, tmp_path: P
     from .conftest import write_bootstrap
 
     plane = await plane_factory(cert_ttl=dt.timedelta(seconds=3))
-    path, admin = write_bootstrap(tmp_path, plane.xds_port)
+    path, admin = write_bootstrap(tmp_path, plane)
     async with Envoy(path, admin, tmp_path / "envoy.log") as envoy:
         await synced(envoy, plane)
 
@@ -268,7 +271,7 @@ async def test_a_proxy_is_served_the_mesh_file_entry_its_clients_see(
         "address: 127.0.0.1, mtls: DISABLE}\n"
     )
     plane = await plane_factory()
-    path, admin = write_bootstrap(tmp_path, plane.xds_port)
+    path, admin = write_bootstrap(tmp_path, plane)
     async with Envoy(path, admin, tmp_path / "envoy.log") as envoy:
         dump = await synced(envoy, plane)
         inbound = next(

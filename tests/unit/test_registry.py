@@ -121,3 +121,18 @@ def test_a_mesh_file_entry_naming_another_identity_for_a_connected_proxy_is_drop
     registry = Registry(static)
     registry.register("p1", proxy())
     assert registry.model.workloads == (proxy(),)  # clients expect the identity the proxy really has
+
+
+def test_saved_registrations_stand_in_until_their_proxy_is_back_or_expired(tmp_path: Path) -> None:
+    from meshplane.controlplane.registry import RegistrationStore
+
+    store = RegistrationStore(tmp_path / "state" / "registrations.json")
+    store.save({"p1": proxy("web-1"), "p2": proxy("web-2")})
+    registry = Registry(meshfile.parse(MESH))
+    registry.restore(store.load())
+    assert {w.name for w in registry.model.workloads} == {"web-1", "web-2"}
+    registry.register("p1", proxy("web-1"))
+    assert registry.expire_restored() == ["p2"]
+    assert {w.name for w in registry.model.workloads} == {"web-1"}
+    (tmp_path / "state" / "registrations.json").write_text("{not json")
+    assert store.load() == {}
