@@ -97,6 +97,7 @@ class ControlPlane:
             mtls_port=s.xds_mtls_port,
             socket_path=s.xds_socket,
             socket_group=s.xds_socket_group,
+            ping_floor_ms=int(s.min_ping_interval * 1000),
         )
         self.xds_mtls_port = self.xds.mtls_port
         self._runner = web.AppRunner(

@@ -56,6 +56,9 @@ class Settings:
     """Names (and IPs) in the xDS server's TLS certificate, issued by the mesh CA."""
     token_audience: str = "meshplane"
     """The audience a proxy's bearer token must carry."""
+    min_ping_interval: float = 10.0
+    """Seconds: the most frequent keepalive ping accepted on an idle xDS connection (sidecars ping
+    every 30 s). Lower only to test keepalive at a shorter scale."""
     admin_port: int = 15014
     """HTTP: /healthz, /readyz, /metrics, /debug/*."""
     webhook_port: int = 15017
