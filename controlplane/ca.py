@@ -14,6 +14,7 @@ identities, and renewed once half of their lifetime has passed: when asked for, 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import fcntl
 import ipaddress
@@ -39,6 +40,13 @@ log = logging.getLogger("meshplane.ca")
 
 ROOT_CERT = "root-cert.pem"
 ROOT_KEY = "root-key.pem"
+TRUST_BUNDLE = "trust-bundle.pem"
+"""Every root to trust, kept up to date through a rotation: what clients of the control plane
+(`meshctl bootstrap --xds-ca`) and the webhook's caBundle should use."""
+PREVIOUS_CERT = "previous-root-cert.pem"
+PREVIOUS_KEY = "previous-root-key.pem"
+"""A root being retired by `rotate_root`: still trusted, and still the issuer of serving certificates
+(the control plane's and the webhook's), until `finish_rotation` removes it."""
 # Files being written while a root is created; a leftover one marks an interrupted start.
 TEMP_SUFFIX = ".tmp"
 ROOT_LIFETIME = dt.timedelta(days=3650)
@@ -111,7 +119,132 @@ class CertificateAuthority:
         self._issued: OrderedDict[str, IssuedCertificate] = OrderedDict()
         self._dropped = 0
         self._root_key, self._root_cert = self._load_or_create_root(create)
-        self.root_pem = self._root_cert.public_bytes(serialization.Encoding.PEM)
+        self._previous = self._load_previous()
+        self._pending: tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None = None
+        self._ensure_bundle()
+        self._stamp = self._files_stamp()
+
+    # -- trust and rotation ---------------------------------------------------------
+
+    @property
+    def root_pem(self) -> bytes:
+        """The root that signs workload certificates now."""
+        return _pem(self._root_cert)
+
+    @property
+    def trust_bundle_pem(self) -> bytes:
+        """Every root a peer's certificate may chain to: the signing root, a root being introduced
+        (`pending`), and one being retired. Proxies get it as ROOTCA; webhooks as caBundle."""
+        roots = [self._root_cert, *(r[1] for r in (self._pending, self._previous) if r is not None)]
+        return b"".join(dict.fromkeys(_pem(c) for c in roots))
+
+    @property
+    def pending(self) -> bool:
+        """A new root is trusted but does not sign yet (`activate_pending` makes it sign)."""
+        return self._pending is not None
+
+    def _server_signer(self) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+        # The oldest trusted root: clients configured before a rotation began still verify us.
+        if self._previous is not None:
+            return self._previous
+        return self._root_key, self._root_cert
+
+    def _load_previous(self) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None:
+        cert_path, key_path = self.directory / PREVIOUS_CERT, self.directory / PREVIOUS_KEY
+        if not cert_path.exists() and not key_path.exists():
+            return None
+        return self._load_root(cert_path, key_path)
+
+    def _files_stamp(self) -> tuple[tuple[int, int], ...]:
+        out = []
+        for name in (ROOT_CERT, ROOT_KEY, PREVIOUS_CERT, PREVIOUS_KEY):
+            try:
+                st = os.stat(self.directory / name)
+                out.append((st.st_ino, st.st_mtime_ns))
+            except OSError:
+                out.append((0, 0))
+        return tuple(out)
+
+    def reload(self) -> bool:
+        """Pick up a rotation done on disk (`rotate_root`, `finish_rotation`); True when trust changed.
+
+        A new root found on disk is first only trusted (`pending`): the caller distributes the new
+        trust bundle, then calls `activate_pending` so the new root signs. Blocks: use a thread."""
+        stamp = self._files_stamp()
+        if stamp == self._stamp:
+            return False
+        with _locked(self.directory):
+            key, cert = self._load_root()
+            previous = self._load_previous()
+        with self._lock:
+            self._stamp = stamp
+            new_root = cert != self._root_cert and (self._pending is None or self._pending[1] != cert)
+            if new_root:
+                self._pending = (key, cert)
+                log.info("a new CA root was found in %s: trusting it now, signing with it next", self.directory)
+            self._previous = previous
+            if previous is None and self._pending is None:
+                log.info("the previous CA root was retired: only %s is trusted now", self.directory / ROOT_CERT)
+        return True
+
+    def activate_pending(self) -> bool:
+        """Make the introduced root the signing one; True if there was one. Reissue afterwards."""
+        with self._lock:
+            if self._pending is None:
+                return False
+            self._root_key, self._root_cert = self._pending
+            self._pending = None
+            for spiffe_id, old in self._issued.items():
+                # Backdate the issue time so the renewal point (halfway) is already past: the next
+                # `renew_due` replaces every certificate the old root signed.
+                lifetime = old.not_after - old.issued_at
+                self._issued[spiffe_id] = dataclasses.replace(old, issued_at=old.issued_at - lifetime)
+        log.info("the new CA root signs workload certificates from now on")
+        return True
+
+    def rotate_root(self) -> None:
+        """Start a root rotation on disk: the current root becomes the previous one (still trusted,
+        still signing serving certificates) and a new root is created. A running server picks it up
+        (`reload`); `finish_rotation` later retires the previous root."""
+        with _locked(self.directory) as dir_fd:
+            if (self.directory / PREVIOUS_CERT).exists() or (self.directory / PREVIOUS_KEY).exists():
+                raise CertificateError(
+                    f"a rotation is in progress in {self.directory} ({PREVIOUS_CERT} exists): finish it first "
+                    "(meshctl ca rotate --finish) once every proxy has been restarted with the new trust bundle"
+                )
+            os.replace(self.directory / ROOT_KEY, self.directory / PREVIOUS_KEY)
+            os.replace(self.directory / ROOT_CERT, self.directory / PREVIOUS_CERT)
+            os.fsync(dir_fd)
+            self._root_key, self._root_cert = self._create_root(dir_fd)
+            self._previous = self._load_previous()
+            self._write_bundle(dir_fd)
+
+    def finish_rotation(self) -> None:
+        """Retire the previous root: no longer trusted, no longer signing anything."""
+        with _locked(self.directory) as dir_fd:
+            if not (self.directory / PREVIOUS_CERT).exists():
+                raise CertificateError(f"no rotation in progress in {self.directory} (no {PREVIOUS_CERT})")
+            (self.directory / PREVIOUS_KEY).unlink(missing_ok=True)
+            (self.directory / PREVIOUS_CERT).unlink()
+            self._previous = None
+            self._write_bundle(dir_fd)
+
+    def _ensure_bundle(self) -> None:
+        """Write the trust bundle when it is missing or out of date (not on a read-only mount)."""
+        path = self.directory / TRUST_BUNDLE
+        try:
+            if path.exists() and path.read_bytes() == self.trust_bundle_pem:
+                return
+            with _locked(self.directory) as dir_fd:
+                self._write_bundle(dir_fd)
+        except OSError as e:
+            log.debug("trust bundle %s not written: %s", path, e)
+
+    def _write_bundle(self, dir_fd: int) -> None:
+        path = self.directory / TRUST_BUNDLE
+        _write_synced(_temp(path), self.trust_bundle_pem, 0o644)
+        os.replace(_temp(path), path)
+        os.fsync(dir_fd)
 
     # -- root -------------------------------------------------------------------
 
@@ -152,8 +285,10 @@ class CertificateAuthority:
     def _not_found(self) -> CANotFoundError:
         return CANotFoundError(f"there is no mesh CA in {self.directory} (no {ROOT_CERT} and {ROOT_KEY})")
 
-    def _load_root(self) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-        cert_path, key_path = self.directory / ROOT_CERT, self.directory / ROOT_KEY
+    def _load_root(
+        self, cert_path: Path | None = None, key_path: Path | None = None
+    ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+        cert_path, key_path = cert_path or self.directory / ROOT_CERT, key_path or self.directory / ROOT_KEY
         _check_key_file(key_path)
         try:
             key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
@@ -192,7 +327,7 @@ class CertificateAuthority:
                     log.warning(
                         "finished creating the CA root in %s, which an earlier start left undone", self.directory
                     )
-        for leftover in (key_tmp, cert_tmp):
+        for leftover in (key_tmp, cert_tmp, _temp(self.directory / TRUST_BUNDLE)):
             if leftover.exists():
                 leftover.unlink()
                 log.warning("removed %s, left by a start that was interrupted", leftover)
@@ -297,14 +432,24 @@ class CertificateAuthority:
                 sans.append(x509.IPAddress(ipaddress.ip_address(name)))
             except ValueError:
                 sans.append(x509.DNSName(name))
-        return self._issue(x509.SubjectAlternativeName(sans), ttl, "", common_name=dns_names[0])
+        return self._issue(x509.SubjectAlternativeName(sans), ttl, "", common_name=dns_names[0], server=True)
+
+    def server_chain(self, cert_pem: bytes) -> bytes:
+        """A serving certificate followed by its issuing root, as TLS servers send it."""
+        return cert_pem + _pem(self._server_signer()[1])
 
     def _issue(
-        self, san: x509.SubjectAlternativeName | str, ttl: dt.timedelta, spiffe_id: str, common_name: str = ""
+        self,
+        san: x509.SubjectAlternativeName | str,
+        ttl: dt.timedelta,
+        spiffe_id: str,
+        common_name: str = "",
+        *,
+        server: bool = False,
     ) -> IssuedCertificate:
         """A new key and a certificate for it."""
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = self._sign(key.public_key(), san, ttl, common_name)
+        cert = self._sign(key.public_key(), san, ttl, common_name, signer=self._server_signer() if server else None)
         return IssuedCertificate(
             spiffe_id=spiffe_id,
             cert_pem=cert.public_bytes(serialization.Encoding.PEM),
@@ -355,7 +500,8 @@ class CertificateAuthority:
 
     def verify_token(self, token: str, audience: str = tokens.AUDIENCE) -> tokens.Identity:
         """The identity a token minted by this CA proves; `tokens.TokenError` says why not."""
-        return tokens.verify(token, [self._root_key.public_key()], audience=audience)
+        keys = [r[0].public_key() for r in ((self._root_key, self._root_cert), self._pending, self._previous) if r]
+        return tokens.verify(token, keys, audience=audience)
 
     def retain(self, spiffe_ids: set[str]) -> None:
         """Keep certificates only for these identities (those with a connected proxy)."""
@@ -419,7 +565,9 @@ class CertificateAuthority:
         san: x509.SubjectAlternativeName | str,
         ttl: dt.timedelta,
         common_name: str = "",
+        signer: tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None = None,
     ) -> x509.Certificate:
+        root_key, root_cert = signer or (self._root_key, self._root_cert)
         if isinstance(san, str):  # a SPIFFE ID
             san = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(san)])
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)] if common_name else [])
@@ -427,7 +575,7 @@ class CertificateAuthority:
         return (
             x509.CertificateBuilder()
             .subject_name(subject)
-            .issuer_name(self._root_cert.subject)
+            .issuer_name(root_cert.subject)
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - BACKDATE)
@@ -455,11 +603,13 @@ class CertificateAuthority:
                 x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
                 critical=False,
             )
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._root_key.public_key()), critical=False
-            )
-            .sign(self._root_key, hashes.SHA256())
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()), critical=False)
+            .sign(root_key, hashes.SHA256())
         )
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 def _check_csr_key(key: object) -> PublicKey:

@@ -26,7 +26,7 @@ from .resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Resource, Res
 
 class CertificateSource(Protocol):
     @property
-    def root_pem(self) -> bytes: ...
+    def trust_bundle_pem(self) -> bytes: ...
 
     def workload_certificate(self, spiffe_id: str) -> IssuedCertificate: ...
 
@@ -49,7 +49,7 @@ class ConfigCache:
     ) -> None:
         self._config_factory = config
         self._ca = ca
-        self._root = resource(root_secret(ca.root_pem))
+        self._root: tuple[bytes, Resource] | None = None
         self._secrets: dict[str, tuple[bytes, Resource]] = {}
         self.update(model)
 
@@ -112,7 +112,10 @@ class ConfigCache:
         if cached is None or cached[0] != issued.cert_pem:
             cached = (issued.cert_pem, resource(workload_secret(issued.cert_pem, issued.key_pem)))
             self._secrets[identity] = cached
-        return {SECRET_DEFAULT: cached[1], SECRET_ROOTCA: self._root}
+        bundle = self._ca.trust_bundle_pem
+        if self._root is None or self._root[0] != bundle:
+            self._root = (bundle, resource(root_secret(bundle)))
+        return {SECRET_DEFAULT: cached[1], SECRET_ROOTCA: self._root[1]}
 
 
 def check_consistent(snap: dict[str, Resources]) -> None:

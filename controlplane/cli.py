@@ -218,6 +218,22 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("-o", "--output", type=Path, metavar="FILE", help="write here instead of standard output")
     b.set_defaults(run=_bootstrap)
 
+    r = sub.add_parser(
+        "ca-rotate",
+        help="rotate the mesh CA's root, with an overlap in which both roots are trusted",
+        description="Start a root rotation in --ca-dir: the current root becomes the previous one (still "
+        "trusted, still signing the control plane's and webhook's serving certificates) and a new root is "
+        "created. A running `meshctl serve` notices within seconds, pushes the trust bundle with both roots to "
+        "every proxy, waits for their ACKs, then signs workload certificates with the new root. CA_DIR/"
+        "trust-bundle.pem always holds every trusted root: give it to clients (meshctl bootstrap --xds-ca) and "
+        "the webhook's caBundle. Once every client has the new bundle, run again with --finish to retire the "
+        "previous root.",
+    )
+    r.add_argument("--ca-dir", type=Path, default=default_ca_dir(), metavar="DIR", help="the mesh CA (must exist)")
+    r.add_argument("--trust-domain", default="cluster.local", help="named in the new root (default: cluster.local)")
+    r.add_argument("--finish", action="store_true", help="retire the previous root: the rotation's last step")
+    r.set_defaults(run=_ca_rotate)
+
     t = sub.add_parser(
         "token",
         help="mint a bearer token for a workload identity (outside Kubernetes)",
@@ -591,7 +607,7 @@ def _webhook_config(args: argparse.Namespace) -> int:
             "CA there on first start, as does this command with --create"
         ) from None
     doc = webhook_configuration(
-        ca_bundle=ca.root_pem,
+        ca_bundle=ca.trust_bundle_pem,
         service=name,
         namespace=namespace,
         port=args.port,
@@ -673,6 +689,22 @@ def _demo(args: argparse.Namespace) -> int:
 
     settings = Settings(mesh_file=args.mesh, bind="127.0.0.1", xds_port=0, admin_port=args.admin_port, webhook_port=0)
     asyncio.run(run(settings, duration=parse_duration(args.duration).total_seconds()))
+    return 0
+
+
+def _ca_rotate(args: argparse.Namespace) -> int:
+    from .ca import TRUST_BUNDLE, CertificateAuthority
+
+    ca = CertificateAuthority(args.ca_dir, args.trust_domain, create=False)
+    if args.finish:
+        ca.finish_rotation()
+        print(f"previous root retired; {args.ca_dir / TRUST_BUNDLE} now holds the current root only")
+    else:
+        ca.rotate_root()
+        print(
+            f"new root created; {args.ca_dir / TRUST_BUNDLE} holds both roots. Running control planes switch "
+            "within seconds; run with --finish once every client has the new bundle"
+        )
     return 0
 
 

@@ -208,7 +208,8 @@ class XdsServer:
                 os.chown(socket_path, -1, socket_group)
             socket_path.chmod(0o660 if socket_group is not None else 0o600)  # noqa: ASYNC240 - once, at start-up
         self._grpc = server
-        self._tasks.add(asyncio.get_running_loop().create_task(self._rotate_certificates()))
+        loop = asyncio.get_running_loop()
+        self._tasks.update({loop.create_task(self._rotate_certificates()), loop.create_task(self._watch_ca())})
         log.info("xDS server listening on %s (ADS, CDS, EDS, LDS, RDS, SDS, CA)", ", ".join(where))
         if plaintext_port is not None:
             log.warning(
@@ -292,6 +293,50 @@ class XdsServer:
                 log.info("renewed %d workload certificates; pushing them", len(renewed))
                 self._change_started = time.monotonic()
                 self.push_all()
+
+    async def _watch_ca(self, interval: float = 2.0) -> None:
+        """Notice a root rotation done on disk (meshctl ca-rotate) within `interval` seconds."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                changed = await asyncio.to_thread(self.ca.reload)
+            except (CertificateError, OSError) as e:
+                log.error("the CA directory changed but cannot be loaded; keeping the current roots: %s", e)
+                continue
+            if changed:
+                await self._roll_roots()
+
+    async def _roll_roots(self, ack_timeout: float = 30.0) -> None:
+        """The CA's roots changed on disk: first every proxy gets the new trust bundle (ROOTCA), and
+        only once they have ACKed it (or `ack_timeout` passed) does the new root sign, so no proxy
+        is ever shown a certificate from a root it does not trust yet."""
+        self._serving_cert.invalidate()
+        self._change_started = time.monotonic()
+        self.push_all()
+        if not self.ca.pending:
+            return
+        deadline = time.monotonic() + ack_timeout
+        # ACKs arrive on every stream: polling one cheap predicate beats an event per ACK.
+        while time.monotonic() < deadline and not self._secrets_acked():  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        if not self._secrets_acked():
+            log.warning("not every proxy ACKed the new trust bundle within %.0fs; switching roots anyway", ack_timeout)
+        self.ca.activate_pending()
+        self._serving_cert.invalidate()
+        renewed = await asyncio.to_thread(self.ca.renew_due)
+        log.info("new root active: %d workload certificates renewed from it", len(renewed))
+        self._change_started = time.monotonic()
+        self.push_all()
+
+    def _secrets_acked(self) -> bool:
+        return (
+            self._pending_model is None
+            and all(
+                (t := c.state.types.get(SECRET)) is None or not t.requested or t.acked_version == t.version
+                for c in self.connections.values()
+            )
+            and not any(c.push_queued for c in self.connections.values())
+        )
 
     # -- streams ----------------------------------------------------------------------
 
@@ -589,15 +634,20 @@ class _ServingCertificate:
     def __init__(self, ca: CertificateAuthority, dns_names: tuple[str, ...]) -> None:
         self.ca, self.dns_names = ca, dns_names
         self.issued = self._issue()
+        self._stale = False
 
     def _issue(self) -> IssuedCertificate:
         return self.ca.server_certificate(self.dns_names, SERVER_CERT_TTL)
 
     def _configuration(self) -> grpc.ServerCertificateConfiguration:
-        chain = self.issued.cert_pem + self.ca.root_pem
+        chain = self.ca.server_chain(self.issued.cert_pem)
         return grpc.ssl_server_certificate_configuration(
-            [(self.issued.key_pem, chain)], root_certificates=self.ca.root_pem
+            [(self.issued.key_pem, chain)], root_certificates=self.ca.trust_bundle_pem
         )
+
+    def invalidate(self) -> None:
+        """The CA's roots changed: the next handshake gets a certificate from the current issuer."""
+        self._stale = True
 
     def credentials(self, *, require_client: bool = False) -> grpc.ServerCredentials:
         """TLS; with `require_client`, a client certificate chaining to the mesh root is required.
@@ -607,8 +657,8 @@ class _ServingCertificate:
         )
 
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
-        if dt.datetime.now(dt.UTC) < self.issued.renew_at():
+        if not self._stale and dt.datetime.now(dt.UTC) < self.issued.renew_at():
             return None
-        self.issued = self._issue()
+        self.issued, self._stale = self._issue(), False
         log.info("xDS serving certificate renewed for %s", ", ".join(self.dns_names))
         return self._configuration()

@@ -27,8 +27,9 @@ from . import names
 ISSUER = "meshplane"
 AUDIENCE = "meshplane"
 """The default audience: what Meshplane's tokens are for (Istio's is `istio-ca`)."""
-MAX_TOKEN = 8192
-"""Bytes; a service-account token is about 1 KB, and a caller must not make us parse megabytes."""
+MAX_TOKEN = 4096
+"""Bytes; a service-account token is 1-2 KB, and a caller must not make us parse more (gRPC itself
+refuses metadata past 8 KiB)."""
 SKEW = 60
 """Seconds of clock difference tolerated on `nbf`, `iat` and `exp`."""
 _SUBJECT = "system:serviceaccount:"

@@ -41,12 +41,11 @@ class Issued(Protocol):
 
 
 class Issuer(Protocol):
-    """What the webhook needs of a CA (the mesh CA is one): its root, and serving certificates."""
-
-    @property
-    def root_pem(self) -> bytes: ...
+    """What the webhook needs of a CA (the mesh CA is one): serving certificates and their chain."""
 
     def server_certificate(self, dns_names: Sequence[str], ttl: dt.timedelta) -> Issued: ...
+
+    def server_chain(self, cert_pem: bytes) -> bytes: ...
 
 
 class WebhookMetrics:
@@ -101,7 +100,7 @@ class ServingCertificate:
         # ssl loads certificates from files only: write them where only we can read, load, remove.
         with tempfile.TemporaryDirectory(prefix="meshplane-webhook-") as tmp:
             cert, key = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
-            cert.write_bytes(issued.cert_pem + self.ca.root_pem)
+            cert.write_bytes(self.ca.server_chain(issued.cert_pem))
             key.touch(mode=0o600)
             key.write_bytes(issued.key_pem)
             self.context.load_cert_chain(cert, key)

@@ -7,7 +7,7 @@ import pytest
 
 from meshplane.bootstrap.envoy import Ports, WorkloadIdentity, XdsCredentials, bootstrap, render
 from meshplane.controlplane.app import ControlPlane
-from meshplane.controlplane.ca import ROOT_CERT
+from meshplane.controlplane.ca import TRUST_BUNDLE
 from meshplane.controlplane.generate import MeshConfig
 from meshplane.controlplane.settings import Settings
 from tests.harness import Envoy, free_port
@@ -98,7 +98,9 @@ def write_bootstrap(
         ip="127.0.0.1",
         labels=labels if labels is not None else {"app": "backend"},
     )
-    credentials = XdsCredentials(str(token_file(plane, tmp_path, "demo", sa)), str(plane.settings.ca_dir / ROOT_CERT))
+    credentials = XdsCredentials(
+        str(token_file(plane, tmp_path, "demo", sa)), str(plane.settings.ca_dir / TRUST_BUNDLE)
+    )
     path = tmp_path / f"{name}.json"
     ports = Ports(admin=admin, stats=free_port(), health=free_port())
     path.write_text(render(bootstrap(identity, f"127.0.0.1:{plane.xds_tls_port}", ports, (), credentials)))

@@ -74,7 +74,7 @@ async def test_a_token_for_another_service_account_is_denied(plane: ControlPlane
         (lambda ca, other: tokens.mint(ca._root_key, "demo", "web", ttl=60, now=time.time() - 3600), "expired"),
         (lambda ca, other: tokens.mint(ca._root_key, "demo", "web", ttl=3600, audiences=["istio-ca"]), "audience"),
         (lambda ca, other: "not.a.token", "base64url"),
-        (lambda ca, other: "x" * 10_000, "longer than"),
+        (lambda ca, other: "x" * 5_000, "longer than"),
         (
             lambda ca, other: tokens._b64('{"alg":"none"}') + "." + tokens._b64('{"sub":"x"}') + ".",
             "ES256",

@@ -4,6 +4,7 @@ that gets its config from a ControlPlane over a unix socket. Assertions are on w
 the peer saw, and on Envoy's own /stats."""
 
 import asyncio
+import datetime as dt
 import os
 import shutil
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from meshplane.bootstrap.envoy import Ports, WorkloadIdentity, bootstrap, render
+from meshplane.bootstrap.envoy import Ports, WorkloadIdentity, XdsCredentials, bootstrap, render
 from meshplane.controlplane.app import ControlPlane
 from meshplane.controlplane.settings import Settings
 from tests.harness import EnvoyAdmin, envoy_binary, wait_until
@@ -101,10 +102,11 @@ async def sidecar(net: Net) -> AsyncIterator[EnvoyAdmin]:
         Settings(
             mesh_file=runtime / "mesh.yaml",
             bind="127.0.0.1",
-            xds_port=0,
+            xds_tls_port=0,
             admin_port=0,
             webhook_port=0,
             xds_socket=runtime / "xds.sock",
+            xds_socket_group=1337,
             ca_dir=runtime / "ca",
             debounce=0.05,
             proxy_grace=0.5,
@@ -123,9 +125,12 @@ async def sidecar(net: Net) -> AsyncIterator[EnvoyAdmin]:
             name="web-1", namespace="demo", service_account="web", ip=net.pod_ip6, labels={"app": "web"}
         )
         config = envoy_dir / "bootstrap.json"
-        config.write_text(
-            render(bootstrap(identity, f"unix:{runtime}/xds.sock", Ports(admin_socket=str(envoy_dir / "admin.sock"))))
-        )
+        token = envoy_dir / "token"
+        token.write_text(plane.ca.mint_token("demo", "web", dt.timedelta(hours=1)))
+        shutil.chown(token, 1337, 1337)
+        ports = Ports(admin_socket=str(envoy_dir / "admin.sock"))
+        credentials = XdsCredentials(str(token))
+        config.write_text(render(bootstrap(identity, f"unix:{runtime}/xds.sock", ports, (), credentials)))
         envoy = net.start(
             net.pod,
             envoy_binary(), "-c", str(config), "--use-dynamic-base-id", "-l", "warning",

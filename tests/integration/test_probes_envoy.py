@@ -61,7 +61,7 @@ async def test_rewritten_probes_are_answered_by_envoy(
             ]
         },
     }
-    out = inject(pod, "demo", InjectionConfig(xds_address=f"127.0.0.1:{plane.xds_port}")).pod
+    out = inject(pod, "demo", InjectionConfig(xds_address=f"127.0.0.1:{plane.xds_tls_port}")).pod
     proxy = out["spec"]["containers"][-1]
     text = proxy["args"][proxy["args"].index("--config-yaml") + 1]
     # What Kubernetes' $(VAR) expansion does from the Downward API; then ports free on this host.

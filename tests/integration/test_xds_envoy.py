@@ -292,3 +292,62 @@ async def test_debug_config_shows_what_was_sent_without_private_keys(plane: Cont
     assert default["tlsCertificate"]["privateKey"] == {"inlineBytes": "[redacted]"}
     missing = await admin_json(plane.admin_port, "/debug/config/nobody")
     assert missing["error"] == "no connected proxy 'nobody'"
+
+
+async def test_root_rotation_trusts_both_roots_before_the_new_one_signs(plane_factory: Any, tmp_path: Path) -> None:
+    """meshctl ca-rotate while Envoy runs: ROOTCA first carries both roots, then the certificate comes from
+    the new root, and the proxy never loses its control-plane connection; --finish leaves the new root only."""
+    import asyncio
+    import sys
+
+    from cryptography.x509.oid import ExtensionOID
+
+    from .conftest import write_bootstrap
+
+    plane = await plane_factory()
+    path, admin = write_bootstrap(tmp_path, plane)
+    meshctl = [sys.executable, "-m", "meshplane.controlplane.cli", "ca-rotate", "--ca-dir", str(plane.settings.ca_dir)]
+
+    async def run(argv: list[str]) -> None:
+        process = await asyncio.create_subprocess_exec(*argv)
+        assert await process.wait() == 0
+
+    async with Envoy(path, admin, tmp_path / "envoy.log") as envoy:
+        await synced(envoy, plane)
+
+        async def secrets() -> tuple[list[x509.Certificate], x509.Certificate]:
+            dump = await envoy.config_dump()
+            by_name = {s["name"]: s["secret"] for s in dump["SecretsConfigDump"]["dynamic_active_secrets"]}
+            roots = x509.load_pem_x509_certificates(
+                base64.b64decode(by_name["ROOTCA"]["validation_context"]["trusted_ca"]["inline_bytes"])
+            )
+            leaf = x509.load_pem_x509_certificate(
+                base64.b64decode(by_name["default"]["tls_certificate"]["certificate_chain"]["inline_bytes"])
+            )
+            return roots, leaf
+
+        def issuer_key_id(cert: x509.Certificate) -> bytes:
+            return cert.extensions.get_extension_for_oid(ExtensionOID.AUTHORITY_KEY_IDENTIFIER).value.key_identifier
+
+        def key_id(root: x509.Certificate) -> bytes:
+            return root.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_KEY_IDENTIFIER).value.digest
+
+        (old_root,), old_leaf = await secrets()
+        assert issuer_key_id(old_leaf) == key_id(old_root)
+        await run(meshctl)
+
+        async def new_leaf() -> tuple[list[x509.Certificate], x509.Certificate] | None:
+            roots, leaf = await secrets()
+            return (roots, leaf) if issuer_key_id(leaf) != key_id(old_root) else None
+
+        roots, leaf = await wait_until(new_leaf, timeout=20, what="a certificate from the new root")
+        assert len(roots) == 2 and issuer_key_id(leaf) in {key_id(r) for r in roots}
+        assert (await envoy.stats())["control_plane.connected_state"] == 1
+
+        await run([*meshctl, "--finish"])
+
+        async def one_root() -> bool:
+            roots, _ = await secrets()
+            return len(roots) == 1 and key_id(roots[0]) == issuer_key_id(leaf)
+
+        await wait_until(one_root, timeout=20, what="the previous root to be retired")

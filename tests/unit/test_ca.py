@@ -10,7 +10,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from meshplane.controlplane.ca import BACKDATE, MAX_IDENTITIES, ROOT_CERT, ROOT_KEY, CertificateAuthority
+from meshplane.controlplane.ca import (
+    BACKDATE,
+    MAX_IDENTITIES,
+    ROOT_CERT,
+    ROOT_KEY,
+    TRUST_BUNDLE,
+    CertificateAuthority,
+)
 from meshplane.controlplane.errors import CANotFoundError, CertificateError
 
 SPIFFE = "spiffe://cluster.local/ns/demo/sa/web"
@@ -180,7 +187,7 @@ def test_a_crash_while_creating_the_root_does_not_break_the_next_start(
     ca = CertificateAuthority(tmp_path / "ca", "cluster.local")
     # A key in place is never replaced: the crashed start's root is completed, not swapped.
     assert key_before is None or key.read_bytes() == key_before
-    assert sorted(p.name for p in (tmp_path / "ca").iterdir()) == sorted([ROOT_CERT, ROOT_KEY])
+    assert sorted(p.name for p in (tmp_path / "ca").iterdir()) == sorted([ROOT_CERT, ROOT_KEY, TRUST_BUNDLE])
     assert CertificateAuthority(tmp_path / "ca", "cluster.local").root_pem == ca.root_pem
     _verify(ca.workload_certificate(SPIFFE).cert_pem, ca.root_pem)
 
@@ -188,7 +195,7 @@ def test_a_crash_while_creating_the_root_does_not_break_the_next_start(
 def test_a_stale_temporary_file_is_removed(tmp_path: Path) -> None:
     (tmp_path / f"{ROOT_KEY}.tmp").write_bytes(b"-----BEGIN PRIV")
     ca = CertificateAuthority(tmp_path, "cluster.local")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ROOT_CERT, ROOT_KEY])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ROOT_CERT, ROOT_KEY, TRUST_BUNDLE])
     assert CertificateAuthority(tmp_path, "cluster.local").root_pem == ca.root_pem
 
 
