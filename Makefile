@@ -33,7 +33,9 @@ test: install system-deps lint
 demo: install system-deps
 	$(BIN)/meshctl demo
 
+# Each benchmark starts and stops its own `meshctl serve` on loopback; a few minutes in all.
 bench: install
+	$(BIN)/python benchmarks/webhook_load.py
 	$(BIN)/python benchmarks/xds_push.py
 
 clean:

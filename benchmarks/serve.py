@@ -44,7 +44,8 @@ async def meshctl_serve(mesh: str) -> AsyncIterator[Server]:
     work = Path(tempfile.mkdtemp(prefix="meshplane-bench-"))
     mesh_file = work / "mesh.yaml"
     mesh_file.write_text(mesh)
-    ports = {"xds": free_port(), "admin": free_port(), "webhook": free_port()}
+    # Every port its own free one, so a benchmark never meets a server someone else runs.
+    ports = {"xds": free_port(), "xds-tls": free_port(), "admin": free_port(), "webhook": free_port()}
     argv = [
         sys.executable,
         "-m",
@@ -58,6 +59,9 @@ async def meshctl_serve(mesh: str) -> AsyncIterator[Server]:
         "127.0.0.1",
         "--ca-dir",
         str(work / "ca"),
+        # The simulated sidecars speak plaintext on loopback and say who they are in their node
+        # metadata, as the insecure local-experiment mode allows; no tokens, no TLS on their streams.
+        "--insecure-trust-node-metadata",
     ]
     for name, port in ports.items():
         argv += [f"--{name}-port", str(port)]
@@ -65,15 +69,52 @@ async def meshctl_serve(mesh: str) -> AsyncIterator[Server]:
     try:
         deadline = time.monotonic() + 30
         while not all(_listening(p) for p in ports.values()):
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise RuntimeError("meshctl serve did not start")
+            if process.poll() is not None:
+                raise RuntimeError(f"meshctl serve exited with status {process.returncode} (its output is above)")
+            if time.monotonic() > deadline:
+                raise RuntimeError("meshctl serve did not listen on its ports within 30 s")
             await asyncio.sleep(0.1)
         yield Server(work, mesh_file, ports["xds"], ports["admin"], ports["webhook"], process.pid)
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(10)
+        with contextlib.suppress(ProcessLookupError):  # already gone: it failed, and said why
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
 
 
 def _listening(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class OtherLoad:
+    """How busy the machine was with processes other than this one and the server, over a span.
+
+    The machine is shared and noisy; each result line says how much of its CPU others took
+    meanwhile (in % of all cores), so a bad figure can be told from a busy neighbour.
+    """
+
+    def __init__(self, server_pid: int) -> None:
+        self.server_pid = server_pid
+        self._start = self._sample()
+
+    def _sample(self) -> tuple[float, float, float]:
+        with open("/proc/stat") as f:
+            cpu = [int(x) for x in f.readline().split()[1:]]
+        busy = (sum(cpu[:8]) - cpu[3] - cpu[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+        return time.monotonic(), busy, cpu_seconds(self.server_pid) + time.process_time()
+
+    def percent(self) -> float:
+        t1, busy1, ours1 = self._sample()
+        t0, busy0, ours0 = self._start
+        others = (busy1 - busy0) - (ours1 - ours0)
+        return max(0.0, 100 * others / ((t1 - t0) * (os.cpu_count() or 1)))
