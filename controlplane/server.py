@@ -268,6 +268,9 @@ class XdsServer:
         )
 
     def push_all(self) -> None:
+        """Queue a push to every stream; one INFO line per push, per-proxy detail at DEBUG."""
+        if self.connections:
+            log.info("pushing to %d streams (%d views)", len(self.connections), self.cache.views())
         for conn in self.connections.values():
             conn.push()
 
@@ -494,7 +497,7 @@ class XdsServer:
         self.metrics.pushes.labels(kind).inc()
         if pushed:
             self.metrics.push_seconds.labels(kind).observe(time.monotonic() - self._change_started)
-        log.info(
+        log.debug(
             "%s %s version %s (%d resources, nonce %s) to %s",
             "pushed" if pushed else "sent",
             kind,

@@ -86,7 +86,7 @@ class Settings:
     """How long a disconnected proxy stays an endpoint (it may be reconnecting)."""
     poll_interval: float = 0.2
     """How often the mesh file is checked for edits."""
-    mesh_settle: float = 0.5
+    mesh_settle: float = 0.25
     """An edit is applied once the mesh file has not changed for this long (never half written)."""
     shutdown_delay: float = 3.0
     """On shutdown, how long /readyz reports 503 while streams keep being served, before GOAWAY."""

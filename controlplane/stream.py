@@ -15,8 +15,9 @@ the nonce of that response, and the last ACK and NACK. The rules it follows:
   the same config is sent nothing again.
 - Otherwise a request is answered only when it changes the subscription and the resources to
   send differ from the last sent; changed content arrives through `on_change` (a push).
-- After clusters are sent, endpoints are sent again even if unchanged: Envoy re-requests
-  them for every cluster it re-created, and a cluster stays warming until it gets them.
+- After clusters are sent, endpoints are owed again even if unchanged: Envoy re-requests them
+  for every cluster it re-created (same names, same nonce), and a cluster stays warming until
+  it gets them. They are sent in answer to that request, not pushed ahead of it.
 - On a push, a wildcard type that drops names the proxy has first gets the new set
   plus the dropped ones, and the exact set only after every other type (removals last),
   so nothing the proxy is about to stop using disappears under it.
@@ -131,7 +132,9 @@ class StreamState:
             keep = t.sent.keys() - self._source(type_url).keys() if type_url in WILDCARD else set()
             if keep:
                 deferred.append(type_url)
-            response = self._respond(type_url, keep=keep)
+            # Endpoints owed after clusters (`resend`) wait for Envoy's own EDS request, which follows
+            # every CDS update: sent now, they would make that request's nonce stale and cost a round trip.
+            response = self._respond(type_url, keep=keep, owed=False)
             if response:
                 out.append(response)
         for type_url in deferred:
@@ -141,7 +144,13 @@ class StreamState:
         return out
 
     def _respond(
-        self, type_url: str, *, always: bool = False, keep: set[str] | None = None, have: str = ""
+        self,
+        type_url: str,
+        *,
+        always: bool = False,
+        keep: set[str] | None = None,
+        have: str = "",
+        owed: bool = True,
     ) -> discovery_pb2.DiscoveryResponse | None:
         t = self.types[type_url]
         available = self._source(type_url)
@@ -153,7 +162,7 @@ class StreamState:
         else:
             chosen = {n: available[n] for n in sorted(t.names) if n in available}
         versions = {n: r.version for n, r in chosen.items()}
-        if not (always or t.resend) and versions == t.sent:
+        if not (always or (owed and t.resend)) and versions == t.sent:
             return None
         if not chosen and type_url not in WILDCARD and not t.sent:
             return None

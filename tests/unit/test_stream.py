@@ -120,20 +120,34 @@ def test_no_push_when_nothing_changed() -> None:
     assert resp.type_url == LISTENER
 
 
-def test_endpoints_are_resent_after_clusters() -> None:
+def test_endpoints_are_owed_after_clusters_and_sent_on_envoys_request() -> None:
     source = FakeSource(cds={"c": "1"}, eds={"c": "1"})
     state = StreamState(source)
     state.on_request(req(CLUSTER))
     (eds,) = state.on_request(req(ENDPOINT, ["c"])).responses
     state.on_request(req(ENDPOINT, ["c"], nonce=eds.nonce, version=eds.version_info))
     source.types[CLUSTER] = {"c": "2"}  # e.g. its allowed SANs changed; endpoints did not
-    pushed = state.on_change()
-    assert [r.type_url for r in pushed] == [CLUSTER, ENDPOINT]
-    assert names(pushed[1]) == ["c@1"]
-    # Envoy's re-request with the older EDS nonce is stale; its ACK of the resend needs nothing more.
-    assert state.on_request(req(ENDPOINT, ["c"], nonce=eds.nonce)).kind == "stale"
-    ack = state.on_request(req(ENDPOINT, ["c"], nonce=pushed[1].nonce, version=pushed[1].version_info))
+    (cds,) = state.on_change()  # not the unchanged endpoints: Envoy asks for them next
+    assert cds.type_url == CLUSTER
+    # Envoy re-creates the cluster and re-requests its endpoints with the same names and nonce.
+    (again,) = state.on_request(req(ENDPOINT, ["c"], nonce=eds.nonce, version=eds.version_info)).responses
+    assert names(again) == ["c@1"]
+    ack = state.on_request(req(ENDPOINT, ["c"], nonce=again.nonce, version=again.version_info))
     assert ack.kind == "ack" and ack.responses == []
+
+
+def test_a_cluster_added_with_new_endpoints_costs_one_eds_round_trip() -> None:
+    source = FakeSource(cds={"a": "1"}, eds={"a": "1"})
+    state = StreamState(source)
+    state.on_request(req(CLUSTER))
+    (eds,) = state.on_request(req(ENDPOINT, ["a"])).responses
+    state.on_request(req(ENDPOINT, ["a"], nonce=eds.nonce, version=eds.version_info))
+    source.types.update({CLUSTER: {"a": "1", "b": "1"}, ENDPOINT: {"a": "1", "b": "1"}})
+    (cds,) = state.on_change()
+    assert cds.type_url == CLUSTER
+    # Envoy asks for the new cluster's endpoints with the nonce it holds: answered, not stale.
+    out = state.on_request(req(ENDPOINT, ["a", "b"], nonce=eds.nonce, version=eds.version_info))
+    assert out.kind == "ack" and [names(r) for r in out.responses] == [["a@1", "b@1"]]
 
 
 def test_push_order_and_removals_last() -> None:
