@@ -183,7 +183,11 @@ class _Parser:
         value = self.map(value, f"{where}{key}", m.lines[key], set(value) if isinstance(value, dict) else set())
         out: dict[str, str] = {}
         for k, v in value.items():
-            text = str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+            if isinstance(v, float):  # 1.10 would silently become "1.1", and .nan "nan"
+                raise self.fail(
+                    f"{where}{key}.{k}", f"YAML reads {v!r} as a number; quote the label value", value.lines[k]
+                )
+            text = str(v) if isinstance(v, int) and not isinstance(v, bool) else v
             if not names.is_label_key(k) or not isinstance(text, str) or not names.is_label_value(text):
                 raise self.fail(f"{where}{key}.{k}", f"is not a valid Kubernetes label ({k}={v!r})", value.lines[k])
             out[k] = text
@@ -191,6 +195,8 @@ class _Parser:
 
     def ip(self, value: Any, where: str, line: int) -> str:
         try:
+            if not isinstance(value, str):  # ip_address() takes 7 as 0.0.0.7, true as 0.0.0.1, 4 bytes as packed
+                raise ValueError
             return str(ipaddress.ip_address(value))
         except ValueError:
             raise self.fail(where, f"must be an IP address, got {value!r}", line) from None
@@ -268,7 +274,7 @@ class _Parser:
             number = self.port_number(pm, "port", pw, required=True)
             assert number is not None
             pname = self.string(pm, "name", pw, default=f"port-{number}")
-            protocol = self.enum(pm, "protocol", pw, Protocol, None) or _protocol_from_name(pname)
+            protocol = self.enum(pm, "protocol", pw, Protocol, None) or Protocol.from_port_name(pname)
             if any(p.port == number for p in ports):
                 raise self.fail(f"{pw}port", f"port {number} is listed twice", pm.lines["port"])
             ports.append(Port(number, pname, protocol, self.port_number(pm, "targetPort", pw, required=False)))
@@ -294,12 +300,6 @@ class _Parser:
             labels=labels(self.label_map(m, "labels", where)),
             mtls=self.enum(m, "mtls", where, MtlsMode, None),
         )
-
-
-def _protocol_from_name(name: str) -> Protocol:
-    """Istio's port-name convention: `http`, `http-web`, `grpc-api`, ... ; anything else is TCP."""
-    prefix = name.split("-", 1)[0].upper()
-    return Protocol(prefix) if prefix in Protocol.__members__ else Protocol.TCP
 
 
 def _kind(value: Any) -> str:

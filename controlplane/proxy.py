@@ -41,7 +41,10 @@ def from_node(node: base_pb2.Node) -> ProxyNode:
         raise NodeError("node id: missing")
     if len(node.id) > MAX_NODE_ID:
         raise NodeError(f"node id: longer than {MAX_NODE_ID} characters")
-    meta = json_format.MessageToDict(node.metadata) if node.HasField("metadata") else {}
+    try:
+        meta = json_format.MessageToDict(node.metadata) if node.HasField("metadata") else {}
+    except ValueError:  # NaN or infinity, which JSON cannot carry
+        raise NodeError("metadata: holds a number that is not finite (NaN or infinity)") from None
     parts = node.id.split("~")
     ip_from_id = parts[1] if len(parts) == 4 else ""
     pod_from_id, _, ns_from_id = parts[2].partition(".") if len(parts) == 4 else ("", "", "")

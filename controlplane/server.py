@@ -25,8 +25,9 @@ from envoy.service.listener.v3 import lds_pb2_grpc
 from envoy.service.route.v3 import rds_pb2_grpc
 from envoy.service.secret.v3 import sds_pb2_grpc
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 
-from meshplane.protos import ca_pb2, ca_pb2_grpc
+from meshplane.protos import ca_pb2
 
 from .auth import Authenticator, Call
 from .ca import CertificateAuthority, IssuedCertificate
@@ -44,6 +45,8 @@ log = logging.getLogger("meshplane.xds")
 
 _PUSH = object()
 _END = object()
+_GARBAGE = object()
+"""A message on the stream that does not decode."""
 
 MAX_MESSAGE = 4 * 1024 * 1024
 """Bytes in one request: a DiscoveryRequest naming every cluster of a very large mesh is under 1 MB."""
@@ -175,7 +178,7 @@ class XdsServer:
         lds_pb2_grpc.add_ListenerDiscoveryServiceServicer_to_server(_Lds(self), server)
         rds_pb2_grpc.add_RouteDiscoveryServiceServicer_to_server(_Rds(self), server)
         sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(_Sds(self), server)
-        ca_pb2_grpc.add_CertificateServiceServicer_to_server(_CertificateService(self), server)
+        server.add_generic_rpc_handlers((_CertificateService(self).handler(),))
         self._serving_cert = _ServingCertificate(self.ca, dns_names)
         where = []
         try:
@@ -355,6 +358,8 @@ class XdsServer:
             first = await anext(requests)
         except StopAsyncIteration:
             return
+        except DecodeError:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message is not a DiscoveryRequest")
         try:
             node = from_node(first.node)
         except NodeError as e:
@@ -397,6 +402,8 @@ class XdsServer:
                 item = await conn.queue.get()
                 if item is _END:
                     break
+                if item is _GARBAGE:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a message is not a DiscoveryRequest")
                 if item is _PUSH:
                     conn.push_queued = False
                     responses = conn.state.on_change()
@@ -460,6 +467,8 @@ class XdsServer:
                 queue.put_nowait(request)
         except (grpc.aio.AioRpcError, asyncio.CancelledError):
             pass
+        except DecodeError:
+            queue.put_nowait(_GARBAGE)
         finally:
             queue.put_nowait(_END)
 
@@ -604,15 +613,28 @@ _Rds = _single(ROUTE, "StreamRoutes", rds_pb2_grpc.RouteDiscoveryServiceServicer
 _Sds = _single(SECRET, "StreamSecrets", sds_pb2_grpc.SecretDiscoveryServiceServicer)
 
 
-class _CertificateService(ca_pb2_grpc.CertificateServiceServicer):
+class _CertificateService:
+    """CertificateService.CreateCertificate, decoding the request itself: gRPC would decode it before
+    the handler runs, and bytes that are not a request would end UNKNOWN with a traceback."""
+
     def __init__(self, server: XdsServer) -> None:
         self.server = server
 
-    async def CreateCertificate(
-        self,
-        request: ca_pb2.CreateCertificateRequest,
-        context: grpc.aio.ServicerContext,
-    ) -> ca_pb2.CreateCertificateResponse:
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            "meshplane.ca.v1.CertificateService",
+            {
+                "CreateCertificate": grpc.unary_unary_rpc_method_handler(
+                    self.create, response_serializer=ca_pb2.CreateCertificateResponse.SerializeToString
+                )
+            },
+        )
+
+    async def create(self, body: bytes, context: grpc.aio.ServicerContext) -> ca_pb2.CreateCertificateResponse:
+        try:
+            request = ca_pb2.CreateCertificateRequest.FromString(body)
+        except DecodeError:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request is not a CreateCertificateRequest")
         identity = await self.server.authenticate(context, context.peer())
         caller = None if identity is None else self.server.identity_id(identity)
         validity = request.validity_seconds  # the CA clamps and checks it before any timedelta exists
