@@ -80,6 +80,8 @@ class XdsCredentials:
 
     token_file: str
     ca_file: str = ""
+    ca_pem: str = ""
+    """The mesh roots inline, instead of `ca_file` (an injected sidecar carries them in its bootstrap)."""
 
 
 KEEPALIVE_SECONDS = 30
@@ -221,12 +223,14 @@ def _authenticated_xds(xds_address: str, credentials: XdsCredentials) -> grpc_se
     host, port = split_address(xds_address)
     google = grpc_service_pb2.GrpcService.GoogleGrpc
     if port:
-        if not credentials.ca_file:
+        if credentials.ca_pem:
+            roots = base_pb2.DataSource(inline_string=credentials.ca_pem)
+        elif credentials.ca_file:
+            roots = base_pb2.DataSource(filename=credentials.ca_file)
+        else:
             raise BootstrapError(f"xDS address {xds_address!r} is TCP: TLS needs the mesh root (--xds-ca FILE)")
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        channel = google.ChannelCredentials(
-            ssl_credentials=google.SslCredentials(root_certs=base_pb2.DataSource(filename=credentials.ca_file))
-        )
+        channel = google.ChannelCredentials(ssl_credentials=google.SslCredentials(root_certs=roots))
     else:
         target = f"unix:{host}"
         channel = google.ChannelCredentials(local_credentials=google.GoogleLocalCredentials())

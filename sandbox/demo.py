@@ -1,7 +1,8 @@
 """`meshctl demo`: the control plane with a mesh file and real sidecar'd pods, with live traffic.
 
-Starts the control plane on this host, a backend and a frontend pod (app, mesh-init,
-Envoy sidecar) on a container engine, and sends a request from the frontend's app to the
+Starts the control plane on this host, a backend and a frontend pod on a container engine
+(each written as a plain Kubernetes Pod and injected as the webhook injects it: app,
+mesh-init, Envoy sidecar), and sends a request from the frontend's app to the
 backend every second. It prints, as it goes, each request's path with the identities
 that mTLS verified, and the connected proxies with their pushes and ACKs. Ctrl-C (or
 --duration) stops it and removes every container and the network it made.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import logging
 import os
@@ -27,11 +29,12 @@ from meshplane.controlplane.errors import ConfigError
 from meshplane.controlplane.settings import Settings
 
 from .engine import Engine, open_engine
-from .pods import Pod, PodRunner, PodSpec, remove_leftovers
+from .pods import MintToken, Pod, PodRunner, app_pod, remove_leftovers
 
 log = logging.getLogger("meshplane.demo")
 
 PREFIX = "mp-demo"
+PROXY_GID = 1337
 # Run inside the frontend pod by its app's user: a plain HTTP call, which its sidecar captures.
 CALL = """
 import json, sys, urllib.request
@@ -64,17 +67,27 @@ async def run(settings: Settings, *, duration: float, interval: float = 1.0) -> 
         await asyncio.to_thread(remove_leftovers, engine.client, PREFIX)
         backend = next(s for s in plane.registry.model.services if s.name == "backend")
         hosts = _hosts(backend.name, backend.namespace, backend.addresses)
-        runner = await asyncio.to_thread(PodRunner, engine, runtime, prefix=PREFIX, hosts=hosts)
-        pods = [
-            await asyncio.to_thread(
-                runner.start, PodSpec("backend-1", backend.namespace, "backend", {"app": "backend"}, (9080,), (9090,))
+        runner = await asyncio.to_thread(PodRunner, engine, runtime, prefix=PREFIX, hosts=hosts, tokens=_tokens(plane))
+        manifests = [
+            app_pod(
+                "backend-1",
+                namespace=backend.namespace,
+                service_account="backend",
+                labels={"app": "backend"},
+                http=(9080,),
+                tcp=(9090,),
             ),
-            await asyncio.to_thread(
-                runner.start, PodSpec("frontend-1", backend.namespace, "frontend", {"app": "frontend"}, (8080,))
+            app_pod(
+                "frontend-1",
+                namespace=backend.namespace,
+                service_account="frontend",
+                labels={"app": "frontend"},
+                http=(8080,),
             ),
         ]
+        pods = [await asyncio.to_thread(runner.start, m) for m in manifests]
         print(
-            f"pods: {', '.join(f'{p.spec.name} {p.ip}' for p in pods)}; engine: {engine.kind}; "
+            f"pods: {', '.join(f'{p.name} {p.ip}' for p in pods)}; engine: {engine.kind}; "
             f"control plane admin: http://{settings.bind}:{plane.admin_port}/debug/proxies"
         )
         await _traffic(plane, pods[1], duration, interval)
@@ -151,4 +164,16 @@ def _hosts(name: str, namespace: str, addresses: tuple[str, ...]) -> dict[str, s
 
 
 def _with_runtime(settings: Settings, runtime: Path) -> Settings:
-    return replace(settings, xds_socket=runtime / "xds.sock", ca_dir=runtime / "ca")
+    # The sidecars (gid 1337) reach the socket; they prove who they are with CA-minted tokens.
+    return replace(
+        settings, xds_socket=runtime / "xds.sock", xds_socket_group=PROXY_GID, xds_tls_port=0, ca_dir=runtime / "ca"
+    )
+
+
+def _tokens(plane: ControlPlane) -> MintToken:
+    """The pods' projected service-account tokens, minted by the mesh CA (as `meshctl token`)."""
+
+    def mint(namespace: str, service_account: str, audience: str, seconds: int) -> str:
+        return plane.ca.mint_token(namespace, service_account, dt.timedelta(seconds=seconds), audiences=(audience,))
+
+    return mint

@@ -82,7 +82,7 @@ def open_engine(runtime_dir: Path) -> Engine:
             version = client.version()
             if not any("podman" in c.get("Name", "").lower() for c in version.get("Components", [])):
                 return Engine(client, host, _docker_image(client), "docker")
-            return Engine(client, host, local_image(), "podman", _ulimits())
+            return Engine(client, host, _ensure_local_image(), "podman", _ulimits())
         client.close()
     return _start_podman(runtime_dir)
 
@@ -118,10 +118,15 @@ def _start_podman(runtime_dir: Path) -> Engine:
                     f"podman's API service did not start: see {runtime_dir}/podman-service.log"
                 ) from None
             time.sleep(0.1)
+    return Engine(client, host, _ensure_local_image(), "podman", _ulimits(), service)
+
+
+def _ensure_local_image() -> str:
+    """The local image's tag, built first if podman does not have it (also when its API was already running)."""
     image = local_image()
     if subprocess.run(["podman", "image", "exists", image], check=False).returncode != 0:
         build_local_image(image)
-    return Engine(client, host, image, "podman", _ulimits(), service)
+    return image
 
 
 def local_image() -> str:

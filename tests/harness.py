@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -134,3 +135,16 @@ async def admin_json(port: int, path: str) -> Any:
         s.get(f"http://127.0.0.1:{port}{path}", timeout=aiohttp.ClientTimeout(total=5)) as r,
     ):
         return await r.json() if r.content_type == "application/json" else await r.text()
+
+
+def _mesh_root() -> str:
+    """A CA certificate to inject as the mesh's roots where no control plane runs (rendering only)."""
+
+    from meshplane.controlplane.ca import CertificateAuthority
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return CertificateAuthority(Path(tmp) / "ca", "cluster.local").trust_bundle_pem.decode()
+
+
+MESH_ROOT = _mesh_root()
+"""PEM roots for `InjectionConfig(xds_ca=...)` in tests that render sidecars without a control plane."""

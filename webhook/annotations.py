@@ -7,19 +7,31 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import yaml
 
 from .config import InjectionConfig
 
 _QUANTITY = re.compile(r"^([0-9]+(\.[0-9]+)?|\.[0-9]+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+DEFAULT_DRAIN_SECONDS = 5.0
+"""Istio's default terminationDrainDuration."""
+MAX_DRAIN_SECONDS = 3600.0
+_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 LOG_LEVELS = ("trace", "debug", "info", "warning", "warn", "error", "critical", "off")
+
+
+MAX_PROXY_CONFIG = 16 * 1024
+"""Bytes of `proxy.istio.io/config`: a ProxyConfig is a few lines; parsing is bounded by this."""
+MAX_NESTING = 16
 
 
 class InvalidAnnotation(ValueError):
     def __init__(self, name: str, value: str, accepted: str) -> None:
         self.name, self.value, self.accepted = name, value, accepted
-        super().__init__(f"annotation {name}: {value!r} is not valid; accepted: {accepted}")
+        shown = value if len(value) <= 200 else value[:200] + "..."
+        super().__init__(f"annotation {name}: {shown!r} is not valid; accepted: {accepted}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,13 +43,15 @@ class ProxyOptions:
     native_sidecar: bool
     hold_application: bool
     rewrite_probes: bool
-    include_inbound_ports: str | None
-    """None: the pod's container ports."""
+    include_inbound_ports: str
+    """Inbound ports to capture: `*` (every port, Istio's default) or a comma-separated list."""
     exclude_inbound_ports: str
     include_outbound_ranges: str
     exclude_outbound_ranges: str
     exclude_outbound_ports: str
     exclude_interfaces: str
+    drain_seconds: float = DEFAULT_DRAIN_SECONDS
+    """How long the proxy drains before it is stopped (ProxyConfig terminationDrainDuration)."""
 
 
 def proxy_options(annotations: Mapping[str, str], config: InjectionConfig) -> ProxyOptions:
@@ -72,18 +86,14 @@ def proxy_options(annotations: Mapping[str, str], config: InjectionConfig) -> Pr
                 f"component:level pairs separated by commas, levels {' | '.join(LOG_LEVELS)}",
             )
     hold = config.hold_application_until_proxy_starts
+    drain = DEFAULT_DRAIN_SECONDS
     proxy_config = a.get("proxy.istio.io/config")
     if proxy_config is not None:
-        try:
-            doc = yaml.safe_load(proxy_config) or {}
-            if not isinstance(doc, dict):
-                raise ValueError
-        except (yaml.YAMLError, ValueError):
-            raise InvalidAnnotation(
-                "proxy.istio.io/config", proxy_config, "a YAML or JSON ProxyConfig mapping"
-            ) from None
+        doc = _proxy_config(proxy_config)
         if "holdApplicationUntilProxyStarts" in doc:
             hold = _bool(str(doc["holdApplicationUntilProxyStarts"]).lower(), "proxy.istio.io/config")
+        if "terminationDrainDuration" in doc:
+            drain = _drain_duration(doc["terminationDrainDuration"])
     return ProxyOptions(
         image=a.get("sidecar.istio.io/proxyImage", config.proxy_image),
         resources=resources,
@@ -92,13 +102,53 @@ def proxy_options(annotations: Mapping[str, str], config: InjectionConfig) -> Pr
         native_sidecar=_flag(a, "sidecar.istio.io/nativeSidecar", config.native_sidecars),
         hold_application=hold,
         rewrite_probes=_flag(a, "sidecar.istio.io/rewriteAppHTTPProbers", config.rewrite_probes),
-        include_inbound_ports=_ports(a, "traffic.sidecar.istio.io/includeInboundPorts", star=True, default=None),
+        include_inbound_ports=_ports(a, "traffic.sidecar.istio.io/includeInboundPorts", star=True, default="*") or "",
         exclude_inbound_ports=_ports(a, "traffic.sidecar.istio.io/excludeInboundPorts") or "",
         include_outbound_ranges=_cidrs(a, "traffic.sidecar.istio.io/includeOutboundIPRanges", default="*"),
         exclude_outbound_ranges=_cidrs(a, "traffic.sidecar.istio.io/excludeOutboundIPRanges", default=""),
         exclude_outbound_ports=_ports(a, "traffic.sidecar.istio.io/excludeOutboundPorts") or "",
         exclude_interfaces=_interfaces(a, "traffic.sidecar.istio.io/excludeInterfaces"),
+        drain_seconds=drain,
     )
+
+
+def _proxy_config(text: str) -> dict[str, Any]:
+    """The ProxyConfig mapping of `proxy.istio.io/config`, keeping only scalar values. Anchors and
+    aliases, deep nesting and oversized text are refused before building anything: any pod's author
+    writes this, and an alias bomb would otherwise hold the webhook for seconds."""
+    bad = InvalidAnnotation("proxy.istio.io/config", text, "a YAML or JSON ProxyConfig mapping (no anchors or aliases)")
+    if len(text) > MAX_PROXY_CONFIG:
+        raise bad
+    try:
+        depth = 0
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                raise bad
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_NESTING:
+                    raise bad
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+        doc = yaml.safe_load(text) or {}
+    except (yaml.YAMLError, ValueError, RecursionError):
+        raise bad from None
+    if not isinstance(doc, dict):
+        raise bad
+    return {str(k): v for k, v in doc.items() if isinstance(v, str | int | float | bool)}
+
+
+def _drain_duration(value: object) -> float:
+    """A simple duration such as 5s, 500ms, 1.5m or 1h (Istio's ProxyConfig form), at most an hour."""
+    match = _DURATION.match(str(value).strip())
+    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)] if match else -1.0
+    if not 0 <= seconds <= MAX_DRAIN_SECONDS:
+        raise InvalidAnnotation(
+            "proxy.istio.io/config",
+            f"terminationDrainDuration: {value}",
+            "terminationDrainDuration as a duration up to 1h, e.g. 5s, 500ms or 1m",
+        )
+    return seconds
 
 
 def _bool(value: str, name: str) -> bool:

@@ -13,7 +13,7 @@ import os
 import ssl
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -122,7 +122,13 @@ class ServingCertificate:
                 log.error("webhook serving certificate not reloaded, keeping the current one: %s", e)
 
 
-def make_app(config: InjectionConfig, metrics: WebhookMetrics | None = None) -> web.Application:
+def make_app(
+    config: InjectionConfig | Callable[[], InjectionConfig], metrics: WebhookMetrics | None = None
+) -> web.Application:
+    """The webhook's routes. `config` may be a function, read for every request: a control plane
+    passes one so that injected sidecars always carry its current trust bundle."""
+    current = config if callable(config) else lambda: config
+
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
@@ -138,7 +144,7 @@ def make_app(config: InjectionConfig, metrics: WebhookMetrics | None = None) -> 
             log.warning("bad AdmissionReview from %s: %s", request.remote, e)
             return _bad(str(e))
         try:
-            answer, result = _answer(req, config)
+            answer, result = _answer(req, current())
         except Exception:  # a bug must not let a pod in without its sidecar, nor hang the API server
             log.exception("injection failed for %s/%s", req.namespace, _name(req.pod))
             answer, result = review.deny(req.uid, "internal error in the injector; see its logs", 500), "error"

@@ -21,8 +21,19 @@ DEFAULT_IMAGE = "meshplane-proxy:1.40.0"
 class InjectionConfig:
     proxy_image: str = DEFAULT_IMAGE
     """The sidecar and init image (`sidecar.istio.io/proxyImage` overrides it per pod)."""
-    xds_address: str = "meshplane.mesh-system.svc:15010"
-    """Where injected sidecars find the xDS server."""
+    init_image: str = ""
+    """The capture init container's image (it needs `meshctl` and iptables: the control plane image
+    has both); empty: the sidecar's image, as the local sandbox's carries them too."""
+    xds_address: str = "meshplane.mesh-system.svc:15012"
+    """Where injected sidecars find the xDS server (its TLS port, or unix:/path)."""
+    xds_ca: str = ""
+    """The mesh trust bundle (PEM) injected sidecars verify the control plane's TLS certificate with,
+    carried in their bootstrap; `meshctl serve` fills it from its CA. Needed for a TCP `xds_address`."""
+    token_audience: str = "meshplane"
+    """The audience of the projected service-account token sidecars authenticate with."""
+    admin_socket: str = ""
+    """Serve the sidecar's admin API on this unix socket path (in an emptyDir volume the injector adds)
+    instead of 127.0.0.1:15000, so a host outside the pod can read /config_dump (the local sandbox)."""
     revision: str = "default"
     """This control plane's revision, matched against `istio.io/rev` labels."""
     enabled_by_default: bool = True
@@ -64,7 +75,10 @@ class InjectionConfig:
 _KEYS = {
     "policy": "enabled_by_default",
     "proxyImage": "proxy_image",
+    "initImage": "init_image",
     "xdsAddress": "xds_address",
+    "tokenAudience": "token_audience",
+    "adminSocket": "admin_socket",
     "revision": "revision",
     "neverInjectSelector": "never_inject",
     "alwaysInjectSelector": "always_inject",

@@ -13,14 +13,20 @@ from .policy import Decision, decide
 from .sidecar import render
 
 
+class InjectionError(ValueError):
+    """The pod cannot be given a working sidecar (a name Envoy's bootstrap cannot carry, a port that is
+    not one, no mesh roots to verify the control plane with); the message says which."""
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     decision: Decision
     pod: dict[str, Any]
     """The injected pod, or the original when not injected."""
     patch: list[dict[str, Any]]
-    error: InvalidAnnotation | None = None
-    """Set when an annotation was invalid: the pod is to be denied (unless configured to ignore)."""
+    error: InvalidAnnotation | InjectionError | None = None
+    """Set when the pod is to be denied: an invalid annotation (unless configured to ignore them), or
+    a pod that cannot get a working sidecar."""
 
 
 def inject(
@@ -36,5 +42,8 @@ def inject(
         if not config.ignore_invalid_annotations:
             return Outcome(decision, pod, [], e)
         options = proxy_options({k: v for k, v in annotations.items() if k != e.name}, config)
-    mutated = render(pod, namespace, config, options)
+    try:
+        mutated = render(pod, namespace, config, options)
+    except ValueError as e:  # BootstrapError and malformed values the API server would have refused
+        return Outcome(decision, pod, [], InjectionError(str(e)))
     return Outcome(decision, mutated, diff(pod, mutated))

@@ -8,10 +8,21 @@ from __future__ import annotations
 
 import functools
 import json
+import math
+import posixpath
 from collections.abc import Mapping
 from typing import Any
 
-from meshplane.bootstrap.envoy import AppProbe, Ports, WorkloadIdentity, bootstrap, render_compact
+from meshplane.bootstrap.envoy import (
+    AppProbe,
+    Ports,
+    WorkloadIdentity,
+    XdsCredentials,
+    bootstrap,
+    render_compact,
+    split_address,
+)
+from meshplane.bootstrap.iptables import ALWAYS_EXCLUDED_INBOUND
 
 from .annotations import ProxyOptions, dumps
 from .config import InjectionConfig
@@ -23,6 +34,16 @@ HEALTH_PORT = 15021
 STATS_PORT = 15090
 TLS_MODE_LABEL = "security.istio.io/tlsMode"
 PROBES_ENV = "MESH_KUBE_APP_PROBERS"
+XTABLES_LOCKFILE = "/dev/shm/xtables.lock"
+TOKEN_VOLUME = "istio-token"
+TOKEN_DIR = "/var/run/secrets/tokens"
+TOKEN_SECONDS = 43200
+ADMIN_VOLUME = "mesh-admin"
+"""The emptyDir that holds the admin socket when `InjectionConfig.admin_socket` is set."""
+DEFAULT_GRACE_SECONDS = 30
+"""Kubernetes' terminationGracePeriodSeconds when a pod does not say."""
+GRACE_MARGIN_SECONDS = 5
+"""Room left after the proxy's drain for the app to finish and the kubelet to stop the containers."""
 _PROBE_PATHS = {"livenessProbe": "livez", "readinessProbe": "readyz", "startupProbe": "startupz"}
 _DOWNWARD = {
     "POD_NAME": "metadata.name",
@@ -42,7 +63,13 @@ def render(pod: Mapping[str, Any], namespace: str, config: InjectionConfig, opti
     probes = _rewrite_probes(app_containers) if options.rewrite_probes else []
 
     proxy = _proxy_container(out, namespace, config, options, probes)
-    init = _init_container(app_containers, config, options)
+    init = _init_container(config, options)
+    volumes = _volumes(config)
+    spec["volumes"] = [*(spec.get("volumes") or []), *volumes]
+    # The proxy's preStop drain must fit in the grace period, with room to spare for the kubelet.
+    needed = math.ceil(options.drain_seconds) + GRACE_MARGIN_SECONDS
+    if int(spec.get("terminationGracePeriodSeconds", DEFAULT_GRACE_SECONDS)) < needed:
+        spec["terminationGracePeriodSeconds"] = needed
     inits: list[dict[str, Any]] = spec.get("initContainers") or []
     if options.native_sidecar:
         proxy["restartPolicy"] = "Always"
@@ -51,7 +78,7 @@ def render(pod: Mapping[str, Any], namespace: str, config: InjectionConfig, opti
     else:
         spec["initContainers"] = [init, *inits]
         if options.hold_application:
-            proxy["lifecycle"] = {"postStart": {"exec": {"command": ["meshctl", "wait", "--timeout", "120s"]}}}
+            proxy["lifecycle"]["postStart"] = {"exec": {"command": ["meshctl", "wait", "--timeout", "120s"]}}
             spec["containers"] = [proxy, *app_containers]
         else:
             spec["containers"] = [*app_containers, proxy]
@@ -68,7 +95,7 @@ def render(pod: Mapping[str, Any], namespace: str, config: InjectionConfig, opti
         {
             "initContainers": [INIT, PROXY] if options.native_sidecar else [INIT],
             "containers": [] if options.native_sidecar else [PROXY],
-            "volumes": [],
+            "volumes": [v["name"] for v in volumes],
             "imagePullSecrets": None,
             "revision": config.revision,
         }
@@ -91,6 +118,8 @@ def _proxy_container(
         config.domain_suffix,
         config.xds_address,
         tuple(p for p, _ in probes),
+        config.admin_socket,
+        config.xds_ca,
     )
     args = [
         "--config-yaml",
@@ -98,8 +127,9 @@ def _proxy_container(
         "--log-level",
         options.log_level,
         "--disable-hot-restart",
+        # The graceful drain that `meshctl drain` starts lasts this long (Envoy's drain manager).
         "--drain-time-s",
-        "5",
+        str(max(1, math.ceil(options.drain_seconds))),
     ]
     if options.component_log_level:
         args += ["--component-log-level", options.component_log_level]
@@ -107,13 +137,18 @@ def _proxy_container(
     if probes:
         env.append({"name": PROBES_ENV, "value": dumps({p.path: original for p, original in probes})})
     uid = config.proxy_uid
-    return {
+    # Like Istio's pilot-agent on SIGTERM: drain inbound listeners, wait, then let the kubelet stop Envoy
+    # (which exits at once on SIGTERM). Kubernetes does not expand $(VAR) here, so the path is literal.
+    drain = ["meshctl", "drain", "--duration", f"{options.drain_seconds:g}s"]
+    drain += ["--admin-socket", config.admin_socket] if config.admin_socket else []
+    container: dict[str, Any] = {
         "name": PROXY,
         "image": options.image,
         "command": ["envoy"],
         "args": args,
         "env": env,
         "ports": [{"name": "http-envoy-prom", "containerPort": STATS_PORT, "protocol": "TCP"}],
+        "lifecycle": {"preStop": {"exec": {"command": drain}}},
         "readinessProbe": _ready_probe(period=2, failures=30),
         "resources": options.resources,
         "securityContext": {
@@ -126,6 +161,26 @@ def _proxy_container(
             "capabilities": {"drop": ["ALL"]},
         },
     }
+    mounts = [{"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True}]
+    if config.admin_socket:
+        mounts.append({"name": ADMIN_VOLUME, "mountPath": posixpath.dirname(config.admin_socket)})
+    container["volumeMounts"] = mounts
+    return container
+
+
+def _xds_is_unix(address: str) -> bool:
+    return split_address(address)[1] == 0
+
+
+def _volumes(config: InjectionConfig) -> list[dict[str, Any]]:
+    """The proxy's volumes: its projected service-account token (its credential to the control plane, as
+    Istio's `istio-token`) and the admin socket's directory. The mesh roots it verifies the control
+    plane with travel inline in its bootstrap: no ConfigMap to publish into every namespace."""
+    token = {"audience": config.token_audience, "expirationSeconds": TOKEN_SECONDS, "path": TOKEN_VOLUME}
+    out: list[dict[str, Any]] = [{"name": TOKEN_VOLUME, "projected": {"sources": [{"serviceAccountToken": token}]}}]
+    if config.admin_socket:
+        out.append({"name": ADMIN_VOLUME, "emptyDir": {"medium": "Memory"}})
+    return out
 
 
 @functools.lru_cache(maxsize=512)
@@ -136,6 +191,8 @@ def _bootstrap_json(
     domain_suffix: str,
     xds_address: str,
     probes: tuple[AppProbe, ...],
+    admin_socket: str,
+    xds_ca: str,
 ) -> str:
     """The sidecar's bootstrap; memoized, since the pods of one workload share every input."""
     identity = WorkloadIdentity(
@@ -146,24 +203,17 @@ def _bootstrap_json(
         labels=dict(labels),
         domain_suffix=domain_suffix,
     )
-    return render_compact(bootstrap(identity, xds_address, Ports(health=HEALTH_PORT, stats=STATS_PORT), probes))
+    ports = Ports(health=HEALTH_PORT, stats=STATS_PORT, admin_socket=admin_socket)
+    credentials = XdsCredentials(f"{TOKEN_DIR}/{TOKEN_VOLUME}", ca_pem="" if _xds_is_unix(xds_address) else xds_ca)
+    return render_compact(bootstrap(identity, xds_address, ports, probes, credentials))
 
 
-def _init_container(
-    app_containers: list[dict[str, Any]], config: InjectionConfig, options: ProxyOptions
-) -> dict[str, Any]:
-    ports = options.include_inbound_ports
-    if ports is None:
-        declared = sorted(
-            {
-                p["containerPort"]
-                for c in app_containers
-                for p in c.get("ports") or []
-                if isinstance(p.get("containerPort"), int)
-            }
-        )
-        # No declared ports: capture every inbound port rather than silently none.
-        ports = ",".join(map(str, declared)) or "*"
+def _init_container(config: InjectionConfig, options: ProxyOptions) -> dict[str, Any]:
+    # As Istio: every inbound port is captured unless includeInboundPorts narrows it (declared container
+    # ports are informational; an app listening on an undeclared port must not bypass mTLS). The proxy's
+    # own ports are always excluded, then excludeInboundPorts.
+    excluded = [str(p) for p in ALWAYS_EXCLUDED_INBOUND]
+    excluded += [p for p in options.exclude_inbound_ports.split(",") if p and p not in excluded]
     uid = str(config.proxy_uid)
     args = [
         "iptables",
@@ -176,9 +226,9 @@ def _init_container(
         "-g",
         uid,
         "-b",
-        ports,
+        options.include_inbound_ports,
         "-d",
-        options.exclude_inbound_ports,
+        ",".join(excluded),
         "-i",
         options.include_outbound_ranges,
         "-x",
@@ -190,9 +240,12 @@ def _init_container(
     ]
     return {
         "name": INIT,
-        "image": options.image,
+        "image": config.init_image or options.image,
         "command": ["meshctl"],
         "args": args,
+        # iptables (legacy backend) takes a lock in /run, which a read-only root filesystem refuses;
+        # /dev/shm is writable in every container.
+        "env": [{"name": "XTABLES_LOCKFILE", "value": XTABLES_LOCKFILE}],
         "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"cpu": "100m", "memory": "64Mi"}},
         "securityContext": {
             "runAsUser": 0,

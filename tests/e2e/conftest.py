@@ -6,6 +6,7 @@ was killed outright are removed at the start of the next one.
 """
 
 import asyncio
+import datetime as dt
 import os
 import shutil
 import tempfile
@@ -20,10 +21,11 @@ import pytest
 from meshplane.controlplane.app import ControlPlane
 from meshplane.controlplane.settings import Settings
 from meshplane.sandbox.engine import Engine, EngineUnavailable, open_engine
-from meshplane.sandbox.pods import Pod, PodRunner, PodSpec, remove_leftovers
+from meshplane.sandbox.pods import MintToken, Pod, PodRunner, app_pod, remove_leftovers
 from tests.harness import EnvoyAdmin, wait_until
 
 PREFIX = "mp-e2e"
+PROXY_GID = 1337
 VIP = "10.96.0.20"
 MESH = f"""
 trustDomain: cluster.local
@@ -67,9 +69,14 @@ def engine() -> Iterator[Engine]:
 def _testcontainers_start(started: list[Any]) -> Any:
     from testcontainers.core.container import DockerContainer
 
-    def start(image: str, command: list[str], kwargs: dict[str, Any]) -> Any:
+    def start(image: str, args: list[str] | None, kwargs: dict[str, Any]) -> Any:
         kwargs = dict(kwargs)
-        container = DockerContainer(image).with_command(command).with_name(kwargs.pop("name"))
+        container = DockerContainer(image).with_name(kwargs.pop("name"))
+        if args is not None:
+            container = container.with_command(args)
+        container.tmpfs.update(kwargs.pop("tmpfs", {}))  # options, e.g. "ro" (with_tmpfs_mount sets a size)
+        for key, value in kwargs.pop("environment", {}).items():
+            container = container.with_env(key, value)
         for host, mount in kwargs.pop("volumes", {}).items():
             container = container.with_volume_mapping(host, mount["bind"], mount["mode"])
         container = container.with_kwargs(**kwargs).start()
@@ -77,6 +84,15 @@ def _testcontainers_start(started: list[Any]) -> Any:
         return container.get_wrapped_container()
 
     return start
+
+
+def mint(plane: ControlPlane) -> MintToken:
+    """Projected service-account tokens for the pods, minted by the mesh CA (as `meshctl token`)."""
+
+    def token(namespace: str, service_account: str, audience: str, seconds: int) -> str:
+        return plane.ca.mint_token(namespace, service_account, dt.timedelta(seconds=seconds), audiences=(audience,))
+
+    return token
 
 
 @dataclass
@@ -94,20 +110,21 @@ class Mesh:
         http: tuple[int, ...] = (),
         tcp: tuple[int, ...] = (),
         sidecar: bool = True,
+        **manifest: Any,
     ) -> Pod:
-        spec = PodSpec(name, service_account=sa, labels={"app": app}, http_ports=http, tcp_ports=tcp, sidecar=sidecar)
+        """A pod from a manifest as a user writes it, injected as the webhook does; returns once its probes
+        pass and its sidecar is connected with nothing warming."""
+        spec = app_pod(name, service_account=sa, labels={"app": app}, http=http, tcp=tcp, sidecar=sidecar, **manifest)
         pod = await asyncio.to_thread(self.runner.start, spec)
+        assert pod.injected == sidecar, f"{name}: injected={pod.injected}, wanted {sidecar}"
         if sidecar:
             await wait_until(lambda: self.ready(pod), timeout=20, what=f"{name}'s sidecar to be ready")
         return pod
 
     async def ready(self, pod: Pod) -> bool:
-        admin = self.admin(pod)
-        if not pod.admin_socket or not pod.admin_socket.exists():
+        if not pod.admin_socket or not pod.admin_socket.exists() or await self.admin(pod).warming():
             return False
-        if (await admin.get("/ready")).strip() != "LIVE" or await admin.warming():
-            return False
-        connected = any(c.node.workload.name == pod.spec.name for c in self.plane.xds.connections.values())
+        connected = any(c.node.workload.name == pod.name for c in self.plane.xds.connections.values())
         return connected and self.plane.xds.settled
 
     def admin(self, pod: Pod) -> EnvoyAdmin:
@@ -131,6 +148,8 @@ async def mesh(engine: Engine) -> AsyncIterator[Mesh]:
             admin_port=0,
             webhook_port=0,
             xds_socket=runtime / "xds.sock",
+            xds_socket_group=PROXY_GID,
+            xds_tls_port=0,
             ca_dir=runtime / "ca",
             debounce=0.05,
             proxy_grace=1.0,
@@ -146,6 +165,7 @@ async def mesh(engine: Engine) -> AsyncIterator[Mesh]:
         prefix=f"{PREFIX}-{uuid.uuid4().hex[:6]}",
         hosts=HOSTS,
         start=_testcontainers_start(started),
+        tokens=mint(plane),
     )
     try:
         yield Mesh(plane, runner, mesh_file)

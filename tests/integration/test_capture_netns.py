@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import MESH_ROOT
 from tests.netns import Net, require_netns, sh, two_hosts
 
 PROBE = str(Path(__file__).parents[1] / "probe.py")
@@ -136,7 +137,7 @@ def test_the_injected_init_container_captures_what_its_annotations_say(net: Net)
         },
         "spec": {"containers": [{"name": "web", "image": "web", "ports": [{"containerPort": 8080}]}]},
     }
-    init = inject(pod, "demo", InjectionConfig()).pod["spec"]["initContainers"][0]
+    init = inject(pod, "demo", InjectionConfig(xds_ca=MESH_ROOT)).pod["spec"]["initContainers"][0]
     assert init["command"] == ["meshctl"]
     sh(*MESHCTL[:-1], *init["args"], "--ipv6", "off", ns=net.pod)  # exactly the container's arguments
     assert call(net, net.peer, net.pod_ip, 8080) == f"15006 {net.pod_ip}:8080"  # the declared port

@@ -11,6 +11,7 @@ from meshplane.controlplane.generate import MeshConfig, view_of
 from meshplane.controlplane.model import Workload, labels
 from meshplane.controlplane.resources import short
 from meshplane.webhook.config import InjectionConfig
+from tests.harness import MESH_ROOT
 
 from .test_injection import CORPUS
 
@@ -41,7 +42,7 @@ def report(pod_name: str = "everything-already-there", mesh: str | None = MESH, 
     doc = {**CORPUS[pod_name], **pod}
     doc["status"] = {"podIP": "10.0.0.5"}
     p, ns = explain.pod_of(doc, "shop")
-    return explain.explain_pod(p, ns, InjectionConfig(), meshfile.parse(mesh) if mesh else None)
+    return explain.explain_pod(p, ns, InjectionConfig(xds_ca=MESH_ROOT), meshfile.parse(mesh) if mesh else None)
 
 
 def test_an_injected_pod_and_why() -> None:

@@ -16,6 +16,7 @@ from meshplane.webhook.inject import inject
 from meshplane.webhook.manifests import inject_manifests
 from meshplane.webhook.patch import diff, escape
 from meshplane.webhook.review import ReviewError, parse
+from tests.harness import MESH_ROOT
 
 K8S = "1.30"
 
@@ -126,14 +127,14 @@ def case(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
 def test_injected_pods_are_valid_and_patches_reproduce_them(case: tuple[str, dict[str, Any]]) -> None:
     name, pod = case
     original = copy.deepcopy(pod)
-    outcome = inject(pod, "shop", InjectionConfig())
+    outcome = inject(pod, "shop", InjectionConfig(xds_ca=MESH_ROOT))
     assert pod == original, "the input pod must not be modified"
     assert outcome.decision.inject and outcome.error is None
     kubernetes_validate.validate(outcome.pod, K8S, strict=True)
     assert jsonpatch.apply_patch(original, outcome.patch) == outcome.pod
     in_shop = copy.deepcopy(original)
     in_shop["metadata"]["namespace"] = "shop"  # where the webhook was told the pod is
-    manifest, _ = inject_manifests(yaml.safe_dump(in_shop), InjectionConfig())
+    manifest, _ = inject_manifests(yaml.safe_dump(in_shop), InjectionConfig(xds_ca=MESH_ROOT))
     expected = copy.deepcopy(outcome.pod)
     expected["metadata"]["namespace"] = "shop"
     assert yaml.safe_load(manifest) == expected, f"meshctl inject and the webhook differ for {name}"
@@ -141,7 +142,7 @@ def test_injected_pods_are_valid_and_patches_reproduce_them(case: tuple[str, dic
 
 def test_what_is_injected(case: tuple[str, dict[str, Any]]) -> None:
     _, pod = case
-    out = inject(pod, "shop", InjectionConfig()).pod
+    out = inject(pod, "shop", InjectionConfig(xds_ca=MESH_ROOT)).pod
     spec, meta = out["spec"], out["metadata"]
     init = spec["initContainers"][0]
     assert init["name"] == "mesh-init" and init["command"] == ["meshctl"] and init["args"][0] == "iptables"
@@ -166,11 +167,11 @@ def test_what_is_injected(case: tuple[str, dict[str, Any]]) -> None:
     assert meta["labels"]["security.istio.io/tlsMode"] == "istio"
     status = json.loads(meta["annotations"]["sidecar.istio.io/status"])
     assert "mesh-init" in status["initContainers"]
-    assert inject(out, "shop", InjectionConfig()).decision.reason.startswith("already injected")
+    assert inject(out, "shop", InjectionConfig(xds_ca=MESH_ROOT)).decision.reason.startswith("already injected")
 
 
 def test_native_sidecar_placement() -> None:
-    out = inject(CORPUS["native-sidecar"], "shop", InjectionConfig()).pod
+    out = inject(CORPUS["native-sidecar"], "shop", InjectionConfig(xds_ca=MESH_ROOT)).pod
     assert [c["name"] for c in out["spec"]["initContainers"]] == ["mesh-init", "mesh-proxy", "setup"]
     proxy = out["spec"]["initContainers"][1]
     assert proxy["restartPolicy"] == "Always" and proxy["startupProbe"]["httpGet"]["port"] == 15021
@@ -178,16 +179,16 @@ def test_native_sidecar_placement() -> None:
 
 
 def test_hold_application_puts_the_proxy_first_and_waits() -> None:
-    out = inject(CORPUS["hold-application"], "shop", InjectionConfig()).pod
+    out = inject(CORPUS["hold-application"], "shop", InjectionConfig(xds_ca=MESH_ROOT)).pod
     first = out["spec"]["containers"][0]
     assert first["name"] == "mesh-proxy"
     assert first["lifecycle"]["postStart"]["exec"]["command"][:2] == ["meshctl", "wait"]
-    default = inject(CORPUS["bare"], "shop", InjectionConfig()).pod
+    default = inject(CORPUS["bare"], "shop", InjectionConfig(xds_ca=MESH_ROOT)).pod
     assert default["spec"]["containers"][-1]["name"] == "mesh-proxy"
 
 
 def test_probes_are_rewritten_and_kept_for_the_proxy() -> None:
-    out = inject(CORPUS["probes-of-each-kind"], "shop", InjectionConfig()).pod
+    out = inject(CORPUS["probes-of-each-kind"], "shop", InjectionConfig(xds_ca=MESH_ROOT)).pod
     web, grpc = out["spec"]["containers"][:2]
     assert web["livenessProbe"] == {
         "httpGet": {"path": "/app-health/web/livez", "port": 15021, "scheme": "HTTP"},
@@ -208,12 +209,12 @@ def test_probes_are_rewritten_and_kept_for_the_proxy() -> None:
     ]["socketAddress"] == {"address": "127.0.0.1", "portValue": 8080}
     assert "tcpHealthCheck" in clusters["probe|app-health|web|readyz"]["healthChecks"][0]
     assert clusters["probe|app-health|grpc|livez"]["healthChecks"][0]["grpcHealthCheck"] == {"serviceName": "health"}
-    plain = inject(CORPUS["no-rewrite"], "shop", InjectionConfig()).pod
+    plain = inject(CORPUS["no-rewrite"], "shop", InjectionConfig(xds_ca=MESH_ROOT)).pod
     assert plain["spec"]["containers"][0]["livenessProbe"] == {"httpGet": {"path": "/", "port": 80}}
 
 
 def test_annotations_shape_the_proxy_and_the_capture() -> None:
-    out = inject(CORPUS["tuned-proxy"], "shop", InjectionConfig()).pod
+    out = inject(CORPUS["tuned-proxy"], "shop", InjectionConfig(xds_ca=MESH_ROOT)).pod
     proxy = out["spec"]["containers"][-1]
     assert proxy["image"] == "registry.example/proxy:custom"
     assert proxy["resources"] == {
@@ -230,17 +231,127 @@ def test_annotations_shape_the_proxy_and_the_capture() -> None:
         "-u": "1337",
         "-g": "1337",
         "-b": "8080",
-        "-d": "9901",
+        "-d": "15090,15021,15020,9901",
         "-i": "*",
         "-x": "169.254.169.254/32",
         "-o": "5432,6379",
         "-c": "net1",
     }
-    multi = inject(CORPUS["several-containers"], "shop", InjectionConfig()).pod
-    assert (
-        multi["spec"]["initContainers"][0]["args"][multi["spec"]["initContainers"][0]["args"].index("-b") + 1]
-        == "80,81"
+
+
+def _capture_flags(pod: dict[str, Any]) -> dict[str, str]:
+    args = inject(pod, "shop", InjectionConfig(xds_ca=MESH_ROOT)).pod["spec"]["initContainers"][0]["args"]
+    return dict(zip(args[1::2], args[2::2], strict=True))
+
+
+@pytest.mark.parametrize("name", ["several-containers", "bare", "everything-already-there"])
+def test_every_inbound_port_is_captured_by_default_not_only_declared_ones(name: str) -> None:
+    """As Istio: `-b '*'` with the proxy's own ports excluded; declared ports do not narrow the capture
+    (an app listening on an undeclared port would otherwise be reachable in plaintext under STRICT)."""
+    flags = _capture_flags(CORPUS[name])
+    assert (flags["-b"], flags["-d"]) == ("*", "15090,15021,15020")
+
+
+@pytest.mark.parametrize(
+    ("annotations", "b", "d"),
+    [
+        ({"traffic.sidecar.istio.io/includeInboundPorts": "8080, 9090"}, "8080,9090", "15090,15021,15020"),
+        ({"traffic.sidecar.istio.io/includeInboundPorts": "*"}, "*", "15090,15021,15020"),
+        ({"traffic.sidecar.istio.io/includeInboundPorts": ""}, "", "15090,15021,15020"),
+        ({"traffic.sidecar.istio.io/excludeInboundPorts": "9901,15021"}, "*", "15090,15021,15020,9901"),
+    ],
+)
+def test_inbound_capture_annotations_narrow_it_as_in_istio(annotations: dict[str, str], b: str, d: str) -> None:
+    pod = make("p", {"containers": [{"name": "app", "image": "app", "ports": [{"containerPort": 80}]}]})
+    pod["metadata"]["annotations"] = annotations
+    flags = _capture_flags(pod)
+    assert (flags["-b"], flags["-d"]) == (b, d)
+
+
+def _proxy(out: dict[str, Any]) -> dict[str, Any]:
+    return next(c for c in out["spec"]["containers"] + out["spec"]["initContainers"] if c["name"] == "mesh-proxy")
+
+
+def test_the_proxy_drains_before_it_is_stopped() -> None:
+    out = inject(CORPUS["bare"], "shop", InjectionConfig(xds_ca=MESH_ROOT)).pod
+    proxy = _proxy(out)
+    assert proxy["lifecycle"]["preStop"] == {"exec": {"command": ["meshctl", "drain", "--duration", "5s"]}}
+    assert proxy["args"][proxy["args"].index("--drain-time-s") + 1] == "5"
+    assert "terminationGracePeriodSeconds" not in out["spec"]  # Kubernetes' 30 s leave room for 5 s
+
+    hold = inject(CORPUS["hold-application"], "shop", InjectionConfig(xds_ca=MESH_ROOT)).pod
+    assert set(_proxy(hold)["lifecycle"]) == {"postStart", "preStop"}
+
+
+@pytest.mark.parametrize(
+    ("config", "grace", "drain", "expected_grace"),
+    [
+        ("terminationDrainDuration: 20s", None, "20s", 30),
+        ("terminationDrainDuration: 40s", None, "40s", 45),
+        ("terminationDrainDuration: 1500ms", 3, "1.5s", 7),
+        ("{terminationDrainDuration: 2m, holdApplicationUntilProxyStarts: false}", 600, "120s", 600),
+    ],
+)
+def test_termination_drain_duration_and_the_grace_period_leave_room(
+    config: str, grace: int | None, drain: str, expected_grace: int
+) -> None:
+    spec: dict[str, Any] = {"containers": [{"name": "app", "image": "app"}]}
+    if grace is not None:
+        spec["terminationGracePeriodSeconds"] = grace
+    out = inject(
+        make("d", spec, annotations={"proxy.istio.io/config": config}), "shop", InjectionConfig(xds_ca=MESH_ROOT)
+    ).pod
+    kubernetes_validate.validate(out, K8S, strict=True)
+    assert _proxy(out)["lifecycle"]["preStop"]["exec"]["command"][-1] == drain
+    assert out["spec"].get("terminationGracePeriodSeconds", 30) == expected_grace
+
+
+def test_admin_socket_option_puts_the_admin_api_in_an_empty_dir() -> None:
+    config = InjectionConfig(
+        xds_ca=MESH_ROOT, admin_socket="/run/meshplane-admin/admin.sock", xds_address="unix:/run/mp/xds.sock"
     )
+    out = inject(CORPUS["everything-already-there"], "shop", config).pod
+    kubernetes_validate.validate(out, K8S, strict=True)
+    proxy = _proxy(out)
+    assert proxy["volumeMounts"][-1] == {"name": "mesh-admin", "mountPath": "/run/meshplane-admin"}
+    assert {"name": "mesh-admin", "emptyDir": {"medium": "Memory"}} in out["spec"]["volumes"]
+    assert {"name": "data", "emptyDir": {}} in out["spec"]["volumes"]
+    assert proxy["lifecycle"]["preStop"]["exec"]["command"][-2:] == [
+        "--admin-socket",
+        "/run/meshplane-admin/admin.sock",
+    ]
+    bootstrap = json.loads(proxy["args"][proxy["args"].index("--config-yaml") + 1])
+    assert bootstrap["admin"]["address"]["pipe"]["path"] == "/run/meshplane-admin/admin.sock"
+    assert "mesh-admin" not in {
+        m["name"] for m in _proxy(inject(CORPUS["bare"], "shop", InjectionConfig(xds_ca=MESH_ROOT)).pod)["volumeMounts"]
+    }
+
+
+@pytest.mark.parametrize("xds", ["meshplane.mesh-system.svc:15012", "unix:/x.sock"])
+def test_the_proxy_proves_its_identity_with_a_projected_token(xds: str) -> None:
+    """Stock Envoy sends the pod's projected service-account token on every xDS connection (over TLS
+    verified against the mesh roots carried inline in its bootstrap, or a unix socket), as Istio's
+    istio-token volume; no ConfigMap has to be published into the namespace."""
+    out = inject(CORPUS["bare"], "shop", InjectionConfig(xds_ca=MESH_ROOT, xds_address=xds)).pod
+    kubernetes_validate.validate(out, K8S, strict=True)
+    volumes = {v["name"]: v for v in out["spec"]["volumes"]}
+    token = volumes["istio-token"]["projected"]["sources"][0]["serviceAccountToken"]
+    assert token == {"audience": "meshplane", "expirationSeconds": 43200, "path": "istio-token"}
+    mounts = {m["name"]: m["mountPath"] for m in _proxy(out)["volumeMounts"]}
+    assert mounts == {"istio-token": "/var/run/secrets/tokens"}
+    proxy = _proxy(out)
+    bootstrap = json.loads(proxy["args"][proxy["args"].index("--config-yaml") + 1])
+    google = bootstrap["dynamicResources"]["adsConfig"]["grpcServices"][0]["googleGrpc"]
+    plugin = google["callCredentials"][0]["fromPlugin"]["typedConfig"]
+    assert plugin["secretData"] == {"filename": "/var/run/secrets/tokens/istio-token"}
+    channel = google["channelCredentials"]
+    tls = {"sslCredentials": {"rootCerts": {"inlineString": MESH_ROOT}}}
+    assert channel == (tls if xds.startswith("meshplane") else {"localCredentials": {}})
+
+
+def test_without_the_mesh_roots_a_tcp_control_plane_is_a_clear_deny() -> None:
+    outcome = inject(CORPUS["bare"], "shop", InjectionConfig())
+    assert outcome.error is not None and "mesh root" in str(outcome.error)
 
 
 @pytest.mark.parametrize(
@@ -255,17 +366,19 @@ def test_annotations_shape_the_proxy_and_the_capture() -> None:
         ("traffic.sidecar.istio.io/includeOutboundIPRanges", "10.0.0.0/33", "comma-separated IP ranges"),
         ("traffic.sidecar.istio.io/excludeInterfaces", "eth0;reboot", "interface names"),
         ("proxy.istio.io/config", "[1, 2]", "ProxyConfig mapping"),
+        ("proxy.istio.io/config", "terminationDrainDuration: soon", "terminationDrainDuration as a duration"),
+        ("proxy.istio.io/config", "terminationDrainDuration: 2h", "terminationDrainDuration as a duration"),
     ],
 )
 def test_invalid_annotations_deny_with_the_name_and_accepted_forms(annotation: str, value: str, accepted: str) -> None:
     pod = make("bad", {"containers": [{"name": "app", "image": "app"}]}, annotations={annotation: value})
-    outcome = inject(pod, "shop", InjectionConfig())
+    outcome = inject(pod, "shop", InjectionConfig(xds_ca=MESH_ROOT))
     assert outcome.error is not None and outcome.patch == []
     assert annotation in str(outcome.error) and accepted in str(outcome.error)
-    ignored = inject(pod, "shop", InjectionConfig(ignore_invalid_annotations=True))
+    ignored = inject(pod, "shop", InjectionConfig(xds_ca=MESH_ROOT, ignore_invalid_annotations=True))
     assert ignored.error is None and ignored.patch
     with pytest.raises(InvalidAnnotation):
-        proxy_options({annotation: value}, InjectionConfig())
+        proxy_options({annotation: value}, InjectionConfig(xds_ca=MESH_ROOT))
 
 
 def test_patch_paths_are_escaped() -> None:

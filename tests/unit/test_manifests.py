@@ -3,6 +3,7 @@ import yaml
 
 from meshplane.webhook.config import InjectionConfig
 from meshplane.webhook.manifests import ManifestError, inject_manifests
+from tests.harness import MESH_ROOT
 
 WORKLOADS = """\
 # Shop manifests: comments stay where they are.
@@ -55,7 +56,7 @@ def containers(template: dict) -> list[str]:  # type: ignore[type-arg]
 
 
 def test_workloads_are_injected_and_the_rest_passes_through() -> None:
-    out, report = inject_manifests(WORKLOADS, InjectionConfig())
+    out, report = inject_manifests(WORKLOADS, InjectionConfig(xds_ca=MESH_ROOT))
     docs = list(yaml.safe_load_all(out))
     assert [d["kind"] for d in docs] == ["Deployment", "ConfigMap", "CronJob", "List"]
     assert containers(docs[0]["spec"]["template"]) == ["web", "mesh-proxy"]
@@ -86,6 +87,6 @@ def test_a_pod_the_webhook_would_deny_is_an_error() -> None:
         match=r"m.yaml: document 1 \(Deployment shop/web\): annotation "
         r"sidecar.istio.io/proxyCPU",
     ):
-        inject_manifests(bad, InjectionConfig(), "m.yaml")
+        inject_manifests(bad, InjectionConfig(xds_ca=MESH_ROOT), "m.yaml")
     with pytest.raises(ManifestError, match="not valid YAML"):
-        inject_manifests("a: [", InjectionConfig(), "m.yaml")
+        inject_manifests("a: [", InjectionConfig(xds_ca=MESH_ROOT), "m.yaml")
