@@ -52,7 +52,42 @@ def _parser() -> argparse.ArgumentParser:
         description="Run the control plane: the xDS server (ADS and per-type services) with the "
         "mesh CA, and the admin HTTP server. Edits to the mesh file are applied live.",
     )
-    s.add_argument("--mesh", required=True, type=Path, metavar="FILE", help="the YAML mesh file (watched for edits)")
+    s.add_argument(
+        "--mesh",
+        type=Path,
+        metavar="FILE",
+        help="the YAML mesh file (watched for edits); required unless --kubernetes, where it adds to the cluster's "
+        "services (the cluster wins a service both name)",
+    )
+    s.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="discover the mesh from Kubernetes: Services, EndpointSlices, Pods and Namespaces; proxies are "
+        "authenticated with TokenReview and their pods decide their endpoints",
+    )
+    s.add_argument(
+        "--kubeconfig",
+        type=Path,
+        metavar="FILE",
+        help="client configuration for --kubernetes (default: in-cluster in a pod, else $KUBECONFIG or ~/.kube/config)",
+    )
+    s.add_argument(
+        "--namespaces",
+        type=lambda v: tuple(n for n in v.split(",") if n),
+        default=(),
+        metavar="A,B",
+        help="with --kubernetes, watch only these namespaces (default: all)",
+    )
+    s.add_argument(
+        "--ca-secret",
+        metavar="NAMESPACE/NAME",
+        help="with --kubernetes, keep the CA root in this Secret, shared by every replica (the first one creates it)",
+    )
+    s.add_argument(
+        "--webhook-configuration",
+        metavar="NAME",
+        help="with --kubernetes, keep this MutatingWebhookConfiguration's caBundle equal to the mesh trust bundle",
+    )
     s.add_argument(
         "--bind",
         default="0.0.0.0",
@@ -499,6 +534,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = Settings(
         mesh_file=args.mesh,
+        kubernetes=args.kubernetes,
+        kubeconfig=args.kubeconfig,
+        namespaces=args.namespaces,
+        ca_secret=args.ca_secret,
+        webhook_configuration=args.webhook_configuration,
         bind=args.bind,
         xds_port=args.xds_port,
         xds_tls_port=args.xds_tls_port,
@@ -544,9 +584,22 @@ def _injection_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--proxy-image", metavar="IMAGE", help="the sidecar image (default: meshplane-proxy:1.40.0)")
     p.add_argument(
+        "--init-image",
+        metavar="IMAGE",
+        help="the capture init container's image, which needs meshctl and iptables, as the control plane "
+        "image has (default: the sidecar image)",
+    )
+    p.add_argument(
         "--injected-xds-address",
         metavar="HOST:PORT",
-        help="where injected sidecars reach xDS (default: meshplane.mesh-system.svc:15010)",
+        help="where injected sidecars reach xDS: its TLS port or unix:/path (default: meshplane.mesh-system.svc:15012)",
+    )
+    p.add_argument(
+        "--injected-xds-ca",
+        type=Path,
+        metavar="FILE",
+        help="the mesh roots injected sidecars verify the control plane with, carried in their bootstrap "
+        "(CA_DIR/trust-bundle.pem; `meshctl serve` uses its own CA's)",
     )
     p.add_argument(
         "--native-sidecars",
@@ -561,14 +614,19 @@ def _injection(args: argparse.Namespace) -> InjectionConfig:
     from meshplane.webhook.selector import InjectionConfigError
 
     try:
+        xds_ca = args.injected_xds_ca.read_text() if args.injected_xds_ca else None
         return InjectionConfig.load(
             args.injection_config,
             proxy_image=args.proxy_image,
+            init_image=args.init_image,
             xds_address=args.injected_xds_address,
+            xds_ca=xds_ca,
             native_sidecars=args.native_sidecars,
         )
     except InjectionConfigError as e:
         raise ConfigError(str(e)) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read --injected-xds-ca {args.injected_xds_ca}: {e.strerror}") from None
 
 
 def _inject(args: argparse.Namespace) -> int:

@@ -13,6 +13,9 @@ class Metrics:
         r = self.registry
         self.connected = Gauge("meshplane_xds_connected_proxies", "Proxies with an open xDS stream", registry=r)
         self.pushes = Counter("meshplane_xds_pushes", "xDS responses sent", ["type"], registry=r)
+        self.push_rounds = Counter(
+            "meshplane_xds_push_rounds", "Pushes of a new model or new certificates to every stream", registry=r
+        )
         self.push_seconds = Histogram(
             "meshplane_xds_push_latency_seconds",
             "From a change reaching the server to the response being sent",

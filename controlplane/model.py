@@ -25,6 +25,12 @@ class Protocol(enum.StrEnum):
     def is_http2(self) -> bool:
         return self in (Protocol.HTTP2, Protocol.GRPC)
 
+    @classmethod
+    def from_port_name(cls, name: str) -> Protocol:
+        """Istio's convention: `http-…`, `http2-…`, `grpc-…` (or exactly that name), else TCP."""
+        prefix = name.split("-", 1)[0].upper()
+        return cls(prefix) if prefix in cls.__members__ else cls.TCP
+
 
 class MtlsMode(enum.StrEnum):
     STRICT = "STRICT"
@@ -59,12 +65,25 @@ class Port:
 
 
 @dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A workload behind a service, as an EndpointSlice lists it: `ports` maps the service's port
+    names to the numbers this workload listens on (a named targetPort resolves per pod)."""
+
+    workload: Workload
+    ports: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Service:
     name: str
     namespace: str
     ports: tuple[Port, ...]
     selector: Labels = ()
     addresses: tuple[str, ...] = ()
+    endpoints: tuple[Endpoint, ...] | None = None
+    """Given explicitly (Kubernetes: from EndpointSlices); None: the workloads `selector` picks."""
+    external_name: str = ""
+    """A DNS name the service stands for (Kubernetes `type: ExternalName`): no endpoints of its own."""
 
     def hostname(self, domain_suffix: str) -> str:
         return f"{self.name}.{self.namespace}.svc.{domain_suffix}"
@@ -85,6 +104,11 @@ class Workload:
     labels: Labels = ()
     mtls: MtlsMode | None = None
     """Overrides the mesh-wide mode for this workload's inbound side."""
+    sidecar: bool = True
+    """Runs a sidecar of this mesh, so clients send it mTLS (Istio's tlsMode=istio endpoint label)."""
+    draining: bool = False
+    """Its proxy disconnected and may be gone: still an endpoint (it may be reconnecting), but clients
+    send it nothing new while another endpoint is healthy."""
 
     def spiffe_id(self, trust_domain: str) -> str:
         return spiffe_id(trust_domain, self.namespace, self.service_account)
@@ -102,7 +126,7 @@ class MeshModel:
     outbound_policy: OutboundPolicy = OutboundPolicy.ALLOW_ANY
     services: tuple[Service, ...] = ()
     workloads: tuple[Workload, ...] = ()
-    _endpoints: dict[tuple[str, str], tuple[Workload, ...]] = field(
+    _endpoints: dict[tuple[str, str], tuple[Endpoint, ...]] = field(
         default_factory=dict, init=False, repr=False, compare=False, hash=False
     )
     _by_name: dict[tuple[str, str], Workload] = field(
@@ -136,19 +160,22 @@ class MeshModel:
             self._by_name.update(((w.namespace, w.name), w) for w in self.workloads)
         return self._by_name.get((namespace, name))
 
-    def endpoints(self, service: Service) -> tuple[Workload, ...]:
-        """Workloads selected by `service`, ordered by address then name (memoized)."""
+    def service_endpoints(self, service: Service) -> tuple[Endpoint, ...]:
+        """What is behind `service`: its explicit endpoints, else the workloads its selector picks,
+        ordered by address then name (memoized)."""
         key = (service.namespace, service.name)
         found = self._endpoints.get(key)
         if found is None:
-            found = tuple(
-                sorted(
-                    (w for w in self.workloads if service.selects(w)),
-                    key=lambda w: (w.address, w.name),
-                )
-            )
+            if service.endpoints is not None:
+                chosen = list(service.endpoints)
+            else:
+                chosen = [Endpoint(w) for w in self.workloads if service.selects(w)]
+            found = tuple(sorted(chosen, key=lambda e: (e.workload.address, e.workload.name)))
             self._endpoints[key] = found
         return found
+
+    def endpoints(self, service: Service) -> tuple[Workload, ...]:
+        return tuple(e.workload for e in self.service_endpoints(service))
 
     def services_of(self, workload: Workload) -> tuple[Service, ...]:
         return tuple(s for s in self.services if s.selects(workload))

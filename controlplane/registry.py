@@ -7,6 +7,7 @@ proxies announce about themselves. Every change calls `on_change` with a new mod
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from . import meshfile
 from .errors import MeshFileError
-from .model import MeshModel, Workload, labels
+from .model import MeshModel, Service, Workload, labels
 
 log = logging.getLogger("meshplane.registry")
 
@@ -30,12 +31,25 @@ class Registry:
     proxies to reconnect after a restart are not sent a mesh that lacks the others.
     """
 
-    def __init__(self, static: MeshModel, on_change: Callable[[MeshModel], None] = lambda m: None) -> None:
+    def __init__(
+        self,
+        static: MeshModel,
+        on_change: Callable[[MeshModel], None] = lambda m: None,
+        *,
+        self_registration: bool = True,
+    ) -> None:
         self._static = static
+        self._cluster: tuple[tuple[Service, ...], tuple[Workload, ...]] = ((), ())
         self._proxies: dict[str, tuple[Workload, int]] = {}
         self._restored: dict[str, Workload] = {}
         self._on_change = on_change
+        self.self_registration = self_registration
         self._model = static
+
+    def set_cluster(self, services: tuple[Service, ...], workloads: tuple[Workload, ...]) -> None:
+        """What Kubernetes says: its services and pods. Merged with the mesh file by `_rebuild`."""
+        self._cluster = (services, workloads)
+        self._rebuild()
 
     def restore(self, registrations: dict[str, Workload]) -> None:
         self._restored = {k: w for k, w in registrations.items() if k not in self._proxies}
@@ -60,12 +74,36 @@ class Registry:
         self._static = static
         self._rebuild()
 
+    def _merged(self) -> MeshModel:
+        """The mesh file plus the cluster. The cluster wins a service or workload both name (it is the
+        source of truth); the file adds what the cluster lacks (external services, VMs, a test mesh)."""
+        services, workloads = self._cluster
+        if not services and not workloads:
+            return self._static
+        have = {(s.namespace, s.name) for s in services}
+        pods = {(w.namespace, w.name) for w in workloads}
+        s = self._static
+        return dataclasses.replace(
+            s,
+            services=services + tuple(x for x in s.services if (x.namespace, x.name) not in have),
+            workloads=workloads + tuple(w for w in s.workloads if (w.namespace, w.name) not in pods),
+        )
+
     def register(self, proxy_id: str, workload: Workload) -> None:
         """A proxy's stream opened; several streams of one proxy are counted."""
         previous, count = self._proxies.get(proxy_id, (self._restored.pop(proxy_id, None), 0))
         self._proxies[proxy_id] = (workload, count + 1)
         # The newest stream speaks for the proxy: a reconnect may bring new labels or an address.
-        if workload != previous:
+        if self.self_registration and workload != previous:
+            self._rebuild()
+
+    def drain(self, proxy_id: str) -> None:
+        """The proxy's last stream closed: it stays an endpoint until `unregister`, but draining."""
+        entry = self._proxies.get(proxy_id)
+        if entry is None or entry[0].draining:
+            return
+        self._proxies[proxy_id] = (dataclasses.replace(entry[0], draining=True), entry[1])
+        if self.self_registration:
             self._rebuild()
 
     def unregister(self, proxy_id: str) -> None:
@@ -77,11 +115,12 @@ class Registry:
             self._proxies[proxy_id] = (workload, count - 1)
             return
         del self._proxies[proxy_id]
-        self._rebuild()
+        if self.self_registration:
+            self._rebuild()
 
     def _rebuild(self) -> None:
-        dynamic = tuple(w for _, w in sorted(self.registrations().items()))
-        model = self._static.with_workloads(dynamic)
+        dynamic = tuple(w for _, w in sorted(self.registrations().items())) if self.self_registration else ()
+        model = self._merged().with_workloads(dynamic)
         for w in self._static.workloads:
             if (served := model.workload(w.namespace, w.name)) is not None and served != w:
                 log.error(

@@ -143,6 +143,16 @@ class XdsServer:
         self.serving = False
         self.shutdown_delay = shutdown_delay
         self._stopping = False
+        self._open = asyncio.Event()
+
+    @property
+    def is_open(self) -> bool:
+        return self._open.is_set()
+
+    def open(self) -> None:
+        """Start answering streams: until then they wait, so nothing built from a partial view of
+        the mesh (a Kubernetes source still listing) is ever sent."""
+        self._open.set()
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -221,22 +231,20 @@ class XdsServer:
             )
         return self.tls_port, self.port
 
-    async def stop(self, grace: float = 5.0) -> None:
+    async def stop(self, grace: float = 5.0, *, delay: float | None = None) -> None:
         """Shut down in the order that loses nothing: /readyz turns 503 and streams keep being served
-        for `shutdown_delay` (load balancers and new proxies move away); then GOAWAY, so connected
-        proxies reconnect elsewhere; pushes already queued finish, each stream ends, and whatever
-        is still open after `grace` seconds is cancelled. Calling it again does nothing."""
+        for `delay` (default `shutdown_delay`; load balancers and new proxies move away); then GOAWAY,
+        so connected proxies reconnect elsewhere; pushes already queued finish, each stream ends, and
+        whatever is still open after `grace` seconds is cancelled, even a peer that reads nothing.
+        Calling it again does nothing."""
         if self._stopping:
             return
         self._stopping = True
         self.serving = False
-        if self.shutdown_delay > 0:
-            log.info(
-                "shutting down: not ready; still serving %d streams for %.1fs",
-                len(self.connections),
-                self.shutdown_delay,
-            )
-            await asyncio.sleep(self.shutdown_delay)
+        delay = self.shutdown_delay if delay is None else delay
+        if delay > 0:
+            log.info("shutting down: not ready; still serving %d streams for %.1fs", len(self.connections), delay)
+            await asyncio.sleep(delay)
         self._debouncer.cancel()
         for task in self._tasks:
             task.cancel()
@@ -246,7 +254,15 @@ class XdsServer:
             stopping = asyncio.get_running_loop().create_task(self._grpc.stop(grace))  # GOAWAY now
             for conn in list(self.connections.values()):
                 conn.queue.put_nowait(_END)  # after whatever the stream still has queued
-            await stopping
+            try:
+                # grpc.aio's stop does not return while a write is blocked on a peer that reads nothing.
+                await asyncio.wait_for(asyncio.shield(stopping), grace + 1)
+            except TimeoutError:
+                log.warning(
+                    "%d streams did not end within %.0fs (peers not reading); leaving them",
+                    len(self.connections),
+                    grace,
+                )
 
     # -- changes --------------------------------------------------------------------
 
@@ -272,6 +288,7 @@ class XdsServer:
 
     def push_all(self) -> None:
         """Queue a push to every stream; one INFO line per push, per-proxy detail at DEBUG."""
+        self.metrics.push_rounds.inc()
         if self.connections:
             log.info("pushing to %d streams (%d views)", len(self.connections), self.cache.views())
         for conn in self.connections.values():
@@ -354,6 +371,7 @@ class XdsServer:
     ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
         peer = context.peer()
         identity = await self.authenticate(context, peer)
+        await self._open.wait()
         try:
             first = await anext(requests)
         except StopAsyncIteration:
@@ -378,6 +396,8 @@ class XdsServer:
                     denied=True,
                 ),
             )
+        if identity is not None and (refusal := self._pod_refusal(identity, node)) is not None:
+            await self._refuse(context, peer, refusal)
         if sum(1 for c in self.connections.values() if c.node.id == node.id) >= MAX_STREAMS_PER_PROXY:
             self.metrics.auth_failures.labels("too-many-streams").inc()
             await context.abort(
@@ -431,11 +451,35 @@ class XdsServer:
             reader.cancel()
             self.connections.pop(conn.id, None)
             self.metrics.connected.set(len(self.connections))
+            if not any(c.node.id == node.id for c in self.connections.values()):
+                self.registry.drain(node.id)
             log.info(
-                "proxy %s disconnected (stream %d); it stays an endpoint for %.0fs", node.id, conn.id, self.proxy_grace
+                "proxy %s disconnected (stream %d); it stays a draining endpoint for %.0fs",
+                node.id,
+                conn.id,
+                self.proxy_grace,
             )
             timer = asyncio.get_running_loop().call_later(self.proxy_grace, self._unregister, node.id)
             self._timers.add(timer)
+
+    def _pod_refusal(self, identity: Identity, node: ProxyNode) -> AuthError | None:
+        """Where pods decide (no self-registration), the pod a proxy names must be its own: a token bound
+        to a pod names it, and the pod's service account must be the credential's."""
+        w = node.workload
+        if identity.pod and identity.pod != w.name:
+            return AuthError(
+                f"proxy {node.id} claims pod {w.name}, but its token is bound to pod {identity.pod}",
+                reason="pod-mismatch",
+                denied=True,
+            )
+        pod = self.cache.model.workload(w.namespace, w.name)
+        if not self.registry.self_registration and pod is not None and pod.service_account != w.service_account:
+            return AuthError(
+                f"proxy {node.id} claims pod {w.namespace}/{w.name}, which runs as {pod.service_account}",
+                reason="pod-mismatch",
+                denied=True,
+            )
+        return None
 
     def identity_id(self, identity: Identity) -> str:
         return spiffe_id(self.cache.model.trust_domain, identity.namespace, identity.service_account)

@@ -32,8 +32,18 @@ def default_ca_dir() -> Path:
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    mesh_file: Path
-    """The YAML mesh file, watched for edits."""
+    mesh_file: Path | None = None
+    """The YAML mesh file, watched for edits (optional with `kubernetes`)."""
+    kubernetes: bool = False
+    """Discover the mesh from a Kubernetes cluster (Services, EndpointSlices, Pods, Namespaces)."""
+    kubeconfig: Path | None = None
+    """The client configuration; None: in-cluster in a pod, else $KUBECONFIG or ~/.kube/config."""
+    namespaces: tuple[str, ...] = ()
+    """Watch only these namespaces (empty: all)."""
+    ca_secret: str | None = None
+    """NAMESPACE/NAME of the Secret holding the CA root shared by every replica (Kubernetes mode)."""
+    webhook_configuration: str | None = None
+    """The MutatingWebhookConfiguration whose caBundle is kept equal to the CA's trust bundle."""
     bind: str = "0.0.0.0"
     """Address every server listens on (all interfaces by default, as istiod does)."""
     xds_tls_port: int = 15012
@@ -97,6 +107,10 @@ class Settings:
     to loopback callers; /healthz, /readyz and /metrics answer everyone either way."""
 
     def __post_init__(self) -> None:
+        if self.mesh_file is None and not self.kubernetes:
+            raise ConfigError("give a mesh file (--mesh FILE), or discover the mesh from Kubernetes (--kubernetes)")
+        if self.ca_secret is not None and not re.match(r"^[a-z0-9-]+/[a-z0-9.-]+$", self.ca_secret):
+            raise ConfigError(f"--ca-secret {self.ca_secret!r} must be NAMESPACE/NAME")
         if self.cert_ttl < MIN_CERT_TTL:
             raise ConfigError(
                 f"--cert-ttl {self.cert_ttl.total_seconds():g}s is too short: certificates are renewed at "

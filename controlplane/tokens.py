@@ -43,6 +43,8 @@ class TokenError(ValueError):
 class Identity:
     namespace: str
     service_account: str
+    pod: str = ""
+    """The pod a Kubernetes bound token names, when it names one."""
 
 
 def subject(namespace: str, service_account: str) -> str:
@@ -135,6 +137,15 @@ def verify(
     if not isinstance(sub, str):
         raise TokenError("the token has no subject")
     return identity_of_subject(sub)
+
+
+def issuer(token: str) -> str | None:
+    """The `iss` a token claims, unverified: which verifier to ask (never a reason to trust it)."""
+    try:
+        claims = json.loads(_unb64(token.split(".")[1]))
+    except (IndexError, ValueError, binascii.Error):
+        return None
+    return claims.get("iss") if isinstance(claims, dict) and isinstance(claims.get("iss"), str) else None
 
 
 def _b64(data: str | bytes) -> str:

@@ -63,7 +63,8 @@ class MeshConfig:
 
     @functools.cached_property
     def assignments(self) -> list[message.Message]:
-        return [endpoints.assignment(self.model, s, p) for s in self.model.services for p in s.ports]
+        m = self.model
+        return [endpoints.assignment(m, s, p) for s in m.services if not s.external_name for p in s.ports]
 
     @functools.cached_property
     def outbound_listeners(self) -> list[message.Message]:

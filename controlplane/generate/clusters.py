@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, protocol_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as http_opts
 
 from meshplane.bootstrap.protobuf import seconds, socket_address
@@ -30,8 +31,30 @@ HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
 def outbound(model: MeshModel, service: Service, port: Port) -> cluster_pb2.Cluster:
-    """`outbound|<port>||<host>`: endpoints from EDS; mTLS to endpoints that carry a sidecar."""
+    """`outbound|<port>||<host>`: endpoints from EDS; mTLS to endpoints that carry a sidecar.
+    A service that stands for a DNS name (ExternalName) resolves it instead, in plaintext."""
     name = outbound_cluster_name(port, service, model.domain_suffix)
+    if service.external_name:
+        return cluster_pb2.Cluster(
+            name=name,
+            type=cluster_pb2.Cluster.STRICT_DNS,
+            connect_timeout=seconds(CONNECT_TIMEOUT),
+            lb_policy=cluster_pb2.Cluster.ROUND_ROBIN,
+            load_assignment=endpoint_pb2.ClusterLoadAssignment(
+                cluster_name=name,
+                endpoints=[
+                    endpoint_components_pb2.LocalityLbEndpoints(
+                        lb_endpoints=[
+                            endpoint_components_pb2.LbEndpoint(
+                                endpoint=endpoint_components_pb2.Endpoint(
+                                    address=socket_address(service.external_name, port.workload_port)
+                                )
+                            )
+                        ]
+                    )
+                ],
+            ),
+        )
     cluster = cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.EDS,
@@ -52,7 +75,7 @@ def outbound(model: MeshModel, service: Service, port: Port) -> cluster_pb2.Clus
     ):
         # Istio's auto-mTLS: endpoints marked tlsMode=istio (they run a sidecar) get mTLS,
         # the others plaintext, decided per endpoint by the transport socket match.
-        sans = sorted({w.spiffe_id(model.trust_domain) for w in model.endpoints(service)})
+        sans = sorted({w.spiffe_id(model.trust_domain) for w in model.endpoints(service) if w.sidecar})
         sni = f"outbound_.{port.port}_._.{service.hostname(model.domain_suffix)}"
         alpn = ["h2"] if port.protocol.is_http2 else []
         cluster.transport_socket_matches.extend(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from envoy.config.core.v3 import base_pb2
+from envoy.config.core.v3 import base_pb2, health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2 as ec
 from envoy.config.endpoint.v3 import endpoint_pb2
 
@@ -20,9 +20,13 @@ from .common import (
 
 def assignment(model: MeshModel, service: Service, port: Port) -> endpoint_pb2.ClusterLoadAssignment:
     lb_endpoints = []
-    for workload in model.endpoints(service):
-        endpoint = ec.LbEndpoint(endpoint=ec.Endpoint(address=socket_address(workload.address, port.workload_port)))
-        if model.mtls_of(workload) is not MtlsMode.DISABLE:
+    for e in model.service_endpoints(service):
+        workload = e.workload
+        address = socket_address(workload.address, dict(e.ports).get(port.name, port.workload_port))
+        endpoint = ec.LbEndpoint(endpoint=ec.Endpoint(address=address))
+        if workload.draining:
+            endpoint.health_status = health_check_pb2.DRAINING
+        if workload.sidecar and model.mtls_of(workload) is not MtlsMode.DISABLE:
             endpoint.metadata.CopyFrom(
                 base_pb2.Metadata(filter_metadata={TRANSPORT_SOCKET_MATCH: struct({TLS_MODE_KEY: TLS_MODE_ISTIO})})
             )

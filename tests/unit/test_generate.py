@@ -218,3 +218,30 @@ workloads:
     cla = as_dicts(config.assignments)["outbound|5432||db.ns.svc.cluster.local"]
     address = cla["endpoints"][0]["lbEndpoints"][0]["endpoint"]["address"]["socketAddress"]
     assert address == {"address": "fd00:250::9", "portValue": 5432}
+
+
+def test_draining_and_sidecarless_endpoints() -> None:
+    """A disconnected proxy's endpoint is DRAINING (Envoy sends it nothing new while others are healthy);
+    an endpoint without a sidecar gets plaintext and is not among the identities the client accepts."""
+    import dataclasses
+
+    model = meshfile.parse(MESH)
+    first, second, *rest = model.workloads
+    model = dataclasses.replace(
+        model,
+        workloads=(
+            dataclasses.replace(first, draining=True),
+            dataclasses.replace(second, mtls=None, sidecar=False),
+            *rest,
+        ),
+    )
+    config = MeshConfig(model)
+    view = view_of(model, model.workloads[2])
+    lb = as_dicts(config.resources(view)[ENDPOINT])["outbound|9080||reviews.bookinfo.svc.cluster.local"]
+    first_lb, second_lb = lb["endpoints"][0]["lbEndpoints"]
+    assert first_lb["healthStatus"] == "DRAINING" and "healthStatus" not in second_lb
+    assert "metadata" not in second_lb
+    cluster = as_dicts(config.resources(view)[CLUSTER])["outbound|9080||reviews.bookinfo.svc.cluster.local"]
+    tls = cluster["transportSocketMatches"][0]["transportSocket"]["typedConfig"]["commonTlsContext"]
+    sans = tls["combinedValidationContext"]["defaultValidationContext"]["matchTypedSubjectAltNames"]
+    assert [s["matcher"]["exact"] for s in sans] == ["spiffe://example.org/ns/bookinfo/sa/reviews"]

@@ -136,3 +136,14 @@ def test_saved_registrations_stand_in_until_their_proxy_is_back_or_expired(tmp_p
     assert {w.name for w in registry.model.workloads} == {"web-1"}
     (tmp_path / "state" / "registrations.json").write_text("{not json")
     assert store.load() == {}
+
+
+def test_a_disconnected_proxy_drains_until_its_grace_ends_or_it_is_back() -> None:
+    registry = Registry(meshfile.parse(MESH))
+    registry.register("p1", proxy())
+    registry.drain("p1")
+    (w,) = registry.model.workloads
+    assert w.draining
+    registry.register("p1", proxy())  # back within the grace period
+    (w,) = registry.model.workloads
+    assert not w.draining
