@@ -219,20 +219,42 @@ def _check(identity: WorkloadIdentity) -> None:
             raise BootstrapError(f"IP {identity.ip!r} is not an IP address or a $(VAR) reference") from None
 
 
+def _target(xds_address: str) -> tuple[str, bool]:
+    """gRPC's target for one address, or for several replicas' (comma-separated IP addresses, tried
+    in turn: gRPC's pick_first moves to the next when one fails); and whether it is TCP."""
+    addresses = [a.strip() for a in xds_address.split(",") if a.strip()]
+    if len(addresses) == 1:
+        host, port = split_address(addresses[0])
+        if not port:
+            return f"unix:{host}", False
+        return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}"), True
+    parsed = [split_address(a) for a in addresses]
+    try:
+        versions = {ipaddress.ip_address(host).version for host, port in parsed if port}
+    except ValueError:
+        versions = set()
+    if len(versions) != 1 or any(not port for _, port in parsed):
+        raise BootstrapError(
+            f"xDS addresses {xds_address!r}: several addresses must all be IPv4 or all IPv6 HOST:PORT "
+            "(a DNS name that resolves to every replica, such as a Service's, works as a single address)"
+        )
+    if versions == {4}:
+        return "ipv4:" + ",".join(f"{h}:{p}" for h, p in parsed), True
+    return "ipv6:" + ",".join(f"[{h}]:{p}" for h, p in parsed), True
+
+
 def _authenticated_xds(xds_address: str, credentials: XdsCredentials) -> grpc_service_pb2.GrpcService:
-    host, port = split_address(xds_address)
+    target, tcp = _target(xds_address)
     google = grpc_service_pb2.GrpcService.GoogleGrpc
-    if port:
+    if tcp:
         if credentials.ca_pem:
             roots = base_pb2.DataSource(inline_string=credentials.ca_pem)
         elif credentials.ca_file:
             roots = base_pb2.DataSource(filename=credentials.ca_file)
         else:
             raise BootstrapError(f"xDS address {xds_address!r} is TCP: TLS needs the mesh root (--xds-ca FILE)")
-        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         channel = google.ChannelCredentials(ssl_credentials=google.SslCredentials(root_certs=roots))
     else:
-        target = f"unix:{host}"
         channel = google.ChannelCredentials(local_credentials=google.GoogleLocalCredentials())
     token = file_based_metadata_pb2.FileBasedMetadataConfig(
         secret_data=base_pb2.DataSource(filename=credentials.token_file),
@@ -264,6 +286,8 @@ def _authenticated_xds(xds_address: str, credentials: XdsCredentials) -> grpc_se
 
 
 def _xds_cluster(xds_address: str) -> cluster_pb2.Cluster:
+    if "," in xds_address:
+        raise BootstrapError("several xDS addresses need --token-file (authenticated xDS over gRPC's own client)")
     host, port = split_address(xds_address)
     try:
         if port:

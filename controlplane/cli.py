@@ -205,6 +205,13 @@ def _parser() -> argparse.ArgumentParser:
         "meshplane.mesh-system.svc[.cluster.local], localhost, 127.0.0.1)",
     )
     s.add_argument(
+        "--xds-dns-name",
+        action="append",
+        metavar="NAME",
+        help="a name or IP address for the xDS server's TLS certificate, as sidecars dial it (repeatable; default: "
+        "meshplane.mesh-system.svc[.cluster.local], localhost, 127.0.0.1)",
+    )
+    s.add_argument(
         "--debug-from-anywhere",
         action="store_true",
         help="serve the admin /debug/* pages (every proxy's config and identity) to any address; by default only "
@@ -220,7 +227,14 @@ def _parser() -> argparse.ArgumentParser:
         "node identity, the xds-grpc cluster, ADS, admin on 127.0.0.1, Prometheus "
         "stats on 15090 and readiness on 15021.",
     )
-    b.add_argument("--xds-address", required=True, metavar="HOST:PORT", help="where `meshctl serve` listens")
+    b.add_argument(
+        "--xds-address",
+        required=True,
+        action="append",
+        metavar="HOST:PORT",
+        help="where `meshctl serve` listens (its TLS port, or unix:/path); repeat it for several replicas, "
+        "which Envoy tries in turn when one fails",
+    )
     b.add_argument("--name", required=True, help="the workload (pod) name")
     b.add_argument("--namespace", required=True, help="the workload's namespace")
     b.add_argument("--service-account", default="default", help="the workload's service account (default: default)")
@@ -557,6 +571,7 @@ def _serve(args: argparse.Namespace) -> int:
         webhook_cert=args.webhook_cert,
         webhook_key=args.webhook_key,
         webhook_dns_names=tuple(args.webhook_dns_name or WEBHOOK_DNS_NAMES),
+        xds_dns_names=tuple(args.xds_dns_name or WEBHOOK_DNS_NAMES),
         debug_from_anywhere=args.debug_from_anywhere,
     )
     if (args.webhook_cert is None) != (args.webhook_key is None):
@@ -802,7 +817,8 @@ def _bootstrap(args: argparse.Namespace) -> int:
         if args.xds_ca and not args.token_file:
             raise ConfigError("--xds-ca goes with --token-file")
         credentials = XdsCredentials(args.token_file, args.xds_ca or "") if args.token_file else None
-        text = render(bootstrap(identity, args.xds_address, Ports(admin=args.admin_port), (), credentials), args.format)
+        address = ",".join(args.xds_address)
+        text = render(bootstrap(identity, address, Ports(admin=args.admin_port), (), credentials), args.format)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return _emit(text, args.output)
