@@ -19,6 +19,7 @@ from google.protobuf import struct_pb2
 
 from meshplane.controlplane.app import ControlPlane
 from meshplane.controlplane.resources import CLUSTER, ENDPOINT, SECRET
+from tests.harness import wait_until
 
 from .conftest import call_token, xds_channel
 
@@ -86,6 +87,15 @@ async def one_proxy(plane: ControlPlane, stub: Any, i: int) -> None:
     call.cancel()
 
 
+async def gone(plane: ControlPlane) -> None:
+    """The proxy's grace period has ended: it is no longer registered (the model changed again)."""
+
+    async def unregistered() -> bool:
+        return not plane.xds.connections and not plane.registry.registrations()
+
+    await wait_until(unregistered, timeout=5, interval=0.005, what="the proxy to be unregistered")
+
+
 def rss() -> int:
     gc.collect()
     with open(f"/proc/{os.getpid()}/statm") as f:
@@ -99,11 +109,11 @@ async def test_memory_stays_flat_under_pod_churn(plane_factory: Any, mesh_file: 
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
         for i in range(WARMUP):
             await one_proxy(plane, stub, i)
-            await asyncio.sleep(0.03)  # let the grace period end and the model change land
+            await gone(plane)
         after_warmup = rss()
         for i in range(WARMUP, ROUNDS):
             await one_proxy(plane, stub, i)
-            await asyncio.sleep(0.03)
+            await gone(plane)
         at_end = rss()
     growth = (at_end - after_warmup) / 2**20
     print(

@@ -181,7 +181,14 @@ async def test_a_certificate_nobody_asks_for_is_renewed_without_spinning(plane_f
         cds.send(type_url=CLUSTER, node=node("cds-only"))
         first = await cds.recv()
         cds.send(type_url=CLUSTER, response_nonce=first.nonce, version_info=first.version_info)
-        await asyncio.sleep(0.1)
+
+        async def acked() -> bool:
+            return any(
+                (t := c.state.types.get(CLUSTER)) is not None and t.acked_version == first.version_info
+                for c in plane.xds.connections.values()
+            )
+
+        await wait_until(acked, what="the clusters ACK")
         sds.call.cancel()  # the only SDS subscriber leaves; the identity stays alive through cds-only
         before = _pushes(plane)
         await asyncio.sleep(3)  # past the 1 s renewal point of the certificate
@@ -205,9 +212,12 @@ async def test_shutdown_turns_readiness_off_before_closing_streams(plane_factory
         client.send(type_url=CLUSTER, node=node())
         await client.recv()
         stopping = asyncio.get_running_loop().create_task(plane.xds.stop(grace=0.5))
-        await asyncio.sleep(0.3)
-        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{plane.admin_port}/readyz") as r:
-            assert r.status == 503
+
+        async def not_ready() -> bool:
+            async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{plane.admin_port}/readyz") as r:
+                return r.status == 503
+
+        await wait_until(not_ready, timeout=2, interval=0.02, what="/readyz to turn 503")
         assert plane.xds.connections, "the stream was closed in the same instant readiness turned off"
         await asyncio.wait_for(stopping, 5)
         assert not plane.xds.connections

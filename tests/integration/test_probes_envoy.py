@@ -1,6 +1,7 @@
 """Rewritten app probes, answered by a real Envoy on its health port from the injected bootstrap."""
 
 import asyncio
+import datetime as dt
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -61,11 +62,17 @@ async def test_rewritten_probes_are_answered_by_envoy(
             ]
         },
     }
-    out = inject(pod, "demo", InjectionConfig(xds_address=f"127.0.0.1:{plane.xds_tls_port}")).pod
+    config = InjectionConfig(xds_address=f"127.0.0.1:{plane.xds_tls_port}", xds_ca=plane.ca.trust_bundle_pem.decode())
+    out = inject(pod, "demo", config).pod
     proxy = out["spec"]["containers"][-1]
     text = proxy["args"][proxy["args"].index("--config-yaml") + 1]
     # What Kubernetes' $(VAR) expansion does from the Downward API; then ports free on this host.
     doc = json.loads(text.replace("$(INSTANCE_IP)", "127.0.0.1").replace("$(POD_NAME)", "web-0"))
+    # The pod's projected token, as kubelet would write it: here a mesh token for the pod's identity.
+    token = tmp_path / "token"
+    token.write_text(plane.ca.mint_token("demo", "default", dt.timedelta(hours=1)))
+    google = doc["dynamicResources"]["adsConfig"]["grpcServices"][0]["googleGrpc"]
+    google["callCredentials"][0]["fromPlugin"]["typedConfig"]["secretData"]["filename"] = str(token)
     admin, health = free_port(), free_port()
     doc["admin"]["address"]["socketAddress"]["portValue"] = admin
     for cluster in doc["staticResources"]["clusters"]:
@@ -91,5 +98,8 @@ async def test_rewritten_probes_are_answered_by_envoy(
             return await probe("readyz") == 200
 
         await wait_until(tcp_probe_passes, timeout=10, what="the TCP probe to pass")
-        await asyncio.sleep(1.5)  # a health check round for the closed port
-        assert await probe("readyz", "db") == 503
+
+        async def closed_port_fails() -> bool:
+            return await probe("readyz", "db") == 503
+
+        await wait_until(closed_port_fails, timeout=10, what="the closed port's probe to fail")
