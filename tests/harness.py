@@ -148,3 +148,17 @@ def _mesh_root() -> str:
 
 MESH_ROOT = _mesh_root()
 """PEM roots for `InjectionConfig(xds_ca=...)` in tests that render sidecars without a control plane."""
+
+
+def endpoints(dump: dict[str, Any], cluster: str) -> list[str]:
+    """`address:port` of each endpoint Envoy holds for `cluster`, from `EnvoyAdmin.config_dump()`."""
+    for cfg in dump["EndpointsConfigDump"].get("dynamic_endpoint_configs", []):
+        cla = cfg["endpoint_config"]
+        if cla["cluster_name"] == cluster:
+            return sorted(
+                f"{e['endpoint']['address']['socket_address']['address']}:"
+                f"{e['endpoint']['address']['socket_address']['port_value']}"
+                for group in cla.get("endpoints", [])
+                for e in group.get("lb_endpoints", [])
+            )
+    raise KeyError(cluster)

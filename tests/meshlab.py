@@ -6,6 +6,11 @@ Pods are joined by a bridge in a hub namespace of their own. Services select pod
 pods' endpoints come from self-registration only. Everything the lab starts is stopped by PID and
 every namespace it made is deleted, also when a test fails half-way.
 
+Replicas over TCP (`lab.add_plane(...)`, `lab.fake_kube()`): further `meshctl serve --kubernetes`
+processes run inside the hub namespace, listening on its bridge (GATEWAY), sharing one CA and one
+`FakeKube` API server that also lives in the hub namespace (started from a thread that entered it),
+and pods whose sidecars dial them over TLS with a pod-bound token (`add_pod(..., xds=..., token=...)`).
+
 Synchronous on purpose: tests drive processes and poll, and nothing here holds an event loop.
 """
 
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
 import http.client
 import json
 import os
@@ -28,7 +34,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +42,7 @@ from typing import Any, TypeVar
 
 from cryptography import x509
 
+from tests.fakekube import FakeKube
 from tests.harness import envoy_binary, free_port
 from tests.netns import require_netns, sh
 
@@ -46,6 +53,7 @@ APP_UID = 1000
 SUBNET = "10.251.0"
 GATEWAY = f"{SUBNET}.1"
 BACKEND_VIP = "10.96.0.20"
+FRONTEND_VIP = "10.96.0.10"
 MESHCTL = [sys.executable, "-m", "meshplane.controlplane.cli"]
 SYSTEM_PYTHON = "/usr/bin/python3"
 TYPES = ("CDS", "EDS", "LDS", "RDS", "SDS")
@@ -152,6 +160,26 @@ def kill_group(proc: subprocess.Popen[Any], sig: int = signal.SIGKILL, wait: flo
             os.killpg(proc.pid, sig)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(wait)
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+def _enter_netns(ns: str) -> None:
+    """Move the calling thread (only it) into network namespace `ns`; threads it starts inherit it."""
+    fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+    try:
+        if ctypes.CDLL(None, use_errno=True).setns(fd, _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns into {ns}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def netns_executor(ns: str) -> ThreadPoolExecutor:
+    """A one-thread executor whose thread lives in namespace `ns`: sockets it opens (and threads it
+    starts, such as a FakeKube's server) are that namespace's. The caller shuts it down."""
+    return ThreadPoolExecutor(1, thread_name_prefix=f"netns-{ns}", initializer=_enter_netns, initargs=(ns,))
 
 
 class _UnixHTTP(http.client.HTTPConnection):
@@ -327,23 +355,50 @@ class ControlPlane:
     """`meshctl serve` as a subprocess; `kill()` and `start()` again keep the CA, state and ports.
 
     With `settings`, a few lines of Python run `serve()` with those Settings fields instead of the
-    CLI (for fields the CLI does not expose, such as min_ping_interval); the rest is the same."""
+    CLI (for fields the CLI does not expose, such as min_ping_interval); the rest is the same.
+
+    A replica (`netns` set, made by `MeshLab.add_plane`): `meshctl serve --kubernetes --kubeconfig`
+    run in namespace `netns` on all its addresses (`--bind 0.0.0.0` there: the bridge address the pods
+    dial, and loopback, where /debug/* answers), TLS only, its certificate also naming `advertise`;
+    `ca_dir` may be shared with other replicas. Its admin API is queried from a thread in `netns`."""
 
     def __init__(
         self,
         root: Path,
-        mesh: Path,
+        mesh: Path | None,
         *,
         cert_ttl: str = "1h",
         shutdown_delay: str = "0s",
         settings: Mapping[str, Any] | None = None,
+        kubeconfig: Path | None = None,
+        netns: str | None = None,
+        advertise: str = "127.0.0.1",
+        ca_dir: Path | None = None,
     ) -> None:
         self.root, self.mesh = root, mesh
-        self.ca_dir, self.state_dir, self.socket = root / "ca", root / "state", root / "xds.sock"
+        self.ca_dir, self.state_dir, self.socket = ca_dir or root / "ca", root / "state", root / "xds.sock"
         self.tls_port, self.admin_port, self.webhook_port = free_port(), free_port(), free_port()
         self.cert_ttl, self.shutdown_delay, self.settings = cert_ttl, shutdown_delay, dict(settings or {})
+        self.kubeconfig, self.netns, self.advertise = kubeconfig, netns, advertise
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self._executor = netns_executor(netns) if netns is not None else None
+        assert settings is None or netns is None, "settings= runs serve() in this namespace only"
+
+    @property
+    def xds_address(self) -> str:
+        """HOST:PORT a sidecar dials for xDS over TLS."""
+        return f"{self.advertise}:{self.tls_port}"
+
+    @property
+    def trust_bundle(self) -> Path:
+        return self.ca_dir / "trust-bundle.pem"
+
+    def close(self) -> None:
+        """Kill the process (if running) and stop the namespace thread."""
+        self.kill()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
 
     @property
     def log_path(self) -> Path:
@@ -352,10 +407,25 @@ class ControlPlane:
     def argv(self) -> list[str]:
         if self.settings:
             return self._python_argv()
+        if self.netns is not None:
+            return self._replica_argv()
         return [
             *MESHCTL, "serve", "--mesh", str(self.mesh), "--bind", "127.0.0.1",
             "--xds-tls-port", str(self.tls_port),
             "--xds-socket", str(self.socket), "--xds-socket-group", str(PROXY_UID),
+            "--admin-port", str(self.admin_port), "--webhook-port", str(self.webhook_port),
+            "--ca-dir", str(self.ca_dir), "--state-dir", str(self.state_dir),
+            "--cert-ttl", self.cert_ttl, "--shutdown-delay", self.shutdown_delay, "--proxy-grace", "5s",
+        ]  # fmt: skip
+
+    def _replica_argv(self) -> list[str]:
+        source = ["--kubernetes", "--kubeconfig", str(self.kubeconfig)] if self.kubeconfig else []
+        if self.mesh is not None:
+            source += ["--mesh", str(self.mesh)]
+        names = [a for n in dict.fromkeys((self.advertise, "127.0.0.1", "localhost")) for a in ("--xds-dns-name", n)]
+        return [
+            "ip", "netns", "exec", str(self.netns), *MESHCTL, "serve", *source, "--bind", "0.0.0.0",
+            "--xds-tls-port", str(self.tls_port), *names,
             "--admin-port", str(self.admin_port), "--webhook-port", str(self.webhook_port),
             "--ca-dir", str(self.ca_dir), "--state-dir", str(self.state_dir),
             "--cert-ttl", self.cert_ttl, "--shutdown-delay", self.shutdown_delay, "--proxy-grace", "5s",
@@ -399,17 +469,28 @@ class ControlPlane:
             raise AssertionError(f"meshctl serve exited with {self.proc.returncode}:\n{self.log()}")
         return self.readyz() == 200
 
+    def _in_netns(self, fn: Callable[[], T]) -> T:
+        if self._executor is None:
+            return fn()
+        return self._executor.submit(fn).result(timeout=30)
+
     def readyz(self) -> int:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/readyz", timeout=2) as r:
-                return int(r.status)
-        except urllib.error.HTTPError as e:
-            return int(e.code)
+        def read() -> int:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/readyz", timeout=2) as r:
+                    return int(r.status)
+            except urllib.error.HTTPError as e:
+                return int(e.code)
+
+        return self._in_netns(read)
 
     def get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=5) as r:
-            body = r.read().decode()
-            return json.loads(body) if r.headers.get_content_type() == "application/json" else body
+        def read() -> Any:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=5) as r:
+                body = r.read().decode()
+                return json.loads(body) if r.headers.get_content_type() == "application/json" else body
+
+        return self._in_netns(read)
 
     def metric(self, name: str, label: str) -> dict[str, float]:
         """One labelled counter of this process's /metrics: label value -> count."""
@@ -458,6 +539,10 @@ class ControlPlane:
         if self.proc is not None:
             kill_group(self.proc, signal.SIGKILL)
 
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def terminate(self) -> None:
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGTERM)
@@ -484,6 +569,9 @@ class MeshLab:
             self.root, self.mesh_file, cert_ttl=cert_ttl, shutdown_delay=shutdown_delay, settings=settings
         )
         self.hub = f"ml-hub-{self.tag}"
+        self.planes: dict[str, ControlPlane] = {}
+        self.kube: FakeKube | None = None
+        self._hub_thread: ThreadPoolExecutor | None = None
         self.pods: dict[str, Pod] = {}
         self.procs: list[subprocess.Popen[Any]] = []
         self.namespaces: list[str] = []
@@ -510,6 +598,12 @@ class MeshLab:
         for proc in reversed(self.procs):
             kill_group(proc)
         self.plane.kill()
+        for plane in self.planes.values():
+            plane.close()
+        if self.kube is not None:
+            self.kube.stop()
+        if self._hub_thread is not None:
+            self._hub_thread.shutdown(wait=False)
         for ns in reversed(self.namespaces):
             sh("ip", "netns", "del", ns, check=False)
         if os.environ.get("MESHLAB_KEEP"):
@@ -540,6 +634,42 @@ class MeshLab:
         self.procs.append(proc)
         return proc
 
+    # -- replicas over TCP, a Kubernetes API server ---------------------------------------
+
+    def in_hub(self, fn: Callable[[], T], timeout: float = 30) -> T:
+        """Run `fn` on a thread inside the hub namespace (where the replicas and FakeKube listen)."""
+        if self._hub_thread is None:
+            self._hub_thread = netns_executor(self.hub)
+        return self._hub_thread.submit(fn).result(timeout=timeout)
+
+    def fake_kube(self) -> FakeKube:
+        """A FakeKube API server listening on the hub namespace's loopback (its server thread is
+        started from inside the hub), stopped when the lab closes. Its kubeconfig is `kube_config`."""
+        assert self.kube is None, "one API server per lab"
+        kube = FakeKube()
+        self.in_hub(kube.start)
+        self.kube = kube
+        kube.write_kubeconfig(self.kube_config)
+        return kube
+
+    @property
+    def kube_config(self) -> Path:
+        return self.root / "kubeconfig"
+
+    def add_plane(self, name: str, *, ca_dir: Path | None = None, mesh: Path | None = None) -> ControlPlane:
+        """A `meshctl serve --kubernetes` replica in the hub namespace (not started): TLS on the
+        bridge address, the lab's FakeKube as its cluster, the shared CA `ca_dir` (default: the
+        lab's CA directory), state of its own."""
+        assert self.kube is not None, "call fake_kube() first"
+        root = self.root / name
+        root.mkdir()
+        plane = ControlPlane(
+            root, mesh, kubeconfig=self.kube_config, netns=self.hub, advertise=GATEWAY,
+            ca_dir=ca_dir or self.root / "ca", shutdown_delay="0s",
+        )  # fmt: skip
+        self.planes[name] = plane
+        return plane
+
     # -- pods -------------------------------------------------------------------------
 
     def add_pod(
@@ -551,9 +681,15 @@ class MeshLab:
         app_port: int | None = 9080,
         keepalive_ms: int | None = None,
         sidecar: bool = True,
+        xds: Sequence[ControlPlane] = (),
+        token: str | None = None,
     ) -> Pod:
         """A pod: namespace on the bridge, capture rules, the app, and (unless not `sidecar`) its
-        sidecar, not yet waited for. Processes must be started from the main thread (see below)."""
+        sidecar, not yet waited for. Processes must be started from the main thread (see below).
+
+        By default the sidecar dials `lab.plane` on its unix socket with a `meshctl token`. With
+        `xds`, it dials those replicas over TLS instead (one `--xds-address` each, in that order,
+        the trust bundle of the first one's CA) and sends `token` (e.g. one registered with FakeKube)."""
         with self._lock:
             n, self._next_ip = self._next_ip, self._next_ip + 1
         ns, ip = f"ml-{self.tag}-{n}", f"{SUBNET}.{n}"
@@ -569,20 +705,33 @@ class MeshLab:
         sh("ip", "link", "set", pod_dev, "up", ns=ns)
         sh("ip", "route", "add", "default", "via", GATEWAY, ns=ns)
         sh(*MESHCTL, "iptables", ns=ns)  # the init container's step
-        self._write_bootstrap(pod, keepalive_ms)
+        self._write_bootstrap(pod, keepalive_ms, xds, token)
         self.pods[name] = pod
         if sidecar:
             self.start_sidecar(pod)
         return pod
 
-    def _write_bootstrap(self, pod: Pod, keepalive_ms: int | None) -> None:
+    def _write_bootstrap(
+        self, pod: Pod, keepalive_ms: int | None, xds: Sequence[ControlPlane] = (), token_text: str | None = None
+    ) -> None:
         token = pod.dir / "token"
-        sh(*MESHCTL, "token", "--ca-dir", str(self.plane.ca_dir), "--namespace", "demo",
-           "--service-account", pod.service_account, "--ttl", "1h", "-o", str(token))  # fmt: skip
+        if token_text is not None:
+            token.write_text(token_text)
+        else:
+            sh(*MESHCTL, "token", "--ca-dir", str(self.plane.ca_dir), "--namespace", "demo",
+               "--service-account", pod.service_account, "--ttl", "1h", "-o", str(token))  # fmt: skip
         shutil.chown(token, PROXY_UID, PROXY_UID)
+        if xds:
+            # The CA directory is not for uid 1337: the pod gets its own copy of the trust bundle.
+            bundle = pod.dir / "trust-bundle.pem"
+            shutil.copyfile(xds[0].trust_bundle, bundle)
+            shutil.chown(bundle, PROXY_UID, PROXY_UID)
+            where = [a for p in xds for a in ("--xds-address", p.xds_address)] + ["--xds-ca", str(bundle)]
+        else:
+            where = ["--xds-address", f"unix:{self.plane.socket}"]
         labels = [a for k, v in pod.labels.items() for a in ("--label", f"{k}={v}")]
         config = pod.dir / "bootstrap.json"
-        sh(*MESHCTL, "bootstrap", "--xds-address", f"unix:{self.plane.socket}", "--name", pod.name,
+        sh(*MESHCTL, "bootstrap", *where, "--name", pod.name,
            "--namespace", "demo", "--service-account", pod.service_account, "--ip", pod.ip, *labels,
            "--token-file", str(token), "-o", str(config))  # fmt: skip
         doc = json.loads(config.read_text())
@@ -632,7 +781,9 @@ class MeshLab:
         try:
             wait_for(ready, timeout=timeout, what=f"{pod.name}'s sidecar")
         except AssertionError as e:
-            raise AssertionError(f"{e}\n{pod.log()}\ncontrol plane:\n{self.plane.log()}") from None
+            planes = [self.plane, *self.planes.values()]
+            logs = "\n".join(f"control plane {p.root.name}:\n{p.log()}" for p in planes if p.starts)
+            raise AssertionError(f"{e}\n{pod.log()}\n{logs}") from None
 
     def wait_endpoints(self, pod: Pod, cluster: str, ips: list[str], timeout: float = 15) -> None:
         want = sorted(f"{ip}:9080" for ip in ips)
@@ -642,9 +793,12 @@ class MeshLab:
             what=f"{pod.name}: {cluster} endpoints {want}",
         )
 
-    def wait_synced(self, pods: list[Pod] | None = None, timeout: float = 15) -> dict[str, dict[str, str]]:
+    def wait_synced(
+        self, pods: list[Pod] | None = None, timeout: float = 15, *, plane: ControlPlane | None = None
+    ) -> dict[str, dict[str, str]]:
         ids = [p.node_id for p in (pods if pods is not None else self.pods.values())]
-        return wait_for(lambda: self.plane.synced(ids), timeout=timeout, what=f"{ids} all SYNCED in /debug/syncz")
+        plane = plane or self.plane
+        return wait_for(lambda: plane.synced(ids), timeout=timeout, what=f"{ids} all SYNCED in /debug/syncz")
 
     def traffic(self, count: int, rate: float = 20, *, source: str = "frontend", url: str | None = None) -> Traffic:
         return Traffic(self, self.pods[source], url or f"http://{BACKEND_VIP}:9080/", count, rate)

@@ -17,6 +17,7 @@ from meshplane.controlplane.ca import TRUST_BUNDLE
 from meshplane.controlplane.settings import Settings
 from tests.fakekube import FakeKube, endpoint_slice, namespace, pod, service
 from tests.harness import Envoy, free_port, wait_until
+from tests.harness import endpoints as endpoints_of
 
 WEB = "outbound|80||web.demo.svc.cluster.local"
 
@@ -83,20 +84,10 @@ async def envoy(kube: FakeKube, plane: ControlPlane, tmp_path: Path) -> AsyncIte
 
 
 async def endpoints(envoy: Envoy, cluster: str) -> list[str]:
-    dump = await envoy.get("/config_dump?include_eds")
-    import json
-
-    for cfg in json.loads(dump)["configs"]:
-        for item in cfg.get("dynamic_endpoint_configs", []):
-            cla = item["endpoint_config"]
-            if cla["cluster_name"] == cluster:
-                return sorted(
-                    f"{e['endpoint']['address']['socket_address']['address']}:"
-                    f"{e['endpoint']['address']['socket_address']['port_value']}"
-                    for group in cla.get("endpoints", [])
-                    for e in group.get("lb_endpoints", [])
-                )
-    return []
+    try:
+        return endpoints_of(await envoy.config_dump(), cluster)
+    except KeyError:
+        return []
 
 
 async def test_a_service_with_a_ready_slice_becomes_a_cluster_with_those_endpoints(

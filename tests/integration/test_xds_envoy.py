@@ -13,7 +13,7 @@ from meshplane.bootstrap.protobuf import seconds
 from meshplane.controlplane.app import ControlPlane
 from meshplane.controlplane.generate import MeshConfig, ProxyView
 from meshplane.controlplane.resources import CLUSTER
-from tests.harness import Envoy, admin_json, wait_until
+from tests.harness import Envoy, admin_json, endpoints, wait_until
 
 from .conftest import MESH
 
@@ -38,19 +38,6 @@ async def synced(envoy: Envoy, plane: ControlPlane) -> dict[str, Any]:
         return None
 
     return await wait_until(ready, timeout=15, what="Envoy to receive its config")
-
-
-def endpoints(dump: dict[str, Any], cluster: str) -> list[str]:
-    for cfg in dump["EndpointsConfigDump"].get("dynamic_endpoint_configs", []):
-        cla = cfg["endpoint_config"]
-        if cla["cluster_name"] == cluster:
-            return sorted(
-                f"{e['endpoint']['address']['socket_address']['address']}:"
-                f"{e['endpoint']['address']['socket_address']['port_value']}"
-                for group in cla.get("endpoints", [])
-                for e in group.get("lb_endpoints", [])
-            )
-    raise KeyError(cluster)
 
 
 async def test_envoy_receives_complete_mtls_config(plane: ControlPlane, envoy: Envoy) -> None:
