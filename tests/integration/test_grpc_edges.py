@@ -221,3 +221,37 @@ async def test_shutdown_turns_readiness_off_before_closing_streams(plane_factory
         assert plane.xds.connections, "the stream was closed in the same instant readiness turned off"
         await asyncio.wait_for(stopping, 5)
         assert not plane.xds.connections
+
+
+async def test_too_many_resource_names_in_one_request_is_invalid_argument(plane: ControlPlane) -> None:
+    from meshplane.controlplane.resources import ENDPOINT
+    from meshplane.controlplane.server import MAX_NAMES
+
+    async with xds_channel(plane) as channel:
+        client = Client(channel)
+        client.send(type_url=ENDPOINT, node=node(), resource_names=[f"c{i}" for i in range(MAX_NAMES + 1)])
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await client.recv()
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and str(MAX_NAMES) in str(e.value.details())
+
+
+async def test_streams_per_proxy_are_bounded(plane: ControlPlane) -> None:
+    from meshplane.controlplane.server import MAX_STREAMS_PER_PROXY
+
+    async with xds_channel(plane) as channel:
+        clients = []
+        for _ in range(MAX_STREAMS_PER_PROXY):
+            c = Client(channel)
+            c.send(type_url=CLUSTER, node=node())
+            await c.recv()
+            clients.append(c)
+        extra = Client(channel)
+        extra.send(type_url=CLUSTER, node=node())
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await extra.recv()
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        other = Client(channel)  # another proxy of the same identity is not affected
+        other.send(type_url=CLUSTER, node=node("web-2"))
+        assert (await other.recv()).resources
+        for c in clients:
+            c.call.cancel()
