@@ -118,9 +118,12 @@ def bootstrap(
     ports: Ports = Ports(),
     probes: Sequence[AppProbe] = (),
     credentials: XdsCredentials | None = None,
+    *,
+    delta: bool = True,
 ) -> bootstrap_pb2.Bootstrap:
     """The bootstrap for a sidecar of `identity` that gets its config over ADS from `xds_address`,
-    authenticated with `credentials` (without them, plaintext to a server that trusts node metadata)."""
+    authenticated with `credentials` (without them, plaintext to a server that trusts node metadata);
+    incremental (delta) xDS unless `delta` is False (state of the world)."""
     _check(identity)
     if credentials is not None:
         service = _authenticated_xds(xds_address, credentials)
@@ -162,8 +165,11 @@ def bootstrap(
             ],
         ),
         dynamic_resources=bootstrap_pb2.Bootstrap.DynamicResources(
+            # Incremental xDS by default: a change sends only what it touched.
             ads_config=config_source_pb2.ApiConfigSource(
-                api_type=config_source_pb2.ApiConfigSource.GRPC,
+                api_type=config_source_pb2.ApiConfigSource.DELTA_GRPC
+                if delta
+                else config_source_pb2.ApiConfigSource.GRPC,
                 transport_api_version=config_source_pb2.V3,
                 set_node_on_first_message_only=True,
                 grpc_services=[service],

@@ -263,6 +263,11 @@ def _parser() -> argparse.ArgumentParser:
         help="the mesh root (CA_DIR/root-cert.pem) Envoy verifies the control plane's TLS certificate against; "
         "needed with --token-file and a HOST:PORT address (a unix: address uses local credentials)",
     )
+    b.add_argument(
+        "--sotw",
+        action="store_true",
+        help="state-of-the-world xDS instead of incremental (delta) xDS, the default",
+    )
     b.add_argument("--format", choices=["json", "yaml"], default="json", help="output format (default: json)")
     b.add_argument("-o", "--output", type=Path, metavar="FILE", help="write here instead of standard output")
     b.set_defaults(run=_bootstrap)
@@ -818,7 +823,8 @@ def _bootstrap(args: argparse.Namespace) -> int:
             raise ConfigError("--xds-ca goes with --token-file")
         credentials = XdsCredentials(args.token_file, args.xds_ca or "") if args.token_file else None
         address = ",".join(args.xds_address)
-        text = render(bootstrap(identity, address, Ports(admin=args.admin_port), (), credentials), args.format)
+        config = bootstrap(identity, address, Ports(admin=args.admin_port), (), credentials, delta=not args.sotw)
+        text = render(config, args.format)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return _emit(text, args.output)

@@ -13,6 +13,12 @@ class Metrics:
         r = self.registry
         self.connected = Gauge("meshplane_xds_connected_proxies", "Proxies with an open xDS stream", registry=r)
         self.pushes = Counter("meshplane_xds_pushes", "xDS responses sent", ["type"], registry=r)
+        self.resources_sent = Counter(
+            "meshplane_xds_resources_sent",
+            "Resources carried by xDS responses (delta sends only changes)",
+            ["type"],
+            registry=r,
+        )
         self.push_rounds = Counter(
             "meshplane_xds_push_rounds", "Pushes of a new model or new certificates to every stream", registry=r
         )

@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeAlias
 
 import grpc
 from envoy.service.cluster.v3 import cds_pb2_grpc
@@ -32,6 +33,7 @@ from meshplane.protos import ca_pb2
 from .auth import Authenticator, Call
 from .ca import CertificateAuthority, IssuedCertificate
 from .cache import ConfigCache
+from .delta import DeltaStreamState
 from .errors import AuthError, CertificateError
 from .metrics import Metrics
 from .model import MeshModel, spiffe_id
@@ -42,6 +44,9 @@ from .stream import StreamState
 from .tokens import Identity
 
 log = logging.getLogger("meshplane.xds")
+
+Request: TypeAlias = discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest
+Response: TypeAlias = discovery_pb2.DiscoveryResponse | discovery_pb2.DeltaDiscoveryResponse
 
 _PUSH = object()
 _END = object()
@@ -66,7 +71,7 @@ class Connection:
     id: int
     peer: str
     node: ProxyNode
-    state: StreamState
+    state: StreamState | DeltaStreamState
     connected_at: float = field(default_factory=time.time)
     queue: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
     push_queued: bool = False
@@ -365,10 +370,13 @@ class XdsServer:
 
     async def stream(
         self,
-        requests: AsyncIterator[discovery_pb2.DiscoveryRequest],
+        requests: AsyncIterator[Request],
         context: grpc.aio.ServicerContext,
         only: str | None = None,
-    ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
+        *,
+        delta: bool = False,
+    ) -> AsyncIterator[Response]:
+        """One stream, state of the world or incremental (`delta`): the same life, another state machine."""
         peer = context.peer()
         identity = await self.authenticate(context, peer)
         await self._open.wait()
@@ -404,7 +412,8 @@ class XdsServer:
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"proxy {node.id} already has {MAX_STREAMS_PER_PROXY} open streams; close one before opening another",
             )
-        conn = Connection(next(self._ids), peer, node, StreamState(self._source_for(node)))
+        source = self._source_for(node)
+        conn = Connection(next(self._ids), peer, node, DeltaStreamState(source) if delta else StreamState(source))
         self.connections[conn.id] = conn
         self.metrics.connected.set(len(self.connections))
         self.registry.register(node.id, node.workload)
@@ -429,11 +438,12 @@ class XdsServer:
                     responses = conn.state.on_change()
                     pushed = True
                 else:
-                    assert isinstance(item, discovery_pb2.DiscoveryRequest)
-                    if len(item.resource_names) > MAX_NAMES:
+                    assert isinstance(item, discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest)
+                    count = _names_in(item)
+                    if count > MAX_NAMES:
                         await context.abort(
                             grpc.StatusCode.INVALID_ARGUMENT,
-                            f"{len(item.resource_names)} resource names in one request; at most {MAX_NAMES}",
+                            f"{count} resource names in one request; at most {MAX_NAMES}",
                         )
                         return
                     if only and item.type_url != only:
@@ -522,17 +532,15 @@ class XdsServer:
 
         return source
 
-    def _on_request(
-        self, conn: Connection, req: discovery_pb2.DiscoveryRequest
-    ) -> list[discovery_pb2.DiscoveryResponse]:
+    def _on_request(self, conn: Connection, req: Request) -> list[Response]:
         kind = short(req.type_url)
-        outcome = conn.state.on_request(req)
+        outcome = conn.state.on_request(req)  # each state gets its own kind of request
         if outcome.kind == "stale":
             self.metrics.stale.inc()
             log.debug("proxy %s: ignored %s request with stale nonce %s", conn.node.id, kind, req.response_nonce)
         elif outcome.kind == "ack":
             self.metrics.acks.labels(kind).inc()
-            log.debug("proxy %s ACKed %s version %s", conn.node.id, kind, req.version_info)
+            log.debug("proxy %s ACKed %s nonce %s", conn.node.id, kind, req.response_nonce)
         elif outcome.nack is not None:
             self.metrics.nacks.labels(kind).inc()
             log.warning(
@@ -545,16 +553,19 @@ class XdsServer:
             )
         return outcome.responses
 
-    def _sent(self, conn: Connection, response: discovery_pb2.DiscoveryResponse, pushed: bool) -> None:
+    def _sent(self, conn: Connection, response: Response, pushed: bool) -> None:
         kind = short(response.type_url)
         self.metrics.pushes.labels(kind).inc()
+        self.metrics.resources_sent.labels(kind).inc(len(response.resources))
         if pushed:
             self.metrics.push_seconds.labels(kind).observe(time.monotonic() - self._change_started)
         log.debug(
             "%s %s version %s (%d resources, nonce %s) to %s",
             "pushed" if pushed else "sent",
             kind,
-            response.version_info,
+            response.system_version_info
+            if isinstance(response, discovery_pb2.DeltaDiscoveryResponse)
+            else response.version_info,
             len(response.resources),
             response.nonce,
             conn.node.id,
@@ -637,6 +648,16 @@ class _Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     async def StreamAggregatedResources(self, request_iterator, context):  # type: ignore[no-untyped-def]
         async for response in self.server.stream(request_iterator, context):
             yield response
+
+    async def DeltaAggregatedResources(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        async for response in self.server.stream(request_iterator, context, delta=True):
+            yield response
+
+
+def _names_in(request: Request) -> int:
+    if isinstance(request, discovery_pb2.DeltaDiscoveryRequest):
+        return len(request.resource_names_subscribe) + len(request.initial_resource_versions)
+    return len(request.resource_names)
 
 
 def _single(type_url: str, method: str, base: type) -> type:

@@ -88,6 +88,7 @@ def write_bootstrap(
     name: str = "backend-1",
     sa: str = "backend",
     labels: dict[str, str] | None = None,
+    delta: bool = True,
 ) -> tuple[Path, int]:
     """A sidecar bootstrap as shipped: TLS to the control plane, verified against the mesh root, and a token."""
     admin = free_port()
@@ -103,7 +104,7 @@ def write_bootstrap(
     )
     path = tmp_path / f"{name}.json"
     ports = Ports(admin=admin, stats=free_port(), health=free_port())
-    path.write_text(render(bootstrap(identity, f"127.0.0.1:{plane.xds_tls_port}", ports, (), credentials)))
+    path.write_text(render(bootstrap(identity, f"127.0.0.1:{plane.xds_tls_port}", ports, (), credentials, delta=delta)))
     return path, admin
 
 
