@@ -98,7 +98,7 @@ class Envoy(EnvoyAdmin):
     async def __aenter__(self) -> Envoy:
         self._log = self.log.open("wb")
         self.proc = await asyncio.create_subprocess_exec(
-            envoy_binary(), "-c", str(self.bootstrap), "--use-dynamic-base-id", "-l", "warning",
+            envoy_binary(), "-c", str(self.bootstrap), "--disable-hot-restart", "-l", "warning",
             "--drain-time-s", "1", "--parent-shutdown-time-s", "2",
             stdout=self._log, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip

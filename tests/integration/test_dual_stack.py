@@ -133,7 +133,7 @@ async def sidecar(net: Net) -> AsyncIterator[EnvoyAdmin]:
         config.write_text(render(bootstrap(identity, f"unix:{runtime}/xds.sock", ports, (), credentials)))
         envoy = net.start(
             net.pod,
-            envoy_binary(), "-c", str(config), "--use-dynamic-base-id", "-l", "warning",
+            envoy_binary(), "-c", str(config), "--disable-hot-restart", "-l", "warning",
             "--log-path", str(envoy_dir / "envoy.log"), "--drain-time-s", "1",
             uid=1337,
         )  # fmt: skip
