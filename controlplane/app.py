@@ -33,6 +33,8 @@ from .tokens import Identity
 log = logging.getLogger("meshplane")
 
 REGISTRATIONS = "registrations.json"
+CA_SYNC_INTERVAL = 10.0
+"""Seconds between two comparisons of the CA directory with the shared Secret (Kubernetes mode)."""
 CLUSTER_SETTLE = 0.1
 """Seconds a burst of cluster changes (a rollout) may last before the model is rebuilt once."""
 
@@ -55,6 +57,7 @@ class ControlPlane:
     _cluster_task: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
     _skipped: set[str] = field(default_factory=set, init=False, repr=False)
     _injection_for: str = field(default="", init=False, repr=False)
+    _ca_synced: dict[str, bytes] = field(default_factory=dict, init=False, repr=False)
     _injection: InjectionConfig = field(default_factory=InjectionConfig, init=False, repr=False)
 
     async def start(self) -> None:
@@ -81,7 +84,9 @@ class ControlPlane:
                 def create_root(directory: Path) -> None:
                     CertificateAuthority(directory, trust_domain)
 
-                await asyncio.to_thread(kube.load_ca_secret, self.kube_api, namespace, name, s.ca_dir, create_root)
+                self._ca_synced = await asyncio.to_thread(
+                    kube.load_ca_secret, self.kube_api, namespace, name, s.ca_dir, create_root
+                )
         self.ca = CertificateAuthority(s.ca_dir, model.trust_domain, workload_ttl=s.cert_ttl)
         self.registry = Registry(model, self._registry_changed, self_registration=not s.kubernetes)
         self._store = RegistrationStore(s.state_dir / REGISTRATIONS) if s.state_dir else None
@@ -156,6 +161,10 @@ class ControlPlane:
         self._tasks = [loop.create_task(self.webhook_certificate.run())]
         if self.watcher is not None:
             self._tasks.append(loop.create_task(self.watcher.run()))
+        if self.kube_api is not None and s.ca_secret:
+            self._tasks.append(loop.create_task(self._sync_ca_secret(s.ca_secret)))
+            # Another replica's proxies learn a new root through the Secret (a sync round each side).
+            self.xds.root_activation_delay = 3 * CA_SYNC_INTERVAL
         if self.kube_api is not None and s.webhook_configuration:
             self._tasks.append(loop.create_task(self._keep_webhook_ca_bundle(s.webhook_configuration)))
         if self._store is not None:
@@ -211,6 +220,19 @@ class ControlPlane:
             )
             self.xds.model_changed(self.registry.model)
             self.xds.open()
+
+    async def _sync_ca_secret(self, secret: str) -> None:
+        """Keep the CA directory and the shared Secret equal, so a root rotation done in any replica
+        reaches every replica (the server notices the directory change and rolls the roots)."""
+        namespace, _, name = secret.partition("/")
+        while True:
+            await asyncio.sleep(CA_SYNC_INTERVAL)
+            try:
+                self._ca_synced = await asyncio.to_thread(
+                    kube.sync_ca_secret, self.kube_api, namespace, name, self.settings.ca_dir, self._ca_synced
+                )
+            except Exception as e:  # the API server's trouble: retried next round
+                log.warning("cannot sync the CA with the Secret %s: %s", secret, e)
 
     async def _keep_webhook_ca_bundle(self, name: str, interval: float = 30.0) -> None:
         """Keep the webhook configuration's caBundle equal to the CA's trust bundle (also after a

@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import random
 import threading
 from collections.abc import Callable, Sequence
@@ -348,37 +349,119 @@ class TokenReviewer:
         return Identity(identity.namespace, identity.service_account, pod=str(pods[0]) if pods else "")
 
 
-def load_ca_secret(api: Any, namespace: str, name: str, directory: Path, create: Callable[[Path], None]) -> None:
-    """Make `directory` hold the CA root kept in Secret `namespace/name`, shared by every replica.
+def load_ca_secret(api: Any, namespace: str, name: str, directory: Path, create: Callable[[Path], None]) -> CaFiles:
+    """Make `directory` hold the CA kept in Secret `namespace/name`, shared by every replica; returns
+    what the two now hold (for `sync_ca_secret`).
 
-    Absent: the first replica creates a root (`create(directory)`) and the Secret; one that loses
-    the race (409 Conflict) reads the winner's. Blocks: call it in a thread."""
-    path = f"/api/v1/namespaces/{namespace}/secrets/{name}"
-    try:
-        doc = json.loads(_call(api, path, "GET").read())
-    except Exception as e:
-        if getattr(e, "status", None) != 404:
-            raise ConfigError(f"cannot read the CA Secret {namespace}/{name}: {_describe(e)}") from None
+    No Secret: the first replica creates a root (`create(directory)`) and the Secret; one that loses
+    the race (409 Conflict) reads the winner's. A directory that already holds a root (a restarted
+    container keeps its emptyDir) is kept when it is the Secret's or a rotation of it, and a rotation
+    is written back to the Secret; any other root is refused. Blocks: call it in a thread."""
+    secret = read_ca_secret(api, namespace, name)
+    if secret is None:
         create(directory)
-        data = {f: base64.b64encode((directory / f).read_bytes()).decode() for f in _CA_FILES}
-        secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "type": "Opaque", "data": data}
+        files = _local_files(directory)
+        body = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": name},
+            "type": "Opaque",
+            "data": {f: base64.b64encode(v).decode() for f, v in files.items()},
+        }
         try:
-            _call(api, f"/api/v1/namespaces/{namespace}/secrets", "POST", secret)
+            _call(api, f"/api/v1/namespaces/{namespace}/secrets", "POST", body)
             log.info("created the CA Secret %s/%s with a new root", namespace, name)
-            return
-        except Exception as e:
-            if getattr(e, "status", None) != 409:
-                raise ConfigError(f"cannot create the CA Secret {namespace}/{name}: {_describe(e)}") from None
+            return files
+        except HttpError as e:
+            if e.status != 409:
+                raise ConfigError(f"cannot create the CA Secret {namespace}/{name}: {e}") from None
             log.info("another replica created the CA Secret %s/%s first; using its root", namespace, name)
-            doc = json.loads(_call(api, path, "GET").read())
-    for f in _CA_FILES:
-        value = (doc.get("data") or {}).get(f)
-        if not value:
-            raise ConfigError(f"the CA Secret {namespace}/{name} has no {f}")
-        target = directory / f
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        target.touch(mode=0o600)
-        target.write_bytes(base64.b64decode(value))
+        secret = read_ca_secret(api, namespace, name)
+        if secret is None:
+            raise ConfigError(f"the CA Secret {namespace}/{name} vanished while it was being created")
+        _write_files(directory, secret)
+        return secret
+    local = _local_files(directory) if (directory / _ROOT_FILES[0]).exists() else {}
+    if local and local != secret:
+        if local.get(_PREVIOUS_FILES[0]) == secret.get(_ROOT_FILES[0]):
+            _put_ca_secret(api, namespace, name, local)  # rotated here before a restart
+            log.info("the CA root rotated in %s is now in the Secret %s/%s", directory, namespace, name)
+            return local
+        if not (secret.get(_PREVIOUS_FILES[0]) == local.get(_ROOT_FILES[0])):
+            raise ConfigError(
+                f"{directory} holds another CA root than the Secret {namespace}/{name}: remove the directory to "
+                "use the Secret's (every replica must share one root)"
+            )
+    _write_files(directory, secret)
+    return secret
+
+
+def sync_ca_secret(api: Any, namespace: str, name: str, directory: Path, last: CaFiles) -> CaFiles:
+    """One round of keeping a replica's CA directory and the Secret equal: a rotation done in this
+    replica (`meshctl ca-rotate`) goes to the Secret; one done elsewhere comes into the directory, where
+    the server picks it up. `last` is what both held after the previous round. Blocks."""
+    secret = read_ca_secret(api, namespace, name)
+    local = _local_files(directory)
+    if secret is None:
+        raise ConfigError(f"the CA Secret {namespace}/{name} is gone")
+    if local != last and secret == last:
+        _put_ca_secret(api, namespace, name, local)
+        log.info("wrote this replica's CA rotation to the Secret %s/%s", namespace, name)
+        return local
+    if secret != last:
+        _write_files(directory, secret)
+        log.info("took the CA rotation in the Secret %s/%s into %s", namespace, name, directory)
+        return secret
+    return last
+
+
+CaFiles = dict[str, bytes]
+_ROOT_FILES = ("root-cert.pem", "root-key.pem")
+_PREVIOUS_FILES = ("previous-root-cert.pem", "previous-root-key.pem")
+
+
+def read_ca_secret(api: Any, namespace: str, name: str) -> CaFiles | None:
+    try:
+        doc = json.loads(_call(api, f"/api/v1/namespaces/{namespace}/secrets/{name}", "GET").read())
+    except HttpError as e:
+        if e.status == 404:
+            return None
+        raise ConfigError(f"cannot read the CA Secret {namespace}/{name}: {e}") from None
+    data = doc.get("data") or {}
+    files = {f: base64.b64decode(data[f]) for f in (*_ROOT_FILES, *_PREVIOUS_FILES) if data.get(f)}
+    if not all(f in files for f in _ROOT_FILES):
+        raise ConfigError(f"the CA Secret {namespace}/{name} has no {' and '.join(_ROOT_FILES)}")
+    return files
+
+
+def _put_ca_secret(api: Any, namespace: str, name: str, files: CaFiles) -> None:
+    data: dict[str, str | None] = {f: base64.b64encode(v).decode() for f, v in files.items()}
+    data.update({f: None for f in _PREVIOUS_FILES if f not in files})  # a merge patch removes with null
+    _call(
+        api,
+        f"/api/v1/namespaces/{namespace}/secrets/{name}",
+        "PATCH",
+        {"data": data},
+        content_type="application/merge-patch+json",
+    )
+
+
+def _local_files(directory: Path) -> CaFiles:
+    return {f: (directory / f).read_bytes() for f in (*_ROOT_FILES, *_PREVIOUS_FILES) if (directory / f).exists()}
+
+
+def _write_files(directory: Path, files: CaFiles) -> None:
+    """Atomically, each file; rotation files the Secret does not have are removed."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for f, value in files.items():
+        tmp = directory / f"{f}.sync"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(value)
+        os.replace(tmp, directory / f)
+    for f in _PREVIOUS_FILES:
+        if f not in files:
+            (directory / f).unlink(missing_ok=True)
 
 
 def patch_webhook_ca_bundle(api: Any, name: str, bundle: bytes) -> bool:
@@ -395,7 +478,10 @@ def patch_webhook_ca_bundle(api: Any, name: str, bundle: bytes) -> bool:
     webhooks = doc.get("webhooks") or []
     if all((w.get("clientConfig") or {}).get("caBundle") == encoded for w in webhooks):
         return True
-    patch = [
+    # The list is patched by index: the first operation makes a change made since the GET a 422 (retried).
+    version = (doc.get("metadata") or {}).get("resourceVersion")
+    patch = [{"op": "test", "path": "/metadata/resourceVersion", "value": version}] if version else []
+    patch += [
         {
             "op": "replace" if "caBundle" in (w.get("clientConfig") or {}) else "add",
             "path": f"/webhooks/{i}/clientConfig/caBundle",
@@ -406,9 +492,6 @@ def patch_webhook_ca_bundle(api: Any, name: str, bundle: bytes) -> bool:
     _call(api, path, "PATCH", patch, content_type="application/json-patch+json")
     log.info("patched the caBundle of %d webhooks in %s", len(webhooks), name)
     return True
-
-
-_CA_FILES = ("root-cert.pem", "root-key.pem")
 
 
 class HttpError(Exception):

@@ -147,6 +147,8 @@ class XdsServer:
         self.mtls_port = 0
         self.serving = False
         self.shutdown_delay = shutdown_delay
+        self.root_activation_delay = 0.0
+        """Seconds a new root is only trusted before it signs (other replicas' proxies must learn it)."""
         self._stopping = False
         self._open = asyncio.Event()
 
@@ -343,9 +345,12 @@ class XdsServer:
         self.push_all()
         if not self.ca.pending:
             return
-        deadline = time.monotonic() + ack_timeout
+        started = time.monotonic()
+        deadline = started + max(ack_timeout, self.root_activation_delay)
         # ACKs arrive on every stream: polling one cheap predicate beats an event per ACK.
-        while time.monotonic() < deadline and not self._secrets_acked():  # noqa: ASYNC110
+        while time.monotonic() < deadline and not (  # noqa: ASYNC110
+            self._secrets_acked() and time.monotonic() - started >= self.root_activation_delay
+        ):
             await asyncio.sleep(0.1)
         if not self._secrets_acked():
             log.warning("not every proxy ACKed the new trust bundle within %.0fs; switching roots anyway", ack_timeout)

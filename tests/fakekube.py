@@ -16,6 +16,22 @@ What it serves (JSON only, the shapes the real API server returns):
   namespaced), single GET, watch. Lists carry `kind: XxxList`, `metadata.resourceVersion`,
   `metadata.continue` and `remainingItemCount` while paging; their items carry no kind/apiVersion
   (as the real server's); single GETs and watch event objects do.
+- core/v1 secrets and admissionregistration.k8s.io/v1 mutatingwebhookconfigurations: the same list,
+  GET and watch, and (as for every kind above) writes through the API:
+  - POST to a collection creates: 201 with the stored object; 409 AlreadyExists (Status with
+    details name/group/kind) when it exists; 404 NotFound `namespaces "x" not found` for a missing
+    namespace (as NamespaceLifecycle admission answers); 400 for a body of another apiVersion,
+    kind or namespace; 422 Invalid without a name; 400 for a Secret's data (or a caBundle) that is
+    not base64.
+  - PATCH of one object with `application/json-patch+json` (RFC 6902: add, remove, replace, move,
+    copy, test; a failing operation is 422 Invalid), `application/merge-patch+json` (RFC 7386) or
+    `application/strategic-merge-patch+json` (applied as a merge patch); 200 with the stored object,
+    404 NotFound when it does not exist, 415 for another content type. A patched
+    metadata.resourceVersion is a precondition (409 Conflict when stale).
+  - A Secret defaults `type: Opaque` and folds `stringData` into `data`; a webhook configuration
+    gets the webhook defaults (failurePolicy Fail, matchPolicy Equivalent, namespaceSelector and
+    objectSelector {}, reinvocationPolicy Never, timeoutSeconds 10, service port 443, rule scope
+    "*") and a metadata.generation that increases when its webhooks change.
 - authentication.k8s.io/v1 tokenreviews (POST), answered from the tokens a test registers.
 - /api, /apis, /version, just enough for a client that probes them.
 
@@ -36,15 +52,20 @@ Semantics kept from the real server:
 
 Test controls (plain methods, non-blocking, safe from any thread and from inside an event loop):
 `create`, `update`, `apply`, `delete`, `get`, `objects`, `compact`, `bookmark`, `drop_watches`,
-`expire_watches`, `fail`, `requests`/`count`, `add_token`/`revoke_token`, `wait_for_watches`.
+`expire_watches`, `fail` (optionally only for one `method`, optionally after a `delay`), `hold`
+(keep the next requests waiting in the server until released: stages races such as two replicas
+both seeing 404 and both POSTing), `requests`/`count` (optionally of one `method`),
+`add_token`/`revoke_token`, `wait_for_watches`. Builders: `namespace`, `pod`, `service`,
+`endpoint_slice`, `secret`, `mutating_webhook_configuration`.
 
 Not implemented (or simplified):
 
-- Writes through the HTTP API (POST/PUT/PATCH/DELETE of objects): tests write through the controls.
+- PUT, DELETE and server-side apply through the HTTP API (405 / 415): tests write through the
+  controls. POST and PATCH skip admission other than NamespaceLifecycle, dryRun, fieldManager.
 - Controllers: no EndpointSlices made from Services and Pods, no namespace cascade or Terminating
   phase, no graceful pod deletion (set metadata.deletionTimestamp with `update` to imitate it).
-- Admission, validation, RBAC (any request with the token may do anything), managedFields,
-  generation, selfLink; protobuf and Table content types; TLS (plain HTTP only).
+- Admission, most validation, RBAC (any request with the token may do anything), managedFields,
+  generation (except a webhook configuration's), selfLink; protobuf and Table content types; TLS (plain HTTP only).
 - Lists always come from the store: `resourceVersion=0` ("any") is served as the latest, and a
   410 for an expired continue token carries no token for an inconsistent continuation.
 - A watch from a resourceVersion newer than the current one starts there (the real server waits
@@ -103,7 +124,16 @@ NAMESPACES = Resource("Namespace", "namespaces", "", "v1", namespaced=False)
 PODS = Resource("Pod", "pods", "", "v1", namespaced=True)
 SERVICES = Resource("Service", "services", "", "v1", namespaced=True)
 ENDPOINT_SLICES = Resource("EndpointSlice", "endpointslices", "discovery.k8s.io", "v1", namespaced=True)
-RESOURCES = {r.kind: r for r in (NAMESPACES, PODS, SERVICES, ENDPOINT_SLICES)}
+SECRETS = Resource("Secret", "secrets", "", "v1", namespaced=True)
+MUTATING_WEBHOOK_CONFIGURATIONS = Resource(
+    "MutatingWebhookConfiguration", "mutatingwebhookconfigurations", "admissionregistration.k8s.io", "v1", False
+)
+RESOURCES = {r.kind: r for r in (NAMESPACES, PODS, SERVICES, ENDPOINT_SLICES, SECRETS, MUTATING_WEBHOOK_CONFIGURATIONS)}
+_GENERATION_FIELDS = {"MutatingWebhookConfiguration": ("webhooks",)}
+"""Kinds whose metadata.generation the real server keeps, and the fields whose change bumps it."""
+JSON_PATCH = "application/json-patch+json"
+MERGE_PATCH = "application/merge-patch+json"
+STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 
 
 # --- object builders (what a test usually needs; every field can be overridden) -----------------
@@ -184,6 +214,55 @@ def endpoint_slice(
         "addressType": "IPv6" if addresses and ":" in addresses[0] else "IPv4",
         "endpoints": endpoints,
         "ports": [{"name": n, "port": p, "protocol": "TCP"} for n, p in ports],
+    }
+
+
+def secret(
+    name: str,
+    ns: str,
+    data: Mapping[str, bytes | str] | None = None,
+    *,
+    type: str = "Opaque",
+    labels: Mapping[str, str] | None = None,
+) -> Obj:
+    """A Secret; `data` values are raw bytes (or text), base64-encoded here as the API carries them."""
+    encoded = {k: base64.b64encode(v.encode() if isinstance(v, str) else v).decode() for k, v in (data or {}).items()}
+    obj: Obj = {"apiVersion": "v1", "kind": "Secret", "metadata": _meta(name, ns, labels), "type": type}
+    if encoded:
+        obj["data"] = encoded
+    return obj
+
+
+def mutating_webhook_configuration(
+    name: str,
+    *,
+    webhooks: Iterable[str] = ("sidecar-injector.meshplane.io",),
+    service: tuple[str, str] = ("meshplane-system", "meshplane"),
+    path: str = "/inject",
+    ca_bundle: bytes | None = None,
+) -> Obj:
+    """A MutatingWebhookConfiguration whose webhooks (one per name) call `service` (namespace, name) at
+    `path` for pod creation; `caBundle` is left out unless given (raw PEM bytes, base64-encoded here)."""
+    hooks = []
+    for hook in webhooks:
+        client_config: Obj = {"service": {"namespace": service[0], "name": service[1], "path": path}}
+        if ca_bundle is not None:
+            client_config["caBundle"] = base64.b64encode(ca_bundle).decode()
+        hooks.append(
+            {
+                "name": hook,
+                "clientConfig": client_config,
+                "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}],
+                "sideEffects": "None",
+                "admissionReviewVersions": ["v1"],
+                "failurePolicy": "Ignore",
+            }
+        )
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": _meta(name, None),
+        "webhooks": hooks,
     }
 
 
@@ -361,6 +440,56 @@ class _Fault:
     times: int
     watch: bool | None
     retry_after: int | None
+    method: str | None = None
+    delay: float = 0.0
+
+
+class Hold:
+    """Requests that `FakeKube.hold` keeps waiting inside the server until `release()`.
+
+    The first `times` requests that match are held (they are in the request log as they arrive);
+    `wait(n)` blocks the test until n of them are waiting. A held request goes on by itself after
+    `timeout` seconds, so a test that forgets to release cannot hang the client forever.
+    """
+
+    def __init__(self, path: str, method: str | None, times: int, timeout: float) -> None:
+        self.path, self.method, self.times, self.timeout = path, method.upper() if method else None, times, timeout
+        self._released = threading.Event()
+        self._arrived = 0
+        self._lock = threading.Lock()
+
+    @property
+    def arrived(self) -> int:
+        """How many requests this hold has caught so far (waiting or since released)."""
+        with self._lock:
+            return self._arrived
+
+    def _take(self, method: str, path: str) -> bool:
+        with self._lock:
+            if self._arrived >= self.times or path != self.path or self.method not in (None, method):
+                return False
+            self._arrived += 1
+            return True
+
+    def wait(self, count: int | None = None, timeout: float = 5.0) -> None:
+        """Block until `count` (default: `times`) requests are held; TimeoutError otherwise."""
+        wanted = self.times if count is None else count
+        deadline = time.monotonic() + timeout
+        while self.arrived < wanted:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.arrived} requests for {self.path} held, wanted {wanted}")
+            time.sleep(0.005)
+
+    def release(self) -> None:
+        """Let every held request go on (in the order they arrived, as far as the server goes)."""
+        self._released.set()
+
+    @property
+    def released(self) -> bool:
+        return self._released.is_set()
+
+    async def _block(self) -> None:
+        await asyncio.to_thread(self._released.wait, self.timeout)
 
 
 _CLOSE = "close"  # end the stream cleanly (what a server-side timeout looks like)
@@ -416,6 +545,7 @@ class FakeKube:
         self._closing = False
         self._requests: list[RequestRecord] = []
         self._faults: list[_Fault] = []
+        self._holds: list[Hold] = []
         self._tokens: dict[str, Obj] = {}
         self._ips = itertools.count(10)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -475,6 +605,9 @@ class FakeKube:
             return
         with self._lock:
             self._closing = True
+            holds, self._holds = self._holds, []
+        for hold in holds:
+            hold.release()
         self._broadcast(lambda w: _DROP)  # a clean end would only make clients watch again
 
         async def shutdown() -> None:
@@ -536,7 +669,7 @@ class FakeKube:
     # --- objects --------------------------------------------------------------------------------
 
     def create(self, obj: Obj, *, defaults: bool = True) -> Obj:
-        """Store a new object (kind Namespace, Pod, Service or EndpointSlice); returns it as stored.
+        """Store a new object (a kind of `RESOURCES`); returns it as stored.
 
         Fills metadata as the server would (uid, creationTimestamp, resourceVersion, a name from
         generateName) and, unless `defaults=False`, the API defaults tests usually rely on
@@ -555,9 +688,16 @@ class FakeKube:
         with self._lock:
             key = _key(obj)
             if key in self._objects:
-                raise ApiError(409, "AlreadyExists", f'{resource.plural} "{key[2]}" already exists')
+                raise ApiError(
+                    409,
+                    "AlreadyExists",
+                    f'{_qualified(resource)} "{key[2]}" already exists',
+                    _details(resource, key[2]),
+                )
             meta["uid"] = str(uuid.uuid4())
             meta["creationTimestamp"] = _now()
+            if resource.kind in _GENERATION_FIELDS:
+                meta["generation"] = 1
             if defaults:
                 self._default(obj)
             return self._commit("ADDED", obj, None)
@@ -579,13 +719,13 @@ class FakeKube:
             key = _key(obj)
             current = self._objects.get(key)
             if current is None:
-                raise ApiError(404, "NotFound", f'{resource.plural} "{key[2]}" not found')
+                raise _object_not_found(resource, key[2])
             stored_rv = current["metadata"]["resourceVersion"]
             if meta.get("resourceVersion") not in (None, stored_rv):
                 raise ApiError(
                     409,
                     "Conflict",
-                    f'Operation cannot be fulfilled on {resource.plural} "{key[2]}": the object has been '
+                    f'Operation cannot be fulfilled on {_qualified(resource)} "{key[2]}": the object has been '
                     "modified; please apply your changes to the latest version and try again",
                 )
             meta["uid"] = current["metadata"]["uid"]
@@ -593,6 +733,10 @@ class FakeKube:
             meta["resourceVersion"] = stored_rv
             if defaults:
                 self._default(obj)
+            if resource.kind in _GENERATION_FIELDS:
+                generation = current["metadata"].get("generation", 1)
+                changed = any(obj.get(f) != current.get(f) for f in _GENERATION_FIELDS[resource.kind])
+                meta["generation"] = generation + 1 if changed else generation
             if obj == current:
                 return copy.deepcopy(current)
             return self._commit("MODIFIED", obj, current)
@@ -615,7 +759,7 @@ class FakeKube:
         with self._lock:
             current = self._objects.get(key)
             if current is None:
-                raise ApiError(404, "NotFound", f'{resource.plural} "{name}" not found')
+                raise _object_not_found(resource, name)
             return self._commit("DELETED", copy.deepcopy(current), current)
 
     def get(self, kind: str, name: str, namespace: str | None = None) -> Obj | None:
@@ -676,6 +820,26 @@ class FakeKube:
                 container.setdefault("terminationMessagePolicy", "File")
                 container.setdefault("imagePullPolicy", "IfNotPresent")
             obj.setdefault("status", {}).setdefault("phase", "Pending")
+        elif kind == "Secret":
+            obj.setdefault("type", "Opaque")
+            string_data = obj.pop("stringData", None) or {}  # write-only: merged into data, never returned
+            if string_data:
+                data = obj.setdefault("data", {})
+                for k, v in string_data.items():
+                    data[k] = base64.b64encode(str(v).encode()).decode()
+        elif kind == "MutatingWebhookConfiguration":
+            for hook in obj.get("webhooks") or []:
+                hook.setdefault("failurePolicy", "Fail")
+                hook.setdefault("matchPolicy", "Equivalent")
+                hook.setdefault("namespaceSelector", {})
+                hook.setdefault("objectSelector", {})
+                hook.setdefault("reinvocationPolicy", "Never")
+                hook.setdefault("timeoutSeconds", 10)
+                service_ref = (hook.get("clientConfig") or {}).get("service")
+                if service_ref is not None:
+                    service_ref.setdefault("port", 443)
+                for rule in hook.get("rules") or []:
+                    rule.setdefault("scope", "*")
         elif kind == "EndpointSlice":
             # These lists have no omitempty and the server stores protobuf, which cannot tell [] from
             # nil: an empty list comes back as null (kubernetes-client/python#2214, #2423).
@@ -802,25 +966,49 @@ class FakeKube:
         times: int = 1,
         watch: bool | None = None,
         retry_after: int | None = 1,
+        method: str | None = None,
+        delay: float = 0.0,
     ) -> None:
         """Answer the next `times` requests for `path` (exact URL path, no query) with `status`.
 
-        `watch=True` matches only watch requests, False only the others, None both. A 429 carries
-        `Retry-After: <retry_after>` unless that is None; note that urllib3 under the client then
-        retries by itself (up to 3 times), so the caller sees the 429 only when retries run out.
-        Requests failed this way are still counted.
+        `watch=True` matches only watch requests, False only the others, None both; `method`
+        (e.g. "POST") only requests of that method. A 429 carries `Retry-After: <retry_after>`
+        unless that is None; note that urllib3 under the client then retries by itself (up to 3
+        times), so the caller sees the 429 only when retries run out. `delay` seconds pass before
+        the answer (`status=0`: no failure, only the delay, then the normal answer). Requests
+        failed or delayed this way are still counted.
         """
         with self._lock:
-            self._faults.append(_Fault(path, status, times, watch, retry_after))
+            self._faults.append(
+                _Fault(path, status, times, watch, retry_after, method.upper() if method else None, delay)
+            )
 
-    def requests(self, path: str | None = None, *, watch: bool | None = None) -> list[RequestRecord]:
-        """The requests seen so far, oldest first, optionally only those for `path` / of a kind."""
+    def hold(self, path: str, *, method: str | None = None, times: int = 1, timeout: float = 10.0) -> Hold:
+        """Keep the next `times` requests for `path` (of `method`, if given) waiting inside the server
+        until the returned `Hold` is released: e.g. hold two replicas' POSTs until both have sent
+        theirs, then release them together to stage a create race (one 201, one 409)."""
+        hold = Hold(path, method, times, timeout)
+        with self._lock:
+            self._holds.append(hold)
+        return hold
+
+    def requests(
+        self, path: str | None = None, *, watch: bool | None = None, method: str | None = None
+    ) -> list[RequestRecord]:
+        """The requests seen so far, oldest first, optionally only those for `path` / of a kind / of
+        a method ("GET", "POST", "PATCH", ...)."""
         with self._lock:
             seen = list(self._requests)
-        return [r for r in seen if (path is None or r.path == path) and (watch is None or r.watch == watch)]
+        return [
+            r
+            for r in seen
+            if (path is None or r.path == path)
+            and (watch is None or r.watch == watch)
+            and (method is None or r.method == method.upper())
+        ]
 
-    def count(self, path: str, *, watch: bool | None = None) -> int:
-        return len(self.requests(path, watch=watch))
+    def count(self, path: str, *, watch: bool | None = None, method: str | None = None) -> int:
+        return len(self.requests(path, watch=watch, method=method))
 
     @property
     def open_watches(self) -> int:
@@ -889,8 +1077,16 @@ class FakeKube:
         with self._lock:
             self._requests.append(record)
             closing = self._closing
+            hold = next((h for h in self._holds if h._take(record.method, record.path)), None)
             fault = next(
-                (f for f in self._faults if f.path == record.path and f.times > 0 and f.watch in (None, record.watch)),
+                (
+                    f
+                    for f in self._faults
+                    if f.path == record.path
+                    and f.times > 0
+                    and f.watch in (None, record.watch)
+                    and f.method in (None, record.method)
+                ),
                 None,
             )
             if fault is not None:
@@ -902,8 +1098,13 @@ class FakeKube:
                 raise ApiError(503, "ServiceUnavailable", "the fake API server is shutting down")
             if request.headers.get("Authorization") != f"Bearer {self.token}":
                 raise ApiError(401, "Unauthorized", "Unauthorized")
+            if hold is not None:
+                await hold._block()
             if fault is not None:
-                raise _fault_error(fault)
+                if fault.delay > 0:
+                    await asyncio.sleep(fault.delay)
+                if fault.status:
+                    raise _fault_error(fault)
             response: web.StreamResponse = await handler(request)
             return response
         except ApiError as exc:
@@ -940,10 +1141,16 @@ class FakeKube:
         )
         if resource is None or len(rest) > 2 or (ns is not None and not resource.namespaced):
             raise _not_found()
+        if len(rest) == 2:
+            if request.method == "PATCH":
+                return await self._patch(request, resource, ns, rest[1])
+            if request.method != "GET":
+                raise ApiError(405, "MethodNotAllowed", f"the fake server does not allow {request.method} here")
+            return self._get_one(resource, ns, rest[1])
+        if request.method == "POST":
+            return await self._post(request, resource, ns)
         if request.method != "GET":
             raise ApiError(405, "MethodNotAllowed", f"the fake server does not allow {request.method} here")
-        if len(rest) == 2:
-            return self._get_one(resource, ns, rest[1])
         query = request.query
         selection = _Filter(
             namespace=ns,
@@ -961,14 +1168,7 @@ class FakeKube:
             obj = self._objects.get((resource.kind, ns or "", name))
             body = copy.deepcopy(obj)
         if body is None:
-            raise ApiError(
-                404,
-                "NotFound",
-                f'{resource.plural}{"." + resource.group if resource.group else ""} "{name}" not found',
-                {"name": name, "group": resource.group, "kind": resource.plural}
-                if resource.group
-                else {"name": name, "kind": resource.plural},
-            )
+            raise _object_not_found(resource, name)
         return web.json_response(body)
 
     def _list(self, resource: Resource, selection: _Filter, query: Mapping[str, str]) -> Obj:
@@ -1092,6 +1292,97 @@ class FakeKube:
                     self._watchers.discard(watcher)
         return response
 
+    async def _post(self, request: web.Request, resource: Resource, ns: str | None) -> web.Response:
+        """Create, as the real server: 201 and the stored object; 409 AlreadyExists; 404 for a
+        namespace that does not exist; 400 for a body of another kind or namespace."""
+        if resource.namespaced and ns is None:
+            raise ApiError(405, "MethodNotAllowed", f"the server does not allow this method on {resource.plural}")
+        obj = await _json_body(request)
+        if not isinstance(obj, dict):
+            raise ApiError(400, "BadRequest", f"the body of the request must be a {resource.kind} object")
+        if obj.get("apiVersion", resource.api_version) != resource.api_version:
+            raise ApiError(
+                400,
+                "BadRequest",
+                f"the API version in the data ({obj['apiVersion']}) does not match the expected API version "
+                f"({resource.api_version})",
+            )
+        if obj.get("kind", resource.kind) != resource.kind:
+            raise ApiError(
+                400,
+                "BadRequest",
+                f"the kind in the data ({obj['kind']}) does not match the expected kind ({resource.kind})",
+            )
+        obj["kind"] = resource.kind
+        meta = obj.get("metadata")
+        if not isinstance(meta, dict):
+            meta = obj["metadata"] = {}
+        if resource.namespaced:
+            if meta.get("namespace", ns) != ns:
+                raise ApiError(
+                    400,
+                    "BadRequest",
+                    "the namespace of the provided object does not match the namespace sent on the request",
+                )
+            meta["namespace"] = ns
+        if not meta.get("name") and not meta.get("generateName"):
+            raise ApiError(
+                422,
+                "Invalid",
+                f'{resource.kind} "" is invalid: metadata.name: Required value: name or generateName is required',
+                {"kind": resource.kind, "causes": [{"reason": "FieldValueRequired", "field": "metadata.name"}]},
+            )
+        for server_set in ("uid", "resourceVersion", "creationTimestamp", "generation"):
+            meta.pop(server_set, None)
+        _check_fields(resource, obj)
+        if resource.namespaced:
+            with self._lock:
+                missing = ("Namespace", "", ns) not in self._objects
+            if missing:  # the NamespaceLifecycle admission plugin
+                raise _object_not_found(NAMESPACES, str(ns))
+        return web.json_response(self.create(obj), status=201)
+
+    async def _patch(self, request: web.Request, resource: Resource, ns: str | None, name: str) -> web.Response:
+        """JSON Patch (RFC 6902) and JSON merge patch (RFC 7386); a strategic merge patch is applied as
+        a merge patch (close enough for maps; lists are replaced rather than merged by key)."""
+        if resource.namespaced and ns is None:
+            raise _not_found()
+        content_type = request.content_type
+        if content_type not in (JSON_PATCH, MERGE_PATCH, STRATEGIC_MERGE_PATCH):
+            raise ApiError(
+                415,
+                "UnsupportedMediaType",
+                f"the body of the request was in an unknown format - accepted media types include: {JSON_PATCH}, "
+                f"{MERGE_PATCH}, {STRATEGIC_MERGE_PATCH}, application/apply-patch+yaml",
+            )
+        patch = await _json_body(request)
+        key = (resource.kind, ns or "", name)
+        with self._lock:
+            current = copy.deepcopy(self._objects.get(key))
+        if current is None:
+            raise _object_not_found(resource, name)
+        if content_type == JSON_PATCH:
+            if not isinstance(patch, list) or not all(isinstance(op, dict) for op in patch):
+                raise ApiError(400, "BadRequest", "json: cannot unmarshal object into Go value of type jsonpatch.Patch")
+            try:
+                patched = _json_patch(current, patch)
+            except _PatchError as exc:
+                raise ApiError(422, "Invalid", str(exc)) from None
+        else:
+            if not isinstance(patch, dict):
+                raise ApiError(400, "BadRequest", "the patch must be a JSON object")
+            patched = _merge_patch(current, patch)
+        if not isinstance(patched, dict):
+            raise ApiError(422, "Invalid", "the patched object is not an object")
+        meta = patched.get("metadata")
+        if not isinstance(meta, dict):
+            raise ApiError(422, "Invalid", "the patched object has no metadata")
+        if (meta.get("name"), meta.get("namespace", "")) != (name, ns or "") or patched.get("kind") != resource.kind:
+            raise ApiError(400, "BadRequest", "the name, namespace or kind of the object cannot be patched")
+        _check_fields(resource, patched)
+        # A resourceVersion the patch sets is a precondition (409 Conflict if it is not the stored one).
+        return web.json_response(self.update(patched))
+
     async def _token_review(self, request: web.Request) -> web.Response:
         try:
             body = await request.json()
@@ -1130,6 +1421,163 @@ def _event_for(change: _Change, selection: _Filter) -> Obj | None:
     else:
         type_ = None
     return None if type_ is None else {"type": type_, "object": copy.deepcopy(change.obj)}
+
+
+async def _json_body(request: web.Request) -> Any:
+    try:
+        return json.loads(await request.read())
+    except ValueError as exc:
+        raise ApiError(400, "BadRequest", f"the body of the request is not JSON: {exc}") from None
+
+
+_SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
+
+
+def _check_fields(resource: Resource, obj: Obj) -> None:
+    """What decoding and validation would refuse, for the kinds whose fields are bytes."""
+    if resource is SECRETS:
+        for k, v in (obj.get("data") or {}).items():
+            if not _SECRET_KEY.match(k):
+                raise ApiError(
+                    422,
+                    "Invalid",
+                    f'Secret "{obj["metadata"].get("name", "")}" is invalid: data[{k}]: Invalid value: "{k}": a valid '
+                    "config key must consist of alphanumeric characters, '-', '_' or '.'",
+                )
+            _check_base64(v, f"data[{k}]")
+    elif resource is MUTATING_WEBHOOK_CONFIGURATIONS:
+        for i, hook in enumerate(obj.get("webhooks") or []):
+            bundle = (hook.get("clientConfig") or {}).get("caBundle")
+            if bundle is not None:
+                _check_base64(bundle, f"webhooks[{i}].clientConfig.caBundle")
+
+
+def _check_base64(value: Any, where: str) -> None:
+    # []byte fields are base64 in JSON: anything else fails to decode (400), as on the real server.
+    try:
+        if not isinstance(value, str):
+            raise ValueError("not a string")
+        base64.b64decode(value, validate=True)
+    except ValueError:
+        raise ApiError(400, "BadRequest", f"{where}: illegal base64 data") from None
+
+
+class _PatchError(Exception):
+    pass
+
+
+def _pointer(path: str) -> list[str]:
+    if path == "":
+        return []
+    if not path.startswith("/"):
+        raise _PatchError(f"invalid JSON pointer {path!r}")
+    return [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
+
+
+def _parent(doc: Any, path: str, op: str) -> tuple[Any, str]:
+    steps = _pointer(path)
+    if not steps:
+        raise _PatchError(f"{op} operation does not apply: the root cannot be the target")
+    target = doc
+    for step in steps[:-1]:
+        if isinstance(target, dict) and step in target:
+            target = target[step]
+        elif isinstance(target, list) and step.isdigit() and int(step) < len(target):
+            target = target[int(step)]
+        else:
+            raise _PatchError(f"{op} operation does not apply: doc is missing path: {path!r}")
+    if not isinstance(target, dict | list):
+        raise _PatchError(f"{op} operation does not apply: doc is missing path: {path!r}")
+    return target, steps[-1]
+
+
+def _index(container: list[Any], step: str, path: str, op: str, *, end: bool = False) -> int:
+    if end and step == "-":
+        return len(container)
+    if not step.isdigit() or int(step) > len(container) or (not end and int(step) == len(container)):
+        raise _PatchError(f"{op} operation does not apply: index out of range in {path!r}")
+    return int(step)
+
+
+def _get_path(doc: Any, path: str, op: str) -> Any:
+    if path == "":
+        return doc
+    parent, step = _parent(doc, path, op)
+    if isinstance(parent, dict):
+        if step not in parent:
+            raise _PatchError(f"{op} operation does not apply: doc is missing key: {path!r}")
+        return parent[step]
+    return parent[_index(parent, step, path, op)]
+
+
+def _add(doc: Any, path: str, value: Any, op: str = "add") -> Any:
+    if path == "":
+        return value
+    parent, step = _parent(doc, path, op)
+    if isinstance(parent, dict):
+        parent[step] = value
+    else:
+        parent.insert(_index(parent, step, path, op, end=True), value)
+    return doc
+
+
+def _remove(doc: Any, path: str, op: str = "remove") -> Any:
+    parent, step = _parent(doc, path, op)
+    if isinstance(parent, dict):
+        if step not in parent:
+            raise _PatchError(f"{op} operation does not apply: doc is missing key: {path!r}")
+        return parent.pop(step)
+    return parent.pop(_index(parent, step, path, op))
+
+
+def _json_patch(doc: Obj, operations: list[Obj]) -> Any:
+    """Apply an RFC 6902 patch (add, remove, replace, move, copy, test) to a copy of `doc`."""
+    result: Any = copy.deepcopy(doc)
+    for operation in operations:
+        op, path = operation.get("op"), operation.get("path")
+        if not isinstance(path, str):
+            raise _PatchError(f"operation {op!r} has no path")
+        if op in ("add", "replace", "test") and "value" not in operation:
+            raise _PatchError(f"{op} operation has no value")
+        value = copy.deepcopy(operation.get("value"))
+        if op == "add":
+            result = _add(result, path, value)
+        elif op == "remove":
+            _remove(result, path)
+        elif op == "replace":
+            if path == "":
+                result = value
+            else:
+                _get_path(result, path, "replace")  # must exist
+                parent, step = _parent(result, path, "replace")
+                parent[step if isinstance(parent, dict) else int(step)] = value
+        elif op in ("move", "copy"):
+            source = operation.get("from")
+            if not isinstance(source, str):
+                raise _PatchError(f"{op} operation has no from")
+            moved = copy.deepcopy(_get_path(result, source, op))
+            if op == "move":
+                _remove(result, source, op)
+            result = _add(result, path, moved, op)
+        elif op == "test":
+            if _get_path(result, path, "test") != value:
+                raise _PatchError(f"testing value {path} failed: test failed")
+        else:
+            raise _PatchError(f"Unexpected kind: {op}")
+    return result
+
+
+def _merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386: objects merge key by key, null removes, anything else replaces."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            result.pop(k, None)
+        else:
+            result[k] = _merge_patch(result.get(k), v)
+    return result
 
 
 def _int_param(query: Mapping[str, str], name: str) -> int:
@@ -1177,12 +1625,37 @@ def _fault_error(fault: _Fault) -> ApiError:
         )
     if fault.status == 410:
         return _expired("injected: the resource version is too old")
-    reasons = {500: "InternalError", 503: "ServiceUnavailable", 504: "Timeout", 403: "Forbidden", 401: "Unauthorized"}
+    reasons = {
+        500: "InternalError",
+        503: "ServiceUnavailable",
+        504: "Timeout",
+        403: "Forbidden",
+        401: "Unauthorized",
+        409: "Conflict",
+        404: "NotFound",
+    }
     return ApiError(fault.status, reasons.get(fault.status, "InternalError"), f"injected failure {fault.status}")
 
 
 def _not_found() -> ApiError:
     return ApiError(404, "NotFound", "the server could not find the requested resource")
+
+
+def _qualified(resource: Resource) -> str:
+    """How the server names a resource in messages: `secrets`, `<plural>.<group>` for other groups."""
+    return f"{resource.plural}.{resource.group}" if resource.group else resource.plural
+
+
+def _details(resource: Resource, name: str) -> Obj:
+    details: Obj = {"name": name}
+    if resource.group:
+        details["group"] = resource.group
+    details["kind"] = resource.plural
+    return details
+
+
+def _object_not_found(resource: Resource, name: str) -> ApiError:
+    return ApiError(404, "NotFound", f'{_qualified(resource)} "{name}" not found', _details(resource, name))
 
 
 def _api_groups() -> Obj:
@@ -1201,7 +1674,7 @@ def _resource_list(group: str, version: str) -> Obj:
             "singularName": r.kind.lower(),
             "namespaced": r.namespaced,
             "kind": r.kind,
-            "verbs": ["get", "list", "watch"],
+            "verbs": ["create", "get", "list", "patch", "watch"],
         }
         for r in RESOURCES.values()
         if (r.group, r.version) == (group, version)
