@@ -82,8 +82,12 @@ class XdsCredentials:
     ca_file: str = ""
     ca_pem: str = ""
     """The mesh roots inline, instead of `ca_file` (an injected sidecar carries them in its bootstrap)."""
+    authority: str = ""
+    """The name the control plane's certificate is checked against when several replica addresses are
+    listed (one address is its own name); default `DEFAULT_AUTHORITY`, which every replica's carries."""
 
 
+DEFAULT_AUTHORITY = "meshplane.mesh-system.svc"
 KEEPALIVE_SECONDS = 30
 """The sidecar pings an idle xDS connection this often; the server accepts pings down to 10 s."""
 
@@ -267,12 +271,15 @@ def _authenticated_xds(xds_address: str, credentials: XdsCredentials) -> grpc_se
         header_key="authorization",
         header_prefix="Bearer ",
     )
-    args = {
+    args: dict[str, int | str] = {
         "grpc.keepalive_time_ms": KEEPALIVE_SECONDS * 1000,
         "grpc.keepalive_timeout_ms": 10_000,
         "grpc.keepalive_permit_without_calls": 1,
         "grpc.http2.max_pings_without_data": 0,
     }
+    if tcp and ("," in target or credentials.authority):
+        # Several addresses name no single server: TLS checks this name instead.
+        args["grpc.default_authority"] = credentials.authority or DEFAULT_AUTHORITY
     return grpc_service_pb2.GrpcService(
         google_grpc=google(
             target_uri=target,
@@ -286,9 +293,14 @@ def _authenticated_xds(xds_address: str, credentials: XdsCredentials) -> grpc_se
                 )
             ],
             credentials_factory_name=FILE_BASED_METADATA,
-            channel_args=google.ChannelArgs(args={k: google.ChannelArgs.Value(int_value=v) for k, v in args.items()}),
+            channel_args=google.ChannelArgs(args={k: _channel_arg(v) for k, v in args.items()}),
         )
     )
+
+
+def _channel_arg(value: int | str) -> grpc_service_pb2.GrpcService.GoogleGrpc.ChannelArgs.Value:
+    value_type = grpc_service_pb2.GrpcService.GoogleGrpc.ChannelArgs.Value
+    return value_type(string_value=value) if isinstance(value, str) else value_type(int_value=value)
 
 
 def _xds_cluster(xds_address: str) -> cluster_pb2.Cluster:

@@ -323,11 +323,11 @@ async def serve(settings: Settings, injection: InjectionConfig | None = None) ->
     log.info(
         "serving %s; point a sidecar at %s:%d with a token (meshctl token, then meshctl bootstrap --xds-address "
         "HOST:%d --token-file FILE --xds-ca %s)",
-        settings.mesh_file,
+        settings.mesh_file or "the Kubernetes cluster",
         settings.bind,
         plane.xds_tls_port,
         plane.xds_tls_port,
-        settings.ca_dir / "root-cert.pem",
+        settings.ca_dir / "trust-bundle.pem",
     )
     try:
         await stop.wait()

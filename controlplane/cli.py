@@ -208,8 +208,8 @@ def _parser() -> argparse.ArgumentParser:
         "--xds-dns-name",
         action="append",
         metavar="NAME",
-        help="a name or IP address for the xDS server's TLS certificate, as sidecars dial it (repeatable; default: "
-        "meshplane.mesh-system.svc[.cluster.local], localhost, 127.0.0.1)",
+        help="a name or IP address for the xDS server's TLS certificate, as sidecars dial it (repeatable; replaces "
+        "the default: meshplane.mesh-system.svc[.cluster.local], localhost, 127.0.0.1)",
     )
     s.add_argument(
         "--debug-from-anywhere",
@@ -262,6 +262,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="the mesh root (CA_DIR/root-cert.pem) Envoy verifies the control plane's TLS certificate against; "
         "needed with --token-file and a HOST:PORT address (a unix: address uses local credentials)",
+    )
+    b.add_argument(
+        "--xds-authority",
+        metavar="NAME",
+        help="with several --xds-address, the name the control plane's certificate is checked against "
+        "(default: meshplane.mesh-system.svc, which every replica's certificate carries)",
     )
     b.add_argument(
         "--sotw",
@@ -821,7 +827,11 @@ def _bootstrap(args: argparse.Namespace) -> int:
     try:
         if args.xds_ca and not args.token_file:
             raise ConfigError("--xds-ca goes with --token-file")
-        credentials = XdsCredentials(args.token_file, args.xds_ca or "") if args.token_file else None
+        credentials = (
+            XdsCredentials(args.token_file, args.xds_ca or "", authority=args.xds_authority or "")
+            if args.token_file
+            else None
+        )
         address = ",".join(args.xds_address)
         config = bootstrap(identity, address, Ports(admin=args.admin_port), (), credentials, delta=not args.sotw)
         text = render(config, args.format)

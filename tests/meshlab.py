@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 
 from cryptography import x509
 
+from meshplane.controlplane.settings import WEBHOOK_DNS_NAMES
 from tests.fakekube import FakeKube
 from tests.harness import envoy_binary, free_port
 from tests.netns import require_netns, sh
@@ -226,6 +227,22 @@ class Admin:
     def config_dump(self) -> dict[str, Any]:
         doc = json.loads(self.get("/config_dump?include_eds"))
         return {c["@type"].rsplit(".", 1)[-1]: c for c in doc["configs"]}
+
+    def resource_versions(self) -> dict[str, str]:
+        """`cluster:<name>`, `listener:<name>`, `route:<name>`, `secret:<name>` -> the version Envoy
+        accepted it at, from /config_dump (active resources only)."""
+        dump = self.config_dump()
+        out = {}
+        for c in dump.get("ClustersConfigDump", {}).get("dynamic_active_clusters", []):
+            out[f"cluster:{c['cluster']['name']}"] = c.get("version_info", "")
+        for lst in dump.get("ListenersConfigDump", {}).get("dynamic_listeners", []):
+            if "active_state" in lst:
+                out[f"listener:{lst['name']}"] = lst["active_state"].get("version_info", "")
+        for r in dump.get("RoutesConfigDump", {}).get("dynamic_route_configs", []):
+            out[f"route:{r['route_config']['name']}"] = r.get("version_info", "")
+        for sec in dump.get("SecretsConfigDump", {}).get("dynamic_active_secrets", []):
+            out[f"secret:{sec['name']}"] = sec.get("version_info", "")
+        return out
 
     def healthy_endpoints(self, cluster: str) -> list[str]:
         """Addresses of `cluster`'s healthy hosts, from /clusters."""
@@ -422,7 +439,9 @@ class ControlPlane:
         source = ["--kubernetes", "--kubeconfig", str(self.kubeconfig)] if self.kubeconfig else []
         if self.mesh is not None:
             source += ["--mesh", str(self.mesh)]
-        names = [a for n in dict.fromkeys((self.advertise, "127.0.0.1", "localhost")) for a in ("--xds-dns-name", n)]
+        # The names a sidecar may verify: the defaults (the Service's DNS names, loopback) and the
+        # bridge address it dials.
+        names = [a for n in dict.fromkeys((self.advertise, *WEBHOOK_DNS_NAMES)) for a in ("--xds-dns-name", n)]
         return [
             "ip", "netns", "exec", str(self.netns), *MESHCTL, "serve", *source, "--bind", "0.0.0.0",
             "--xds-tls-port", str(self.tls_port), *names,
@@ -601,7 +620,8 @@ class MeshLab:
         for plane in self.planes.values():
             plane.close()
         if self.kube is not None:
-            self.kube.stop()
+            with contextlib.suppress(Exception):  # the namespaces below go whatever happens here
+                self.kube.stop()
         if self._hub_thread is not None:
             self._hub_thread.shutdown(wait=False)
         for ns in reversed(self.namespaces):
@@ -683,13 +703,16 @@ class MeshLab:
         sidecar: bool = True,
         xds: Sequence[ControlPlane] = (),
         token: str | None = None,
+        xds_authority: str | None = None,
     ) -> Pod:
         """A pod: namespace on the bridge, capture rules, the app, and (unless not `sidecar`) its
         sidecar, not yet waited for. Processes must be started from the main thread (see below).
 
         By default the sidecar dials `lab.plane` on its unix socket with a `meshctl token`. With
         `xds`, it dials those replicas over TLS instead (one `--xds-address` each, in that order,
-        the trust bundle of the first one's CA) and sends `token` (e.g. one registered with FakeKube)."""
+        the trust bundle of the first one's CA) and sends `token` (e.g. one registered with FakeKube);
+        `xds_authority` sets the channel's `grpc.default_authority`, the name gRPC sends as :authority
+        and checks the replicas' certificates against."""
         with self._lock:
             n, self._next_ip = self._next_ip, self._next_ip + 1
         ns, ip = f"ml-{self.tag}-{n}", f"{SUBNET}.{n}"
@@ -705,14 +728,19 @@ class MeshLab:
         sh("ip", "link", "set", pod_dev, "up", ns=ns)
         sh("ip", "route", "add", "default", "via", GATEWAY, ns=ns)
         sh(*MESHCTL, "iptables", ns=ns)  # the init container's step
-        self._write_bootstrap(pod, keepalive_ms, xds, token)
+        self._write_bootstrap(pod, keepalive_ms, xds, token, xds_authority)
         self.pods[name] = pod
         if sidecar:
             self.start_sidecar(pod)
         return pod
 
     def _write_bootstrap(
-        self, pod: Pod, keepalive_ms: int | None, xds: Sequence[ControlPlane] = (), token_text: str | None = None
+        self,
+        pod: Pod,
+        keepalive_ms: int | None,
+        xds: Sequence[ControlPlane] = (),
+        token_text: str | None = None,
+        xds_authority: str | None = None,
     ) -> None:
         token = pod.dir / "token"
         if token_text is not None:
@@ -735,13 +763,18 @@ class MeshLab:
            "--namespace", "demo", "--service-account", pod.service_account, "--ip", pod.ip, *labels,
            "--token-file", str(token), "-o", str(config))  # fmt: skip
         doc = json.loads(config.read_text())
-        # The one edit: admin on a unix socket, so the test (outside the pod) can reach it.
+        # Admin on a unix socket, so the test (outside the pod) can reach it.
         doc["admin"]["address"] = {"pipe": {"path": str(pod.admin.path)}}
         if keepalive_ms is not None:
             grpc = doc["dynamicResources"]["adsConfig"]["grpcServices"][0]["googleGrpc"]
             args = grpc["channelArgs"]["args"]
             assert "grpc.keepalive_time_ms" in args, f"the shipped bootstrap's channel args changed: {args}"
             args["grpc.keepalive_time_ms"] = {"intValue": str(keepalive_ms)}
+        if xds_authority is not None:
+            grpc = doc["dynamicResources"]["adsConfig"]["grpcServices"][0]["googleGrpc"]
+            grpc.setdefault("channelArgs", {}).setdefault("args", {})["grpc.default_authority"] = {
+                "stringValue": xds_authority
+            }
         config.write_text(json.dumps(doc, indent=2))
 
     def start_sidecar(self, pod: Pod) -> None:

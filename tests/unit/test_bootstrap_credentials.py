@@ -38,3 +38,12 @@ def test_several_replicas_must_be_ip_addresses_of_one_family(address: str) -> No
 def test_tcp_without_roots_is_refused() -> None:
     with pytest.raises(BootstrapError, match="mesh root"):
         google("127.0.0.1:1", XdsCredentials("/t"))
+
+
+def test_several_replicas_are_checked_against_one_name() -> None:
+    args = google("127.0.0.1:1,127.0.0.2:2", XdsCredentials("/t", ca_pem="PEM")).channel_args.args  # type: ignore[attr-defined]
+    assert args["grpc.default_authority"].string_value == "meshplane.mesh-system.svc"
+    one = google("127.0.0.1:1", XdsCredentials("/t", ca_pem="PEM")).channel_args.args  # type: ignore[attr-defined]
+    assert "grpc.default_authority" not in one
+    named = google("127.0.0.1:1,127.0.0.2:2", XdsCredentials("/t", ca_pem="PEM", authority="cp.example"))
+    assert named.channel_args.args["grpc.default_authority"].string_value == "cp.example"  # type: ignore[attr-defined]
