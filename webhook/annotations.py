@@ -52,6 +52,8 @@ class ProxyOptions:
     exclude_interfaces: str
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
     """How long the proxy drains before it is stopped (ProxyConfig terminationDrainDuration)."""
+    capture: bool = True
+    """`sidecar.istio.io/interceptionMode`: REDIRECT captures traffic (the init container); NONE does not."""
 
 
 def proxy_options(annotations: Mapping[str, str], config: InjectionConfig) -> ProxyOptions:
@@ -85,6 +87,27 @@ def proxy_options(annotations: Mapping[str, str], config: InjectionConfig) -> Pr
                 component,
                 f"component:level pairs separated by commas, levels {' | '.join(LOG_LEVELS)}",
             )
+    templates = [t.strip() for t in a.get("inject.istio.io/templates", "sidecar").split(",") if t.strip()]
+    if templates != ["sidecar"]:
+        raise InvalidAnnotation(
+            "inject.istio.io/templates",
+            a["inject.istio.io/templates"],
+            "sidecar (Meshplane has no gateway or grpc-agent templates yet)",
+        )
+    mode = a.get("sidecar.istio.io/interceptionMode", "REDIRECT")
+    if mode not in ("REDIRECT", "NONE"):
+        raise InvalidAnnotation(
+            "sidecar.istio.io/interceptionMode", mode, "REDIRECT or NONE (TPROXY is not supported yet)"
+        )
+    for kind in ("cpu", "memory"):
+        request, limit = resources.get("requests", {}).get(kind), resources.get("limits", {}).get(kind)
+        if request and limit and _quantity(request) > _quantity(limit):
+            raise InvalidAnnotation(
+                f"sidecar.istio.io/proxy{'CPU' if kind == 'cpu' else 'Memory'}",
+                request,
+                f"a request no larger than the proxy's {kind} limit ({limit}); raise the limit with "
+                f"sidecar.istio.io/proxy{'CPU' if kind == 'cpu' else 'Memory'}Limit",
+            )
     hold = config.hold_application_until_proxy_starts
     drain = DEFAULT_DRAIN_SECONDS
     proxy_config = a.get("proxy.istio.io/config")
@@ -109,7 +132,19 @@ def proxy_options(annotations: Mapping[str, str], config: InjectionConfig) -> Pr
         exclude_outbound_ports=_ports(a, "traffic.sidecar.istio.io/excludeOutboundPorts") or "",
         exclude_interfaces=_interfaces(a, "traffic.sidecar.istio.io/excludeInterfaces"),
         drain_seconds=drain,
+        capture=mode != "NONE",
     )
+
+
+_SUFFIXES = {"m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18}
+_SUFFIXES |= {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+
+
+def _quantity(text: str) -> float:
+    """A Kubernetes quantity (already checked by _QUANTITY) as a number: 100m -> 0.1, 1Gi -> 2**30."""
+    match = _QUANTITY.match(text.strip())
+    assert match is not None
+    return float(match.group(1)) * _SUFFIXES.get(match.group(3) or "", 1)
 
 
 def _proxy_config(text: str) -> dict[str, Any]:

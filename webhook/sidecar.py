@@ -61,6 +61,10 @@ def render(pod: Mapping[str, Any], namespace: str, config: InjectionConfig, opti
     spec = out.setdefault("spec", {})
     app_containers: list[dict[str, Any]] = spec.setdefault("containers", [])
     probes = _rewrite_probes(app_containers) if options.rewrite_probes else []
+    labels = meta.setdefault("labels", {})
+    name, revision = canonical(meta)
+    labels.setdefault(CANONICAL_NAME, name)
+    labels.setdefault(CANONICAL_REVISION, revision)
 
     proxy = _proxy_container(out, namespace, config, options, probes)
     init = _init_container(config, options)
@@ -71,19 +75,22 @@ def render(pod: Mapping[str, Any], namespace: str, config: InjectionConfig, opti
     if int(spec.get("terminationGracePeriodSeconds", DEFAULT_GRACE_SECONDS)) < needed:
         spec["terminationGracePeriodSeconds"] = needed
     inits: list[dict[str, Any]] = spec.get("initContainers") or []
+    capture = [init] if options.capture else []  # interceptionMode NONE: no capture at all
     if options.native_sidecar:
         proxy["restartPolicy"] = "Always"
         proxy["startupProbe"] = _ready_probe(period=1, failures=600)
-        spec["initContainers"] = [init, proxy, *inits]
+        spec["initContainers"] = [*capture, proxy, *inits]
     else:
-        spec["initContainers"] = [init, *inits]
+        spec["initContainers"] = [*capture, *inits]
+        if not spec["initContainers"]:
+            del spec["initContainers"]
         if options.hold_application:
             proxy["lifecycle"]["postStart"] = {"exec": {"command": ["meshctl", "wait", "--timeout", "120s"]}}
             spec["containers"] = [proxy, *app_containers]
         else:
             spec["containers"] = [*app_containers, proxy]
 
-    meta.setdefault("labels", {})[TLS_MODE_LABEL] = "istio"
+    labels.setdefault(TLS_MODE_LABEL, "istio")  # a value the user set is kept, as Istio keeps it
     annotations = meta.setdefault("annotations", {})
     for key, value in (
         ("prometheus.io/scrape", "true"),
@@ -93,7 +100,7 @@ def render(pod: Mapping[str, Any], namespace: str, config: InjectionConfig, opti
         annotations.setdefault(key, value)
     annotations[STATUS] = dumps(
         {
-            "initContainers": [INIT, PROXY] if options.native_sidecar else [INIT],
+            "initContainers": [*([INIT] if options.capture else []), *([PROXY] if options.native_sidecar else [])],
             "containers": [] if options.native_sidecar else [PROXY],
             "volumes": [v["name"] for v in volumes],
             "imagePullSecrets": None,
@@ -101,6 +108,28 @@ def render(pod: Mapping[str, Any], namespace: str, config: InjectionConfig, opti
         }
     )
     return out
+
+
+CANONICAL_NAME = "service.istio.io/canonical-name"
+CANONICAL_REVISION = "service.istio.io/canonical-revision"
+
+
+def canonical(meta: Mapping[str, Any]) -> tuple[str, str]:
+    """The workload's canonical service name and revision, derived as Istio derives them: from its own
+    labels, else the owning workload's name (a ReplicaSet's pod name less its two hash suffixes)."""
+    labels = meta.get("labels") or {}
+    name = labels.get(CANONICAL_NAME) or labels.get("app.kubernetes.io/name") or labels.get("app")
+    if not name:
+        base = str(meta.get("generateName") or meta.get("name") or "").rstrip("-")
+        parts = base.split("-")
+        # Deployment pods: <deployment>-<replicaset hash>-<pod hash>, generateName <deployment>-<hash>-
+        if meta.get("generateName") and len(parts) > 1 and "pod-template-hash" in labels:
+            parts = parts[:-1]
+        name = "-".join(parts) or "unknown"
+    revision = (
+        labels.get(CANONICAL_REVISION) or labels.get("app.kubernetes.io/version") or labels.get("version") or "latest"
+    )
+    return str(name)[:63].rstrip("-._"), str(revision)[:63].rstrip("-._")
 
 
 def _proxy_container(

@@ -269,7 +269,9 @@ def test_inbound_capture_annotations_narrow_it_as_in_istio(annotations: dict[str
 
 
 def _proxy(out: dict[str, Any]) -> dict[str, Any]:
-    return next(c for c in out["spec"]["containers"] + out["spec"]["initContainers"] if c["name"] == "mesh-proxy")
+    return next(
+        c for c in out["spec"]["containers"] + out["spec"].get("initContainers", []) if c["name"] == "mesh-proxy"
+    )
 
 
 def test_the_proxy_drains_before_it_is_stopped() -> None:
@@ -425,3 +427,59 @@ def test_patch_paths_are_escaped() -> None:
 def test_bad_reviews(body: bytes, message: str) -> None:
     with pytest.raises(ReviewError, match=message):
         parse(body)
+
+
+def test_interception_mode_none_has_no_capture_and_tproxy_is_a_clear_deny() -> None:
+    pod = make(
+        "n", {"containers": [{"name": "app", "image": "a"}]}, annotations={"sidecar.istio.io/interceptionMode": "NONE"}
+    )
+    out = inject(pod, "shop", InjectionConfig(xds_ca=MESH_ROOT)).pod
+    kubernetes_validate.validate(out, K8S, strict=True)
+    assert "initContainers" not in out["spec"] and _proxy(out)
+    assert not json.loads(out["metadata"]["annotations"]["sidecar.istio.io/status"]).get("initContainers")
+    tproxy = make(
+        "t",
+        {"containers": [{"name": "app", "image": "a"}]},
+        annotations={"sidecar.istio.io/interceptionMode": "TPROXY"},
+    )
+    error = inject(tproxy, "shop", InjectionConfig(xds_ca=MESH_ROOT)).error
+    assert error is not None and "TPROXY is not supported" in str(error)
+
+
+@pytest.mark.parametrize("templates", ["gateway", "grpc-agent", "sidecar,grpc-agent", "custom"])
+def test_templates_other_than_sidecar_are_a_clear_deny(templates: str) -> None:
+    pod = make(
+        "g", {"containers": [{"name": "app", "image": "a"}]}, annotations={"inject.istio.io/templates": templates}
+    )
+    error = inject(pod, "shop", InjectionConfig(xds_ca=MESH_ROOT)).error
+    assert error is not None and "inject.istio.io/templates" in str(error) and templates in str(error)
+
+
+def test_canonical_labels_are_derived_as_istio_does_and_a_user_tls_mode_is_kept() -> None:
+    deployment_pod = make(
+        "reviews-v1-7d9c8f6b5-x2x9q",
+        {"containers": [{"name": "app", "image": "a"}]},
+        generateName="reviews-v1-7d9c8f6b5-",
+        labels={"pod-template-hash": "7d9c8f6b5", "version": "v1", "security.istio.io/tlsMode": "disabled"},
+    )
+    labels = inject(deployment_pod, "shop", InjectionConfig(xds_ca=MESH_ROOT)).pod["metadata"]["labels"]
+    assert labels["service.istio.io/canonical-name"] == "reviews-v1"
+    assert labels["service.istio.io/canonical-revision"] == "v1"
+    assert labels["security.istio.io/tlsMode"] == "disabled"
+    app = make("x", {"containers": [{"name": "app", "image": "a"}]}, labels={"app": "ratings"})
+    labels = inject(app, "shop", InjectionConfig(xds_ca=MESH_ROOT)).pod["metadata"]["labels"]
+    assert (labels["service.istio.io/canonical-name"], labels["service.istio.io/canonical-revision"]) == (
+        "ratings",
+        "latest",
+    )
+
+
+def test_a_proxy_request_above_its_limit_is_a_clear_deny() -> None:
+    annotations = {"sidecar.istio.io/proxyMemory": "2Gi", "sidecar.istio.io/proxyMemoryLimit": "1Gi"}
+    pod = make("r", {"containers": [{"name": "app", "image": "a"}]}, annotations=annotations)
+    error = inject(pod, "shop", InjectionConfig(xds_ca=MESH_ROOT)).error
+    assert error is not None and "proxyMemory" in str(error) and "limit" in str(error)
+    ok = {"sidecar.istio.io/proxyCPU": "500m", "sidecar.istio.io/proxyCPULimit": "1"}
+    pod = make("ok", {"containers": [{"name": "app", "image": "a"}]}, annotations=ok)
+    out = inject(pod, "shop", InjectionConfig(xds_ca=MESH_ROOT)).pod
+    assert _proxy(out)["resources"]["requests"]["cpu"] == "500m"
