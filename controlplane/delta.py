@@ -12,7 +12,8 @@ ACK and NACK. The rules:
   first wildcard-type request that names nothing, is the wildcard); a request that answers the
   latest nonce is also an ACK, or a NACK with `error_detail`. A NACK is recorded and nothing is
   re-sent: the proxy keeps what it had, and it holds what it had before the rejected response.
-- The first request for a type is always answered (an empty response ends Envoy's wait for it).
+- The first request for a type is always answered (an empty response ends a new Envoy's wait for
+  it), unless the proxy reconnects holding resources: then only what differs is sent, if anything.
 - Pushes go in the order of `PUSH_ORDER`, additions and changes first and removals after every
   type, so nothing the proxy is about to stop using disappears under it.
 - After clusters change, their endpoints are sent again: a re-created EDS cluster waits for them.
@@ -65,8 +66,8 @@ class DeltaTypeState:
 class DeltaOutcome:
     responses: list[discovery_pb2.DeltaDiscoveryResponse]
     kind: str
-    """"request", "ack", "nack" or "stale" (a nonce that is not the latest: its subscription changes
-    still count)."""
+    """"request", "ack", "nack", "stale" (a nonce that is not the latest: its subscription changes
+    still count) or "resumed" (a reconnecting proxy that holds the current version)."""
     nack: Nack | None = None
 
 
@@ -85,7 +86,14 @@ class DeltaStreamState:
             if req.response_nonce != t.nonce:
                 kind = "stale"
             elif req.HasField("error_detail"):
-                nack = Nack(t.version, t.nonce, req.error_detail.message, self._clock(), tuple(sorted(t.pending)))
+                nack = Nack(
+                    t.version,
+                    t.nonce,
+                    req.error_detail.message,
+                    self._clock(),
+                    tuple(sorted(t.pending)),
+                    t.acked_version,
+                )
                 t.rejected.update({n: v for n, v in t.pending.items() if v is not None})
                 t.last_nack, t.pending, kind = nack, {}, "nack"
             else:
@@ -113,7 +121,14 @@ class DeltaStreamState:
                 t.owed.discard(name)
         if t.held and first:
             t.owed -= set(t.held)  # reconnecting: what it holds at our version is not owed
-        response = self._respond(req.type_url, removals=True, always=first)
+        # A first request must be answered, even with nothing, to end a new Envoy's wait; one that
+        # reconnects holding resources is not waiting and is sent only what differs.
+        response = self._respond(req.type_url, removals=True, always=first and not req.initial_resource_versions)
+        if response is None and first:
+            # It already holds the current version: in sync without a word (what /debug shows).
+            t.version = t.acked_version = str(next(self._versions))
+            t.last_ack = self._clock()
+            kind = "resumed"
         return DeltaOutcome([response] if response else [], kind, nack)
 
     def on_change(self) -> list[discovery_pb2.DeltaDiscoveryResponse]:

@@ -136,7 +136,7 @@ def test_config_churn_under_traffic() -> None:
         hidden.update({k: v for k, v in front.admin.stats("rq_5xx").items() if v and not k.startswith(prefix)})
         print("\n" + "\n".join(f"{name}: {secs}s, at request {n}, {r} retries" for name, secs, n, r in steps))
         print(f"{result.summary()}\nfrontend sidecar's backend cluster: {hidden}")
-        assert len(result.records) >= 200, result.summary()
+        assert len(result.records) >= 150, result.summary()  # every step waited for 20 of them
         assert not result.failed, result.summary()
 
 
