@@ -19,6 +19,10 @@ DEFAULT_DRAIN_SECONDS = 5.0
 MAX_DRAIN_SECONDS = 3600.0
 _DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+DEFAULT_STATUS_PORT = 15021
+STATUS_PORT = "status.sidecar.istio.io/port"
+RESERVED_PORTS = frozenset({15000, 15001, 15006, 15090})
+"""The proxy's own listeners (admin, outbound, inbound, stats): never its status port."""
 LOG_LEVELS = ("trace", "debug", "info", "warning", "warn", "error", "critical", "off")
 
 
@@ -54,6 +58,8 @@ class ProxyOptions:
     """How long the proxy drains before it is stopped (ProxyConfig terminationDrainDuration)."""
     capture: bool = True
     """`sidecar.istio.io/interceptionMode`: REDIRECT captures traffic (the init container); NONE does not."""
+    status_port: int = DEFAULT_STATUS_PORT
+    """`status.sidecar.istio.io/port`: the proxy's readiness and app-health port; 0: no readiness probe."""
 
 
 def proxy_options(annotations: Mapping[str, str], config: InjectionConfig) -> ProxyOptions:
@@ -133,6 +139,7 @@ def proxy_options(annotations: Mapping[str, str], config: InjectionConfig) -> Pr
         exclude_interfaces=_interfaces(a, "traffic.sidecar.istio.io/excludeInterfaces"),
         drain_seconds=drain,
         capture=mode != "NONE",
+        status_port=_status_port(a),
     )
 
 
@@ -211,6 +218,21 @@ def _ports(a: Mapping[str, str], name: str, *, star: bool = False, default: str 
             name, value, ("'*' or " if star else "") + "comma-separated port numbers, e.g. 8080,9090"
         )
     return ",".join(items)
+
+
+def _status_port(a: Mapping[str, str]) -> int:
+    """As Istio: 0 (no readiness probe) or an unprivileged port the proxy does not already use."""
+    value = a.get(STATUS_PORT)
+    if value is None:
+        return DEFAULT_STATUS_PORT
+    text = value.strip()
+    if text.isdigit() and (int(text) == 0 or (1024 <= int(text) <= 65535 and int(text) not in RESERVED_PORTS)):
+        return int(text)
+    raise InvalidAnnotation(
+        STATUS_PORT,
+        value,
+        "0 (no readiness probe) or a port from 1024 to 65535 other than the proxy's 15000, 15001, 15006 and 15090",
+    )
 
 
 def _cidrs(a: Mapping[str, str], name: str, *, default: str) -> str:

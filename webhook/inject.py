@@ -9,8 +9,8 @@ from typing import Any
 from .annotations import InvalidAnnotation, proxy_options
 from .config import InjectionConfig
 from .patch import diff
-from .policy import Decision, decide
-from .sidecar import render
+from .policy import STATUS, Decision, decide, injected_by_istio
+from .sidecar import render, uninject_istio
 
 
 class InjectionError(ValueError):
@@ -32,18 +32,24 @@ class Outcome:
 def inject(
     pod: dict[str, Any], namespace: str, config: InjectionConfig, namespace_labels: Mapping[str, str] | None = None
 ) -> Outcome:
+    original = pod
+    migrating = injected_by_istio((pod.get("metadata") or {}).get("annotations") or {})
+    if migrating:  # Istio injected it: judge and inject the pod as it was before (migration)
+        pod = uninject_istio(pod)
     decision = decide(pod, namespace, config, namespace_labels)
-    if not decision.inject:
-        return Outcome(decision, pod, [])
+    if not decision.inject:  # left as it is, Istio's sidecar included
+        return Outcome(decision, original, [])
+    if migrating:
+        decision = Decision(True, f"{decision.reason}; Istio's sidecar ({STATUS}) replaced")
     annotations = (pod.get("metadata") or {}).get("annotations") or {}
     try:
         options = proxy_options(annotations, config)
     except InvalidAnnotation as e:
         if not config.ignore_invalid_annotations:
-            return Outcome(decision, pod, [], e)
+            return Outcome(decision, original, [], e)
         options = proxy_options({k: v for k, v in annotations.items() if k != e.name}, config)
     try:
         mutated = render(pod, namespace, config, options)
     except ValueError as e:  # BootstrapError and malformed values the API server would have refused
-        return Outcome(decision, pod, [], InjectionError(str(e)))
-    return Outcome(decision, mutated, diff(pod, mutated))
+        return Outcome(decision, original, [], InjectionError(str(e)))
+    return Outcome(decision, mutated, diff(original, mutated))

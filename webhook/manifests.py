@@ -1,7 +1,8 @@
 """`meshctl inject`: the webhook's injection applied to multi-document YAML manifests.
 
-Pods, and the pod templates of Deployments, StatefulSets, DaemonSets, ReplicaSets, Jobs and
-CronJobs, are injected exactly as the webhook would; every other document passes through.
+Pods, and the pod templates of Deployments, StatefulSets, DaemonSets, ReplicaSets,
+ReplicationControllers, Jobs, CronJobs and OpenShift DeploymentConfigs, are injected exactly as the
+webhook would (a template Istio injected is un-injected first); every other document passes through.
 Round-trip YAML keeps comments and document order outside the pod specs it rewrites.
 """
 
@@ -18,7 +19,16 @@ from ruamel.yaml.error import YAMLError
 from .config import InjectionConfig
 from .inject import inject
 
-TEMPLATE_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
+TEMPLATE_KINDS = {
+    "Deployment",
+    "StatefulSet",
+    "DaemonSet",
+    "ReplicaSet",
+    "ReplicationController",
+    "Job",
+    "DeploymentConfig",
+}
+"""Kinds whose pod template is `spec.template` (DeploymentConfig: OpenShift's apps.openshift.io/v1)."""
 
 
 class ManifestError(ValueError):

@@ -1,7 +1,8 @@
 """Whether a pod gets a sidecar, and why: Istio's rules, as one pure function.
 
-In order: pods on the host network and in system namespaces never; an already injected pod
-not twice; a revision label for another control plane no; the namespace's
+In order: pods on the host network and in system namespaces never; a pod this injector already
+injected not twice (one Istio injected is judged as the pod it was, to be un-injected first);
+a revision label for another control plane no; the namespace's
 `istio-injection`/`mesh-injection` label when it is disabled; the pod's
 `sidecar.istio.io/inject` label (it wins over the legacy annotation of the same name); then
 `neverInjectSelector` (beats `alwaysInjectSelector`); then the namespace label when it is
@@ -10,6 +11,7 @@ enabled; then the default policy.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +23,9 @@ STATUS = "sidecar.istio.io/status"
 REVISION = "istio.io/rev"
 NAMESPACE_LABELS = ("istio-injection", "mesh-injection")
 SYSTEM_NAMESPACES = frozenset({"kube-system", "kube-public", "kube-node-lease"})
+ISTIO_CONTAINERS = frozenset({"istio-proxy", "istio-init", "istio-validation"})
+"""What Istio's injector adds, as its `sidecar.istio.io/status` lists them."""
+MESH_CONTAINERS = frozenset({"mesh-proxy", "mesh-init"})
 _YES = {"y", "yes", "true", "on", "enabled"}
 _NO = {"n", "no", "false", "off", "disabled"}
 
@@ -45,7 +50,7 @@ def decide(
         return Decision(False, "the pod uses the host network")
     if namespace in SYSTEM_NAMESPACES:
         return Decision(False, f"namespace {namespace} is never injected")
-    if STATUS in annotations:
+    if STATUS in annotations and not injected_by_istio(annotations):
         return Decision(False, f"already injected ({STATUS} is set)")
     revision = labels.get(REVISION) or ns_labels.get(REVISION)
     if revision and revision != config.revision:
@@ -72,3 +77,22 @@ def decide(
     if config.enabled_by_default:
         return Decision(True, "the default policy is enabled")
     return Decision(False, "the default policy is disabled and nothing asked for injection")
+
+
+def injected_by_istio(annotations: Mapping[str, str]) -> bool:
+    """Whether `sidecar.istio.io/status` was written by Istio's injector, not Meshplane's: it names Istio's
+    containers and none of Meshplane's. Anything else (unreadable, `{}`) counts as injected already."""
+    try:
+        status = json.loads(annotations.get(STATUS) or "")
+    except (ValueError, TypeError):
+        return False
+    if not isinstance(status, dict):
+        return False
+    names = {
+        n
+        for key in ("containers", "initContainers")
+        if isinstance(status.get(key), list)
+        for n in status[key]
+        if isinstance(n, str)
+    }
+    return bool(names & ISTIO_CONTAINERS) and not names & MESH_CONTAINERS

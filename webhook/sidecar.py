@@ -59,8 +59,14 @@ def render(pod: Mapping[str, Any], namespace: str, config: InjectionConfig, opti
     out: dict[str, Any] = json.loads(json.dumps(pod))
     meta = out.setdefault("metadata", {})
     spec = out.setdefault("spec", {})
+    # Containers named like the injected ones are the user's overrides of them, as in Istio: merged into
+    # what is injected below, never kept as app containers of their own.
+    overrides = _take_overrides(spec)
     app_containers: list[dict[str, Any]] = spec.setdefault("containers", [])
-    probes = _rewrite_probes(app_containers) if options.rewrite_probes else []
+    health = options.status_port or HEALTH_PORT
+    # Status port 0: nothing probes the proxy, so the app's probes cannot be pointed at it either.
+    rewrite = options.rewrite_probes and options.status_port != 0
+    probes = _rewrite_probes(app_containers, health) if rewrite else []
     labels = meta.setdefault("labels", {})
     name, revision = canonical(meta)
     labels.setdefault(CANONICAL_NAME, name)
@@ -68,6 +74,11 @@ def render(pod: Mapping[str, Any], namespace: str, config: InjectionConfig, opti
 
     proxy = _proxy_container(out, namespace, config, options, probes)
     init = _init_container(config, options)
+    for override in overrides[PROXY]:
+        _merge(proxy, override)
+    for override in overrides[INIT]:
+        _merge(init, override)
+    _follow_proxy_user(init, overrides[PROXY])
     volumes = _volumes(config)
     spec["volumes"] = [*(spec.get("volumes") or []), *volumes]
     # The proxy's preStop drain must fit in the grace period, with room to spare for the kubelet.
@@ -78,14 +89,18 @@ def render(pod: Mapping[str, Any], namespace: str, config: InjectionConfig, opti
     capture = [init] if options.capture else []  # interceptionMode NONE: no capture at all
     if options.native_sidecar:
         proxy["restartPolicy"] = "Always"
-        proxy["startupProbe"] = _ready_probe(period=1, failures=600)
+        if options.status_port:
+            proxy.setdefault("startupProbe", _ready_probe(options.status_port, period=1, failures=600))
         spec["initContainers"] = [*capture, proxy, *inits]
     else:
         spec["initContainers"] = [*capture, *inits]
         if not spec["initContainers"]:
             del spec["initContainers"]
         if options.hold_application:
-            proxy["lifecycle"]["postStart"] = {"exec": {"command": ["meshctl", "wait", "--timeout", "120s"]}}
+            wait = ["meshctl", "wait", "--timeout", "120s"]
+            if health != HEALTH_PORT:
+                wait += ["--url", f"http://127.0.0.1:{health}/healthz/ready"]
+            proxy.setdefault("lifecycle", {})["postStart"] = {"exec": {"command": wait}}
             spec["containers"] = [proxy, *app_containers]
         else:
             spec["containers"] = [*app_containers, proxy]
@@ -149,6 +164,7 @@ def _proxy_container(
         tuple(p for p, _ in probes),
         config.admin_socket,
         config.xds_ca,
+        options.status_port or HEALTH_PORT,
     )
     args = [
         "--config-yaml",
@@ -178,7 +194,6 @@ def _proxy_container(
         "env": env,
         "ports": [{"name": "http-envoy-prom", "containerPort": STATS_PORT, "protocol": "TCP"}],
         "lifecycle": {"preStop": {"exec": {"command": drain}}},
-        "readinessProbe": _ready_probe(period=2, failures=30),
         "resources": options.resources,
         "securityContext": {
             "runAsUser": uid,
@@ -190,6 +205,8 @@ def _proxy_container(
             "capabilities": {"drop": ["ALL"]},
         },
     }
+    if options.status_port:  # 0: no readiness probe, as Istio
+        container["readinessProbe"] = _ready_probe(options.status_port, period=2, failures=30)
     mounts = [{"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True}]
     if config.admin_socket:
         mounts.append({"name": ADMIN_VOLUME, "mountPath": posixpath.dirname(config.admin_socket)})
@@ -222,6 +239,7 @@ def _bootstrap_json(
     probes: tuple[AppProbe, ...],
     admin_socket: str,
     xds_ca: str,
+    health: int = HEALTH_PORT,
 ) -> str:
     """The sidecar's bootstrap; memoized, since the pods of one workload share every input."""
     identity = WorkloadIdentity(
@@ -232,7 +250,7 @@ def _bootstrap_json(
         labels=dict(labels),
         domain_suffix=domain_suffix,
     )
-    ports = Ports(health=HEALTH_PORT, stats=STATS_PORT, admin_socket=admin_socket)
+    ports = Ports(health=health, stats=STATS_PORT, admin_socket=admin_socket)
     credentials = XdsCredentials(f"{TOKEN_DIR}/{TOKEN_VOLUME}", ca_pem="" if _xds_is_unix(xds_address) else xds_ca)
     return render_compact(bootstrap(identity, xds_address, ports, probes, credentials))
 
@@ -242,6 +260,8 @@ def _init_container(config: InjectionConfig, options: ProxyOptions) -> dict[str,
     # ports are informational; an app listening on an undeclared port must not bypass mTLS). The proxy's
     # own ports are always excluded, then excludeInboundPorts.
     excluded = [str(p) for p in ALWAYS_EXCLUDED_INBOUND]
+    if options.status_port and str(options.status_port) not in excluded:
+        excluded.append(str(options.status_port))  # a moved status port is the proxy's too
     excluded += [p for p in options.exclude_inbound_ports.split(",") if p and p not in excluded]
     uid = str(config.proxy_uid)
     args = [
@@ -288,9 +308,9 @@ def _init_container(config: InjectionConfig, options: ProxyOptions) -> dict[str,
     }
 
 
-def _ready_probe(*, period: int, failures: int) -> dict[str, Any]:
+def _ready_probe(port: int, *, period: int, failures: int) -> dict[str, Any]:
     return {
-        "httpGet": {"path": "/healthz/ready", "port": HEALTH_PORT},
+        "httpGet": {"path": "/healthz/ready", "port": port},
         "initialDelaySeconds": 0,
         "periodSeconds": period,
         "timeoutSeconds": 3,
@@ -298,7 +318,7 @@ def _ready_probe(*, period: int, failures: int) -> dict[str, Any]:
     }
 
 
-def _rewrite_probes(containers: list[dict[str, Any]]) -> list[tuple[AppProbe, dict[str, Any]]]:
+def _rewrite_probes(containers: list[dict[str, Any]], health: int) -> list[tuple[AppProbe, dict[str, Any]]]:
     """Point each HTTP, TCP and gRPC probe at the sidecar's health port; return what the sidecar must run."""
     out = []
     for c in containers:
@@ -314,7 +334,7 @@ def _rewrite_probes(containers: list[dict[str, Any]]) -> list[tuple[AppProbe, di
             original = {k: probe[k] for k in ("httpGet", "tcpSocket", "grpc") if k in probe}
             for k in original:
                 del probe[k]
-            probe["httpGet"] = {"path": path, "port": HEALTH_PORT, "scheme": "HTTP"}
+            probe["httpGet"] = {"path": path, "port": health, "scheme": "HTTP"}
             out.append((found, original))
     return out
 
@@ -361,3 +381,190 @@ def _port(value: Any, named: Mapping[Any, Any]) -> int | None:
         return int(value)
     resolved = named.get(value)
     return resolved if isinstance(resolved, int) else None
+
+
+PROXY_NAMES = ("istio-proxy", PROXY)
+"""Names of the proxy container a pod may carry as an override (Istio's first: Meshplane's own wins)."""
+INIT_NAMES = ("istio-init", INIT)
+_PROBE_HANDLERS = ("exec", "httpGet", "tcpSocket", "grpc")
+_MERGE_KEYS = {"env": "name", "volumeMounts": "mountPath", "ports": "containerPort"}
+AUTO_IMAGE = "auto"
+"""An override's image `auto` means the injected one, as in Istio."""
+
+
+def _take_overrides(spec: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Remove the pod's containers named like the injected ones (in `containers` or `initContainers`);
+    return them, Istio's names before Meshplane's so that Meshplane's own name wins a conflict."""
+    found: dict[str, list[dict[str, Any]]] = {PROXY: [], INIT: []}
+    for field in ("containers", "initContainers"):
+        kept = []
+        for c in spec.get(field) or []:
+            name = c.get("name") if isinstance(c, dict) else None
+            if name in PROXY_NAMES:
+                found[PROXY].append(c)
+            elif name in INIT_NAMES:
+                found[INIT].append(c)
+            else:
+                kept.append(c)
+        if field in spec and spec[field] is not None and len(kept) != len(spec[field]):
+            spec[field] = kept
+    order = {**{n: i for i, n in enumerate(PROXY_NAMES)}, **{n: i for i, n in enumerate(INIT_NAMES)}}
+    for overrides in found.values():
+        overrides.sort(key=lambda c: order[c["name"]])
+    return found
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any], top: bool = True) -> None:
+    """Merge `override` into `base` as a strategic merge patch of a container would (Istio applies the
+    user's container this way): maps merge, `env` by name, `volumeMounts` by path, `ports` by number,
+    other lists and values are replaced. The name is kept; an image `auto` is the injected one."""
+    for key, value in override.items():
+        if top and (key == "name" or (key == "image" and value == AUTO_IMAGE)):
+            continue
+        if top and key in _MERGE_KEYS and isinstance(value, list) and isinstance(base.get(key), list):
+            merged = {dumps(item.get(_MERGE_KEYS[key])): item for item in base[key] if isinstance(item, dict)}
+            for item in value:
+                if isinstance(item, dict):
+                    merged[dumps(item.get(_MERGE_KEYS[key]))] = item
+            base[key] = list(merged.values())
+        elif isinstance(value, dict) and isinstance(base.get(key), dict):
+            if any(h in value for h in _PROBE_HANDLERS):  # a probe with its own handler replaces ours
+                for h in _PROBE_HANDLERS:
+                    base[key].pop(h, None)
+            _merge(base[key], value, top=False)
+        else:
+            base[key] = value
+
+
+def _follow_proxy_user(init: dict[str, Any], overrides: list[dict[str, Any]]) -> None:
+    """As Istio: a proxy override running as another uid/gid moves the capture's owner exclusion with it."""
+    for flag, field in (("-u", "runAsUser"), ("-g", "runAsGroup")):
+        ids = [(o.get("securityContext") or {}).get(field) for o in overrides]
+        uid = next((i for i in reversed(ids) if isinstance(i, int) and i > 0), None)
+        args = init.get("args") or []
+        if uid is not None and flag in args[:-1]:
+            args[args.index(flag) + 1] = str(uid)
+
+
+# Migration from Istio: a pod (or template) Istio injected is un-injected before Meshplane injects it.
+ISTIO_PROBERS_ENV = "ISTIO_KUBE_APP_PROBERS"
+ISTIO_PROMETHEUS_ENV = "ISTIO_PROMETHEUS_ANNOTATIONS"
+ISTIO_METRICS_PORT = "15020"
+ISTIO_OVERRIDES = "proxy.istio.io/overrides"
+_DEFAULT_CONTAINER = ("kubectl.kubernetes.io/default-container", "kubectl.kubernetes.io/default-logs-container")
+
+
+def uninject_istio(pod: Mapping[str, Any]) -> dict[str, Any]:
+    """`pod` as it was before Istio's injector: without the containers, volumes and image pull secrets
+    its `sidecar.istio.io/status` lists, with the app's probes and `prometheus.io/*` annotations that
+    Istio rewrote restored from the proxy's environment, and without the labels and annotations Istio
+    added (a label the user set to another value is kept). `pod` is not modified."""
+    out: dict[str, Any] = json.loads(json.dumps(pod))
+    meta = out.setdefault("metadata", {})
+    spec = out.setdefault("spec", {})
+    annotations = meta.get("annotations") or {}
+    try:
+        status = json.loads(annotations.get(STATUS) or "{}")
+    except ValueError:
+        status = {}
+    status = status if isinstance(status, dict) else {}
+
+    def listed(key: str) -> set[str]:
+        names = status.get(key)
+        return {n for n in names if isinstance(n, str)} if isinstance(names, list) else set()
+
+    injected = listed("containers") | listed("initContainers")
+    proxy = next(
+        (
+            c
+            for c in [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]
+            if isinstance(c, dict) and c.get("name") == "istio-proxy"
+        ),
+        {},
+    )
+    env = {
+        e["name"]: e.get("value")
+        for e in proxy.get("env") or []
+        if isinstance(e, dict) and isinstance(e.get("name"), str)
+    }
+
+    def kept(items: list[Any], names: set[str]) -> list[Any]:
+        return [i for i in items if not (isinstance(i, dict) and isinstance(i.get("name"), str) and i["name"] in names)]
+
+    for field in ("containers", "initContainers"):
+        if isinstance(spec.get(field), list):
+            spec[field] = kept(spec[field], injected)
+    if not spec.get("initContainers"):
+        spec.pop("initContainers", None)
+    for field in ("volumes", "imagePullSecrets"):
+        if isinstance(spec.get(field), list):
+            spec[field] = kept(spec[field], listed(field))
+            if not spec[field]:
+                del spec[field]
+    _restore_probes(spec, env.get(ISTIO_PROBERS_ENV))
+
+    if "creationTimestamp" in meta and meta["creationTimestamp"] is None:
+        del meta["creationTimestamp"]  # what `istioctl kube-inject` writes into a template
+    for key in (STATUS, "istio.io/rev", ISTIO_OVERRIDES):
+        annotations.pop(key, None)
+    first = next((c.get("name") for c in spec.get("containers") or [] if isinstance(c, dict)), None)
+    for key in _DEFAULT_CONTAINER:  # Istio names the first app container; a user's other choice stays
+        if annotations.get(key) == first:
+            del annotations[key]
+    _restore_prometheus(annotations, env.get(ISTIO_PROMETHEUS_ENV))
+    if "annotations" in meta and not annotations:
+        del meta["annotations"]
+
+    labels = meta.get("labels") or {}
+    if labels.get(TLS_MODE_LABEL) == "istio":
+        del labels[TLS_MODE_LABEL]
+    for key, derived in zip(
+        (CANONICAL_NAME, CANONICAL_REVISION),
+        canonical(
+            {**meta, "labels": {k: v for k, v in labels.items() if k not in (CANONICAL_NAME, CANONICAL_REVISION)}}
+        ),
+        strict=True,
+    ):
+        if labels.get(key) == derived:  # Istio derived it; Meshplane derives the same again
+            del labels[key]
+    if "labels" in meta and not labels:
+        del meta["labels"]
+    return out
+
+
+def _restore_probes(spec: dict[str, Any], probers: str | None) -> None:
+    try:
+        originals = json.loads(probers or "{}")
+    except (ValueError, TypeError):
+        return
+    if not isinstance(originals, dict):
+        return
+    handlers = ("httpGet", "tcpSocket", "grpc")
+    for c in [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]:
+        for field in _PROBE_PATHS:
+            probe = c.get(field) if isinstance(c, dict) else None
+            if not isinstance(probe, dict) or not isinstance(probe.get("httpGet"), dict):
+                continue
+            path = probe["httpGet"].get("path")
+            original = originals.get(path) if isinstance(path, str) else None
+            if isinstance(original, dict) and any(h in original for h in handlers):
+                del probe["httpGet"]
+                probe.update({h: original[h] for h in handlers if h in original})
+
+
+def _restore_prometheus(annotations: dict[str, str], saved: str | None) -> None:
+    """Istio's metrics merge points `prometheus.io/*` at its agent (port 15020), keeping the app's own
+    in the proxy's environment: put the app's back, or drop Istio's."""
+    keys = ("scrape", "path", "port")
+    try:
+        original = json.loads(saved) if saved else None
+    except (ValueError, TypeError):
+        original = None
+    if isinstance(original, dict):
+        for key in keys:
+            annotations.pop(f"prometheus.io/{key}", None)
+            if original.get(key):
+                annotations[f"prometheus.io/{key}"] = str(original[key])
+    elif annotations.get("prometheus.io/port") == ISTIO_METRICS_PORT:
+        for key in keys:
+            annotations.pop(f"prometheus.io/{key}", None)

@@ -483,3 +483,412 @@ def test_a_proxy_request_above_its_limit_is_a_clear_deny() -> None:
     pod = make("ok", {"containers": [{"name": "app", "image": "a"}]}, annotations=ok)
     out = inject(pod, "shop", InjectionConfig(xds_ca=MESH_ROOT)).pod
     assert _proxy(out)["resources"]["requests"]["cpu"] == "500m"
+
+
+# Migration from Istio. The un-injected Deployment, and the same one as Istio 1.22's injector
+# (`istioctl kube-inject`, or the webhook on its pods) leaves it, written by hand in that shape.
+PLAIN_DEPLOYMENT = """\
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: reviews
+  namespace: shop
+  labels: {app: reviews}
+spec:
+  replicas: 2
+  selector:
+    matchLabels: {app: reviews, version: v1}
+  template:
+    metadata:
+      labels: {app: reviews, version: v1}
+      annotations:
+        prometheus.io/scrape: "true"
+        prometheus.io/port: "9080"
+        prometheus.io/path: /metrics
+    spec:
+      serviceAccountName: reviews
+      volumes:
+      - name: tmp
+        emptyDir: {}
+      containers:
+      - name: reviews
+        image: docker.io/istio/examples-bookinfo-reviews-v1:1.20.1
+        ports:
+        - containerPort: 9080
+        livenessProbe:
+          httpGet: {path: /health, port: 9080}
+          periodSeconds: 10
+        readinessProbe:
+          tcpSocket: {port: 9080}
+          initialDelaySeconds: 5
+        volumeMounts:
+        - name: tmp
+          mountPath: /tmp
+"""
+
+ISTIO_STATUS = json.dumps(
+    {
+        "initContainers": ["istio-init"],
+        "containers": ["istio-proxy"],
+        "volumes": [
+            "workload-socket",
+            "credential-socket",
+            "workload-certs",
+            "istio-envoy",
+            "istio-data",
+            "istio-podinfo",
+            "istio-token",
+            "istiod-ca-cert",
+        ],
+        "imagePullSecrets": None,
+        "revision": "default",
+    },
+    separators=(",", ":"),
+)
+ISTIO_PROBERS = json.dumps(
+    {
+        "/app-health/reviews/livez": {"httpGet": {"path": "/health", "port": 9080}, "timeoutSeconds": 1},
+        "/app-health/reviews/readyz": {"tcpSocket": {"port": 9080}, "timeoutSeconds": 1},
+    },
+    separators=(",", ":"),
+)
+
+ISTIO_DEPLOYMENT = f"""\
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  creationTimestamp: null
+  name: reviews
+  namespace: shop
+  labels: {{app: reviews}}
+spec:
+  replicas: 2
+  selector:
+    matchLabels: {{app: reviews, version: v1}}
+  strategy: {{}}
+  template:
+    metadata:
+      annotations:
+        istio.io/rev: default
+        kubectl.kubernetes.io/default-container: reviews
+        kubectl.kubernetes.io/default-logs-container: reviews
+        prometheus.io/path: /stats/prometheus
+        prometheus.io/port: "15020"
+        prometheus.io/scrape: "true"
+        sidecar.istio.io/status: '{ISTIO_STATUS}'
+      creationTimestamp: null
+      labels:
+        app: reviews
+        security.istio.io/tlsMode: istio
+        service.istio.io/canonical-name: reviews
+        service.istio.io/canonical-revision: v1
+        version: v1
+    spec:
+      serviceAccountName: reviews
+      containers:
+      - name: reviews
+        image: docker.io/istio/examples-bookinfo-reviews-v1:1.20.1
+        ports:
+        - containerPort: 9080
+        livenessProbe:
+          httpGet: {{path: /app-health/reviews/livez, port: 15020, scheme: HTTP}}
+          periodSeconds: 10
+        readinessProbe:
+          httpGet: {{path: /app-health/reviews/readyz, port: 15020, scheme: HTTP}}
+          initialDelaySeconds: 5
+        volumeMounts:
+        - name: tmp
+          mountPath: /tmp
+      - name: istio-proxy
+        image: docker.io/istio/proxyv2:1.22.0
+        args: [proxy, sidecar, --domain, $(POD_NAMESPACE).svc.cluster.local, --proxyLogLevel=warning,
+               --proxyComponentLogLevel=misc:error, --log_output_level=default:info]
+        env:
+        - name: PILOT_CERT_PROVIDER
+          value: istiod
+        - name: CA_ADDR
+          value: istiod.istio-system.svc:15012
+        - name: POD_NAME
+          valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}
+        - name: POD_NAMESPACE
+          valueFrom: {{fieldRef: {{fieldPath: metadata.namespace}}}}
+        - name: INSTANCE_IP
+          valueFrom: {{fieldRef: {{fieldPath: status.podIP}}}}
+        - name: ISTIO_META_APP_CONTAINERS
+          value: reviews
+        - name: ISTIO_META_WORKLOAD_NAME
+          value: reviews
+        - name: ISTIO_PROMETHEUS_ANNOTATIONS
+          value: '{{"scrape":"true","path":"/metrics","port":"9080"}}'
+        - name: ISTIO_KUBE_APP_PROBERS
+          value: '{ISTIO_PROBERS}'
+        ports:
+        - {{containerPort: 15090, name: http-envoy-prom, protocol: TCP}}
+        readinessProbe:
+          failureThreshold: 4
+          httpGet: {{path: /healthz/ready, port: 15021}}
+          periodSeconds: 15
+          timeoutSeconds: 3
+        resources:
+          limits: {{cpu: "2", memory: 1Gi}}
+          requests: {{cpu: 100m, memory: 128Mi}}
+        securityContext:
+          allowPrivilegeEscalation: false
+          capabilities: {{drop: [ALL]}}
+          privileged: false
+          readOnlyRootFilesystem: true
+          runAsGroup: 1337
+          runAsNonRoot: true
+          runAsUser: 1337
+        volumeMounts:
+        - {{mountPath: /var/run/secrets/workload-spiffe-uds, name: workload-socket}}
+        - {{mountPath: /var/run/secrets/credential-uds, name: credential-socket}}
+        - {{mountPath: /var/run/secrets/workload-spiffe-credentials, name: workload-certs}}
+        - {{mountPath: /var/run/secrets/istio, name: istiod-ca-cert}}
+        - {{mountPath: /var/lib/istio/data, name: istio-data}}
+        - {{mountPath: /etc/istio/proxy, name: istio-envoy}}
+        - {{mountPath: /var/run/secrets/tokens, name: istio-token}}
+        - {{mountPath: /etc/istio/pod, name: istio-podinfo}}
+      initContainers:
+      - name: istio-init
+        image: docker.io/istio/proxyv2:1.22.0
+        args: [istio-iptables, -p, "15001", -z, "15006", -u, "1337", -m, REDIRECT, -i, '*', -x, "", -b, '*',
+               -d, "15090,15021,15020", --log_output_level=default:info]
+        resources:
+          limits: {{cpu: "2", memory: 1Gi}}
+          requests: {{cpu: 100m, memory: 128Mi}}
+        securityContext:
+          allowPrivilegeEscalation: false
+          capabilities: {{add: [NET_ADMIN, NET_RAW], drop: [ALL]}}
+          privileged: false
+          readOnlyRootFilesystem: false
+          runAsGroup: 0
+          runAsNonRoot: false
+          runAsUser: 0
+      volumes:
+      - name: workload-socket
+        emptyDir: {{}}
+      - name: credential-socket
+        emptyDir: {{}}
+      - name: workload-certs
+        emptyDir: {{}}
+      - name: istio-envoy
+        emptyDir: {{medium: Memory}}
+      - name: istio-data
+        emptyDir: {{}}
+      - name: istio-podinfo
+        downwardAPI:
+          items:
+          - {{fieldRef: {{fieldPath: metadata.labels}}, path: labels}}
+          - {{fieldRef: {{fieldPath: metadata.annotations}}, path: annotations}}
+      - name: istio-token
+        projected:
+          sources:
+          - serviceAccountToken: {{audience: istio-ca, expirationSeconds: 43200, path: istio-token}}
+      - name: istiod-ca-cert
+        configMap: {{name: istio-ca-root-cert}}
+      - name: tmp
+        emptyDir: {{}}
+status: {{}}
+"""
+
+
+def _pod_of(deployment: str) -> dict[str, Any]:
+    """The pod the Deployment's ReplicaSet creates, as the webhook receives it."""
+    template = yaml.safe_load(deployment)["spec"]["template"]
+    meta = {k: v for k, v in template["metadata"].items() if k != "creationTimestamp"}
+    meta["labels"] = {**meta["labels"], "pod-template-hash": "7d9f8c6b5"}
+    meta |= {"generateName": "reviews-7d9f8c6b5-", "namespace": "shop"}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": template["spec"]}
+
+
+def test_a_pod_istio_injected_is_uninjected_then_injected_by_the_webhook() -> None:
+    config = InjectionConfig(xds_ca=MESH_ROOT)
+    istio, plain = _pod_of(ISTIO_DEPLOYMENT), _pod_of(PLAIN_DEPLOYMENT)
+    original = copy.deepcopy(istio)
+    outcome = inject(istio, "shop", config)
+    assert istio == original, "the input pod must not be modified"
+    assert outcome.decision.inject and outcome.error is None
+    assert "Istio's sidecar" in outcome.decision.reason
+    assert outcome.pod == inject(plain, "shop", config).pod
+    kubernetes_validate.validate(outcome.pod, K8S, strict=True)
+    assert jsonpatch.apply_patch(original, outcome.patch) == outcome.pod
+    spec = outcome.pod["spec"]
+    names = [c["name"] for c in spec["containers"] + spec["initContainers"]]
+    assert names == ["reviews", "mesh-proxy", "mesh-init"] and not any("istio" in n for n in names)
+    assert [v["name"] for v in spec["volumes"]] == ["tmp", "istio-token"]
+    annotations = outcome.pod["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == "9080" and annotations["prometheus.io/path"] == "/metrics"
+    assert "istio.io/rev" not in annotations and "kubectl.kubernetes.io/default-container" not in annotations
+    assert json.loads(annotations["sidecar.istio.io/status"])["containers"] == ["mesh-proxy"]
+    # ...and Meshplane's own injection is not undone: injecting the result again does nothing.
+    again = inject(outcome.pod, "shop", config)
+    assert not again.decision.inject and again.patch == []
+
+
+def test_meshctl_inject_moves_an_istio_injected_deployment_over() -> None:
+    config = InjectionConfig(xds_ca=MESH_ROOT)
+    migrated, report = inject_manifests(ISTIO_DEPLOYMENT, config)
+    fresh, _ = inject_manifests(PLAIN_DEPLOYMENT, config)
+    got, want = yaml.safe_load(migrated), yaml.safe_load(fresh)
+    assert got["spec"]["template"] == want["spec"]["template"]
+    assert report == [
+        "Deployment shop/reviews: injected (the default policy is enabled; Istio's sidecar "
+        "(sidecar.istio.io/status) replaced)"
+    ]
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "r", **got["spec"]["template"]["metadata"]}}
+    kubernetes_validate.validate({**pod, "spec": got["spec"]["template"]["spec"]}, K8S, strict=True)
+
+
+def test_istio_native_sidecars_and_a_user_label_value_are_handled_in_migration() -> None:
+    pod = _pod_of(ISTIO_DEPLOYMENT)
+    spec, labels = pod["spec"], pod["metadata"]["labels"]
+    proxy = spec["containers"].pop()
+    spec["initContainers"].append({**proxy, "restartPolicy": "Always"})  # Istio's native sidecar shape
+    status = json.loads(pod["metadata"]["annotations"]["sidecar.istio.io/status"])
+    status |= {"initContainers": ["istio-init", "istio-proxy"], "containers": None}
+    pod["metadata"]["annotations"]["sidecar.istio.io/status"] = json.dumps(status)
+    labels["service.istio.io/canonical-name"] = "reviews-team"  # the user's, not derived: kept
+    out = inject(pod, "shop", InjectionConfig(xds_ca=MESH_ROOT)).pod
+    kubernetes_validate.validate(out, K8S, strict=True)
+    names = [c["name"] for c in out["spec"]["containers"] + out["spec"]["initContainers"]]
+    assert names == ["reviews", "mesh-proxy", "mesh-init"]
+    assert out["metadata"]["labels"]["service.istio.io/canonical-name"] == "reviews-team"
+    assert out["spec"]["containers"][0]["livenessProbe"]["httpGet"]["path"] == "/app-health/reviews/livez"
+    assert out["spec"]["containers"][0]["livenessProbe"]["httpGet"]["port"] == 15021
+
+
+@pytest.mark.parametrize(
+    "status",
+    [
+        "{}",
+        "not json",
+        '{"initContainers":["mesh-init"],"containers":["mesh-proxy"],"volumes":["istio-token"]}',
+        '{"containers":["istio-proxy","mesh-proxy"]}',
+    ],
+)
+def test_a_status_not_written_by_istio_means_already_injected(status: str) -> None:
+    pod = make("p", {"containers": [{"name": "app", "image": "app"}]}, annotations={"sidecar.istio.io/status": status})
+    outcome = inject(pod, "shop", InjectionConfig(xds_ca=MESH_ROOT))
+    assert not outcome.decision.inject and outcome.patch == [] and outcome.pod is pod
+    assert outcome.decision.reason.startswith("already injected")
+
+
+def test_an_istio_injected_pod_this_control_plane_must_not_inject_is_left_alone() -> None:
+    pod = _pod_of(ISTIO_DEPLOYMENT)
+    pod["metadata"]["labels"]["sidecar.istio.io/inject"] = "false"
+    outcome = inject(pod, "shop", InjectionConfig(xds_ca=MESH_ROOT))
+    assert not outcome.decision.inject and outcome.patch == [] and outcome.pod is pod
+
+
+@pytest.mark.parametrize("proxy_name", ["istio-proxy", "mesh-proxy"])
+def test_a_container_named_like_the_proxy_is_an_override_merged_into_it(proxy_name: str) -> None:
+    override = {
+        "name": proxy_name,
+        "image": "registry.example/envoy:debug",
+        "args": ["--config-yaml", "{}", "--log-level", "trace"],
+        "env": [{"name": "POD_NAME", "value": "fixed"}, {"name": "EXTRA", "value": "1"}],
+        "resources": {"limits": {"memory": "2Gi"}},
+        "securityContext": {"runAsUser": 1500, "runAsGroup": 1501},
+    }
+    init_override = {"name": "istio-init", "image": "registry.example/init:1", "resources": {"limits": {"cpu": "1"}}}
+    pod = make("o", {"initContainers": [init_override], "containers": [{"name": "app", "image": "app"}, override]})
+    original = copy.deepcopy(pod)
+    out = inject(pod, "shop", InjectionConfig(xds_ca=MESH_ROOT)).pod
+    assert pod == original
+    kubernetes_validate.validate(out, K8S, strict=True)
+    spec = out["spec"]
+    assert [c["name"] for c in spec["containers"]] == ["app", "mesh-proxy"]
+    assert [c["name"] for c in spec["initContainers"]] == ["mesh-init"]
+    proxy, init = spec["containers"][1], spec["initContainers"][0]
+    assert proxy["image"] == "registry.example/envoy:debug"
+    assert proxy["args"] == ["--config-yaml", "{}", "--log-level", "trace"]  # args are replaced, as Istio
+    env = {e["name"]: e for e in proxy["env"]}
+    assert env["POD_NAME"] == {"name": "POD_NAME", "value": "fixed"} and env["EXTRA"]["value"] == "1"
+    assert "INSTANCE_IP" in env  # merged by name: the injected variables stay
+    assert proxy["resources"]["limits"]["memory"] == "2Gi" and proxy["resources"]["requests"]["cpu"]
+    sc = proxy["securityContext"]
+    assert (sc["runAsUser"], sc["runAsGroup"], sc["readOnlyRootFilesystem"]) == (1500, 1501, True)
+    flags = dict(zip(init["args"][1::2], init["args"][2::2], strict=True))
+    assert (flags["-u"], flags["-g"]) == ("1500", "1501")  # the capture follows the proxy's user, as Istio
+    assert init["image"] == "registry.example/init:1" and init["resources"]["limits"] == {"cpu": "1", "memory": "64Mi"}
+    assert init["securityContext"]["capabilities"]["add"] == ["NET_ADMIN", "NET_RAW"]
+
+
+def test_proxy_overrides_with_native_sidecars_and_image_auto() -> None:
+    pod = make(
+        "n",
+        {
+            "containers": [
+                {"name": "app", "image": "app"},
+                {"name": "istio-proxy", "image": "auto", "env": [{"name": "A", "value": "1"}]},
+                {"name": "mesh-proxy", "image": "auto", "env": [{"name": "A", "value": "2"}]},
+            ]
+        },
+        annotations={"sidecar.istio.io/nativeSidecar": "true", "sidecar.istio.io/proxyImage": "proxy:2"},
+    )
+    out = inject(pod, "shop", InjectionConfig(xds_ca=MESH_ROOT)).pod
+    kubernetes_validate.validate(out, K8S, strict=True)
+    assert [c["name"] for c in out["spec"]["containers"]] == ["app"]
+    proxy = out["spec"]["initContainers"][1]
+    assert proxy["name"] == "mesh-proxy" and proxy["image"] == "proxy:2" and proxy["restartPolicy"] == "Always"
+    assert {e["name"]: e.get("value") for e in proxy["env"]}["A"] == "2"  # Meshplane's own name wins
+
+
+def test_a_probe_override_replaces_the_handler() -> None:
+    probe = {"exec": {"command": ["true"]}, "periodSeconds": 7}
+    pod = make("p", {"containers": [{"name": "app", "image": "app"}, {"name": "mesh-proxy", "readinessProbe": probe}]})
+    out = inject(pod, "shop", InjectionConfig(xds_ca=MESH_ROOT)).pod
+    kubernetes_validate.validate(out, K8S, strict=True)
+    ready = out["spec"]["containers"][-1]["readinessProbe"]
+    assert ready["exec"] == {"command": ["true"]} and "httpGet" not in ready and ready["periodSeconds"] == 7
+
+
+def test_the_status_port_annotation_moves_the_proxys_health_port() -> None:
+    pod = copy.deepcopy(CORPUS["probes-of-each-kind"])
+    pod["metadata"]["annotations"] = {"status.sidecar.istio.io/port": "15030"}
+    out = inject(pod, "shop", InjectionConfig(xds_ca=MESH_ROOT)).pod
+    kubernetes_validate.validate(out, K8S, strict=True)
+    proxy = _proxy(out)
+    assert proxy["readinessProbe"]["httpGet"] == {"path": "/healthz/ready", "port": 15030}
+    assert out["spec"]["containers"][0]["livenessProbe"]["httpGet"]["port"] == 15030
+    bootstrap = json.loads(proxy["args"][proxy["args"].index("--config-yaml") + 1])
+    ports = {
+        listener["name"]: listener["address"]["socketAddress"]["portValue"]
+        for listener in bootstrap["staticResources"]["listeners"]
+    }
+    assert 15030 in ports.values() and 15021 not in ports.values()
+    assert _capture_flags(pod)["-d"] == "15090,15021,15020,15030"
+    held = make(
+        "h",
+        {"containers": [{"name": "app", "image": "app"}]},
+        annotations={
+            "status.sidecar.istio.io/port": "15030",
+            "proxy.istio.io/config": "holdApplicationUntilProxyStarts: true",
+        },
+    )
+    wait = inject(held, "shop", InjectionConfig(xds_ca=MESH_ROOT)).pod["spec"]["containers"][0]
+    assert wait["lifecycle"]["postStart"]["exec"]["command"][-2:] == ["--url", "http://127.0.0.1:15030/healthz/ready"]
+
+
+@pytest.mark.parametrize("native", ["false", "true"])
+def test_status_port_zero_means_no_proxy_readiness_probe(native: str) -> None:
+    pod = copy.deepcopy(CORPUS["probes-of-each-kind"])
+    pod["metadata"]["annotations"] = {"status.sidecar.istio.io/port": "0", "sidecar.istio.io/nativeSidecar": native}
+    out = inject(pod, "shop", InjectionConfig(xds_ca=MESH_ROOT)).pod
+    kubernetes_validate.validate(out, K8S, strict=True)
+    proxy = _proxy(out)
+    assert "readinessProbe" not in proxy and "startupProbe" not in proxy
+    # nothing answers the app's probes on the proxy then: they are left as they were
+    assert out["spec"]["containers"][0]["livenessProbe"] == pod["spec"]["containers"][0]["livenessProbe"]
+    assert "MESH_KUBE_APP_PROBERS" not in {e["name"] for e in proxy["env"]}
+
+
+@pytest.mark.parametrize("value", ["-1", "80", "65536", "15001", "15090", "ready"])
+def test_an_invalid_status_port_is_a_clear_deny(value: str) -> None:
+    pod = make(
+        "s", {"containers": [{"name": "app", "image": "app"}]}, annotations={"status.sidecar.istio.io/port": value}
+    )
+    outcome = inject(pod, "shop", InjectionConfig(xds_ca=MESH_ROOT))
+    assert outcome.error is not None and "status.sidecar.istio.io/port" in str(outcome.error)
+    assert "0 (no readiness probe)" in str(outcome.error)

@@ -90,3 +90,80 @@ def test_a_pod_the_webhook_would_deny_is_an_error() -> None:
         inject_manifests(bad, InjectionConfig(xds_ca=MESH_ROOT), "m.yaml")
     with pytest.raises(ManifestError, match="not valid YAML"):
         inject_manifests("a: [", InjectionConfig(xds_ca=MESH_ROOT), "m.yaml")
+
+
+OTHER_KINDS = """\
+apiVersion: v1
+kind: ReplicationController
+metadata: {name: legacy, namespace: shop}
+spec:
+  replicas: 1
+  selector: {app: legacy}
+  template:
+    metadata: {labels: {app: legacy}}
+    spec:
+      containers: [{name: legacy, image: legacy}]
+---
+apiVersion: apps.openshift.io/v1
+kind: DeploymentConfig
+metadata: {name: frontend, namespace: shop}
+spec:
+  replicas: 1
+  selector: {app: frontend}
+  triggers: [{type: ConfigChange}]
+  template:
+    metadata: {labels: {app: frontend}}
+    spec:
+      containers: [{name: frontend, image: frontend}]
+---
+apiVersion: v1
+kind: ReplicationController
+metadata: {name: no-template}
+spec: {replicas: 0, selector: {app: x}}
+"""
+
+
+def test_replication_controllers_and_deployment_configs_are_injected() -> None:
+    out, report = inject_manifests(OTHER_KINDS, InjectionConfig(xds_ca=MESH_ROOT))
+    rc, dc, bare = yaml.safe_load_all(out)
+    assert containers(rc["spec"]["template"]) == ["legacy", "mesh-proxy"]
+    assert containers(dc["spec"]["template"]) == ["frontend", "mesh-proxy"]
+    assert [c["name"] for c in dc["spec"]["template"]["spec"]["initContainers"]] == ["mesh-init"]
+    assert dc["apiVersion"] == "apps.openshift.io/v1" and dc["spec"]["triggers"] == [{"type": "ConfigChange"}]
+    assert bare == {
+        "apiVersion": "v1",
+        "kind": "ReplicationController",
+        "metadata": {"name": "no-template"},
+        "spec": {"replicas": 0, "selector": {"app": "x"}},
+    }
+    assert report == [
+        "ReplicationController shop/legacy: injected (the default policy is enabled)",
+        "DeploymentConfig shop/frontend: injected (the default policy is enabled)",
+    ]
+
+
+def test_an_istio_injected_template_in_a_list_is_migrated() -> None:
+    status = '{"initContainers":["istio-init"],"containers":["istio-proxy"],"volumes":["istio-envoy"]}'
+    istio = f"""\
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: ReplicationController
+  metadata: {{name: legacy, namespace: shop}}
+  spec:
+    template:
+      metadata:
+        labels: {{app: legacy, security.istio.io/tlsMode: istio}}
+        annotations: {{sidecar.istio.io/status: '{status}'}}
+      spec:
+        initContainers: [{{name: istio-init, image: proxyv2}}]
+        containers: [{{name: legacy, image: legacy}}, {{name: istio-proxy, image: proxyv2}}]
+        volumes: [{{name: istio-envoy, emptyDir: {{medium: Memory}}}}]
+"""
+    out, report = inject_manifests(istio, InjectionConfig(xds_ca=MESH_ROOT))
+    template = yaml.safe_load(out)["items"][0]["spec"]["template"]
+    assert containers(template) == ["legacy", "mesh-proxy"]
+    assert [c["name"] for c in template["spec"]["initContainers"]] == ["mesh-init"]
+    assert [v["name"] for v in template["spec"]["volumes"]] == ["istio-token"]
+    assert "replaced" in report[0]

@@ -3,7 +3,7 @@ from typing import Any
 import pytest
 
 from meshplane.webhook.config import InjectionConfig
-from meshplane.webhook.policy import decide
+from meshplane.webhook.policy import decide, injected_by_istio
 from meshplane.webhook.selector import LabelSelector
 
 
@@ -53,6 +53,36 @@ CASES = [
         InjectionConfig(),
         False,
         "already injected",
+    ),
+    (
+        "meshplane's status: already injected",
+        pod(annotations={"sidecar.istio.io/status": '{"initContainers":["mesh-init"],"containers":["mesh-proxy"]}'}),
+        "shop",
+        None,
+        InjectionConfig(),
+        False,
+        "already injected",
+    ),
+    (
+        "istio's status: judged as the pod it was",
+        pod(annotations={"sidecar.istio.io/status": '{"initContainers":["istio-init"],"containers":["istio-proxy"]}'}),
+        "shop",
+        None,
+        InjectionConfig(),
+        True,
+        "default policy is enabled",
+    ),
+    (
+        "istio's status, injection disabled",
+        pod(
+            {"sidecar.istio.io/inject": "false"},
+            {"sidecar.istio.io/status": '{"initContainers":["istio-validation"],"containers":["istio-proxy"]}'},
+        ),
+        "shop",
+        None,
+        InjectionConfig(),
+        False,
+        "pod label",
     ),
     ("pod label true", pod({"sidecar.istio.io/inject": "true"}), "shop", None, DISABLED, True, "pod label"),
     ("pod label false", pod({"sidecar.istio.io/inject": "false"}), "shop", None, InjectionConfig(), False, "pod label"),
@@ -192,3 +222,22 @@ def test_selector_operators() -> None:
     )
     assert s.matches({"a": "1"}) and s.matches({"a": "1", "c": "y"})
     assert not s.matches({"a": "1", "b": "2"}) and not s.matches({"a": "1", "c": "x"}) and not s.matches({})
+
+
+@pytest.mark.parametrize(
+    ("status", "istio"),
+    [
+        ('{"initContainers":["istio-init"],"containers":["istio-proxy"],"revision":"default"}', True),
+        ('{"initContainers":["istio-init","istio-proxy"],"containers":null}', True),
+        ('{"initContainers":["istio-validation"],"containers":["istio-proxy"]}', True),
+        ('{"initContainers":["mesh-init"],"containers":["mesh-proxy"]}', False),
+        ('{"containers":["istio-proxy","mesh-proxy"]}', False),
+        ('{"containers":"istio-proxy"}', False),
+        ("{}", False),
+        ("[]", False),
+        ("not json", False),
+        ("", False),
+    ],
+)
+def test_a_status_written_by_istio_is_told_from_meshplanes(status: str, istio: bool) -> None:
+    assert injected_by_istio({"sidecar.istio.io/status": status}) is istio
