@@ -55,6 +55,7 @@ class ControlPlane:
     webhook_port: int = 0
     _registrations_changed: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
     _cluster_task: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
+    _cluster_dirty: bool = field(default=False, init=False, repr=False)
     _skipped: set[str] = field(default_factory=set, init=False, repr=False)
     _injection_for: str = field(default="", init=False, repr=False)
     _ca_synced: dict[str, bytes] = field(default_factory=dict, init=False, repr=False)
@@ -195,12 +196,20 @@ class ControlPlane:
         """A watched object changed: rebuild the cluster's part of the model once the burst settles."""
         if self.source is None or not self.source.synced.is_set():
             return  # nothing built from a partial view
+        self._cluster_dirty = True
         if self._cluster_task is None or self._cluster_task.done():
-            self._cluster_task = asyncio.get_running_loop().create_task(self._rebuild_cluster())
+            self._cluster_task = asyncio.get_running_loop().create_task(self._rebuild_clusters())
+
+    async def _rebuild_clusters(self) -> None:
+        """Rebuild until no change is left: one that arrives while a view is being built (a few hundred
+        ms at a thousand services) marks the cluster dirty again and gets a rebuild of its own."""
+        while self._cluster_dirty:
+            await asyncio.sleep(CLUSTER_SETTLE)
+            self._cluster_dirty = False
+            await self._rebuild_cluster()
 
     async def _rebuild_cluster(self) -> None:
         assert self.source is not None
-        await asyncio.sleep(CLUSTER_SETTLE)
         stores = {k: dict(v) for k, v in self.source.stores.items()}  # objects are replaced, never changed
         namespaces = {name: obj for (_, name), obj in stores["Namespace"].items()}
         started = time.monotonic()

@@ -202,3 +202,36 @@ async def test_a_proxy_claiming_another_pod_is_refused(kube: FakeKube, plane: Co
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await asyncio.wait_for(call.read(), 10)
     assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "bound to pod web-1" in str(e.value.details())
+
+
+async def test_a_change_during_a_slow_rebuild_is_not_lost(
+    kube: FakeKube, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At a thousand services a rebuild takes a few hundred ms; what changes meanwhile must still land."""
+    import threading
+
+    from meshplane.controlplane import kubemodel
+
+    real = kubemodel.view
+    building = threading.Event()
+
+    def slow_view(*args: Any) -> Any:  # runs in the rebuild's thread: the loop keeps taking events
+        building.set()
+        time.sleep(0.4)
+        return real(*args)
+
+    monkeypatch.setattr(kubemodel, "view", slow_view)
+    plane = await start_plane(kube, tmp_path)
+    try:
+        building.clear()
+        kube.update(endpoint_slice("web-a", "demo", "web", addresses=["10.1.0.1"], ports=[("http", 8080)]))
+        await asyncio.to_thread(building.wait, 5)  # a rebuild is under way...
+        kube.update(endpoint_slice("web-a", "demo", "web", addresses=["10.1.0.9"], ports=[("http", 8080)]))
+
+        async def last_change_landed() -> bool:  # ...and the change made during it is not lost
+            web = next((s for s in plane.registry.model.services if s.name == "web"), None)
+            return web is not None and [w.address for w in plane.registry.model.endpoints(web)] == ["10.1.0.9"]
+
+        await wait_until(last_change_landed, timeout=10, what="the change made during a rebuild")
+    finally:
+        await plane.stop()
