@@ -37,6 +37,7 @@ demo: install system-deps
 bench: install
 	$(BIN)/python benchmarks/webhook_load.py
 	$(BIN)/python benchmarks/xds_push.py
+	$(BIN)/python benchmarks/kube_scale.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info protos/*_pb2*.py protos/*_pb2*.pyi
