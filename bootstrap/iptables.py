@@ -3,9 +3,17 @@
 Inbound connections to the pod's ports go to the inbound capture port (15006), the app's
 outbound connections to the outbound capture port (15001). The proxy's own traffic (its
 uid/gid) is never captured, except when it calls its own pod IP over loopback, which goes
-back to inbound. Traffic the proxy forwards to the app comes from 127.0.0.6 (IPv6: ::6) and passes.
+back to inbound (even with no inbound port captured, as istio-iptables does with an empty `-b`).
+Traffic the proxy forwards to the app comes from 127.0.0.6 (IPv6: ::6) and passes.
 With IPv6, ::6/128 is first assigned to lo, as Istio's init does: 127.0.0.0/8 is local by
 default, ::6 is not, and the proxy could not bind it otherwise.
+
+Also as istio-iptables: `-q` ports are captured outbound even outside `-i`'s ranges (`-x` and `-o`
+still win); outbound owner groups (ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]) limit which apps' traffic
+is captured; `-k` interfaces (KubeVirt) have their inbound traffic captured as outbound; the IPv4
+loopback CIDR (ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR) is what counts as local; `--drop-invalid`
+(INVALID_DROP) drops packets conntrack finds INVALID, in the mangle table, instead of letting
+them reset connections.
 
 `rules()` is pure: config in, iptables-restore input out, written in the canonical form
 iptables-save prints, so a dry run reads exactly like the installed table. `apply()` and `cleanup()` run
@@ -14,7 +22,9 @@ iptables-save/iptables-restore; both change the table in one atomic restore.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import grp
 import ipaddress
 import os
 import re
@@ -30,11 +40,17 @@ REDIRECT = "MESH_REDIRECT"
 IN_REDIRECT = "MESH_IN_REDIRECT"
 OUTPUT = "MESH_OUTPUT"
 CHAINS = (INBOUND, REDIRECT, IN_REDIRECT, OUTPUT)
+DROP = "MESH_DROP"
+"""In the mangle table, only with drop_invalid."""
+MANGLE_CHAINS = (DROP,)
 ALWAYS_EXCLUDED_INBOUND = (15090, 15021, 15020)
 """Prometheus, health and the agent's merged-metrics port: never captured, as in Istio."""
 ALL = "*"
 INBOUND_SOURCE6 = "::6"
 """The proxy's source address when it forwards IPv6 to the app (127.0.0.6 for IPv4)."""
+DEFAULT_IPV4_LOOPBACK = "127.0.0.1/32"
+MAX_OWNER_GROUPS = 64
+"""Included owner groups make one rule of that many matches; Istio's limit."""
 _IFACE = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
 
 Run = Callable[[Sequence[str], str | None], str]
@@ -59,6 +75,16 @@ class CaptureConfig:
     exclude_outbound_ip_ranges: tuple[str, ...] = ()
     exclude_outbound_ports: tuple[int, ...] = ()
     exclude_interfaces: tuple[str, ...] = ()
+    include_outbound_ports: tuple[int, ...] = ()
+    """Outbound ports captured whatever the destination (but -x ranges and -o ports still pass)."""
+    include_outbound_owner_groups: tuple[int, ...] | str = ALL
+    """Groups whose outbound traffic is captured; `*` for all, () for none."""
+    exclude_outbound_owner_groups: tuple[int, ...] = ()
+    """Groups whose outbound traffic is not captured; only with include_outbound_owner_groups `*`."""
+    kube_virt_interfaces: tuple[str, ...] = ()
+    """Interfaces (KubeVirt VMs) whose inbound traffic is captured as outbound."""
+    ipv4_loopback_cidr: str = DEFAULT_IPV4_LOOPBACK
+    drop_invalid: bool = False
 
     @classmethod
     def from_flags(
@@ -74,8 +100,20 @@ class CaptureConfig:
         exclude_outbound_ip_ranges: str = "",
         exclude_outbound_ports: str = "",
         exclude_interfaces: str = "",
+        include_outbound_ports: str = "",
+        include_outbound_owner_groups: str = ALL,
+        exclude_outbound_owner_groups: str = "",
+        kube_virt_interfaces: str = "",
+        ipv4_loopback_cidr: str = DEFAULT_IPV4_LOOPBACK,
+        drop_invalid: bool | str = False,
     ) -> CaptureConfig:
         """Validate istio-iptables style flag values (comma-separated lists) into a config."""
+        include_groups: tuple[int, ...] | str = ALL
+        if include_outbound_owner_groups.strip() != ALL:
+            flag = "--include-outbound-owner-groups"
+            include_groups = tuple(_group(v, flag) for v in _items(include_outbound_owner_groups))
+            if len(include_groups) > MAX_OWNER_GROUPS:
+                raise CaptureError(f"{flag}: at most {MAX_OWNER_GROUPS} groups, got {len(include_groups)}")
         return cls(
             envoy_port=_port(envoy_port, "-p/--envoy-port"),
             inbound_capture_port=_port(inbound_capture_port, "-z/--inbound-capture-port"),
@@ -94,23 +132,48 @@ class CaptureConfig:
             exclude_outbound_ports=tuple(
                 _port(v, "-o/--exclude-outbound-ports") for v in _items(exclude_outbound_ports)
             ),
-            exclude_interfaces=tuple(_iface(v) for v in _items(exclude_interfaces)),
+            exclude_interfaces=tuple(_iface(v, "-c/--exclude-interfaces") for v in _items(exclude_interfaces)),
+            include_outbound_ports=tuple(
+                _port(v, "-q/--include-outbound-ports") for v in _items(include_outbound_ports)
+            ),
+            include_outbound_owner_groups=include_groups,
+            exclude_outbound_owner_groups=tuple(
+                _group(v, "--exclude-outbound-owner-groups") for v in _items(exclude_outbound_owner_groups)
+            ),
+            kube_virt_interfaces=tuple(_iface(v, "-k/--kube-virt-interfaces") for v in _items(kube_virt_interfaces)),
+            ipv4_loopback_cidr=_loopback(ipv4_loopback_cidr),
+            drop_invalid=_bool(drop_invalid, "--drop-invalid"),
         )
 
 
 def rules(config: CaptureConfig, *, ipv6: bool = False, existing_jumps: frozenset[str] = frozenset()) -> str:
-    """The iptables-restore input (nat table) for `config`; for ip6tables when `ipv6`.
+    """The iptables-restore input (nat table, and mangle with drop_invalid) for `config`; for ip6tables when `ipv6`.
 
     Jumps from the built-in chains listed in `existing_jumps` are left out, so applying
     twice leaves one copy (our own chains are flushed and refilled by their declaration).
     """
-    loopback, passthrough_source = ("::1/128", f"{INBOUND_SOURCE6}/128") if ipv6 else ("127.0.0.1/32", "127.0.0.6/32")
-    out = ["*nat", *(f":{chain} - [0:0]" for chain in CHAINS)]
+    loopback = "::1/128" if ipv6 else config.ipv4_loopback_cidr
+    passthrough_source = f"{INBOUND_SOURCE6}/128" if ipv6 else "127.0.0.6/32"
+    out: list[str] = []
     add = out.append
+    if config.drop_invalid:
+        # mangle sees every packet (nat only a connection's first): drop what conntrack cannot place.
+        out += ["*mangle", f":{DROP} - [0:0]", f"-A {DROP} -j DROP"]
+        out += _new(existing_jumps, f"-A PREROUTING -m conntrack --ctstate INVALID -j {DROP}")
+        add("COMMIT")
+    out += ["*nat", *(f":{chain} - [0:0]" for chain in CHAINS)]
     add(f"-A {REDIRECT} -p tcp -j REDIRECT --to-ports {config.envoy_port}")
     add(f"-A {IN_REDIRECT} -p tcp -j REDIRECT --to-ports {config.inbound_capture_port}")
 
     # Inbound: PREROUTING sees connections arriving at the pod.
+    # A KubeVirt VM's traffic arrives on its interface: it is the VM's outbound, captured as such.
+    for iface in config.kube_virt_interfaces:
+        if config.outbound_ip_ranges == ALL:
+            add(f"-A {INBOUND} -i {iface} -j {REDIRECT}")
+        else:
+            for cidr in _family(config.outbound_ip_ranges, ipv6):
+                add(f"-A {INBOUND} -d {cidr} -i {iface} -j {REDIRECT}")
+        add(f"-A {INBOUND} -i {iface} -j RETURN")
     for iface in config.exclude_interfaces:
         add(f"-A {INBOUND} -i {iface} -j RETURN")
     if config.inbound_ports == ALL:
@@ -130,44 +193,74 @@ def rules(config: CaptureConfig, *, ipv6: bool = False, existing_jumps: frozense
     add(f"-A {OUTPUT} -s {passthrough_source} -o lo -j RETURN")
     for match, ids in (("--uid-owner", config.proxy_uids), ("--gid-owner", config.proxy_gids)):
         for owner in ids:
-            # The proxy calling its own pod IP over loopback is inbound traffic to this pod.
-            if config.inbound_ports:
-                add(f"-A {OUTPUT} ! -d {loopback} -o lo -p tcp -m owner {match} {owner} -j {IN_REDIRECT}")
+            # The proxy calling its own pod IP over loopback is inbound traffic to this pod,
+            # even when no inbound port is captured (as istio-iptables with an empty -b).
+            add(f"-A {OUTPUT} ! -d {loopback} -o lo -p tcp -m owner {match} {owner} -j {IN_REDIRECT}")
             # The app talking to itself over loopback stays local.
             add(f"-A {OUTPUT} -o lo -m owner ! {match} {owner} -j RETURN")
             add(f"-A {OUTPUT} -m owner {match} {owner} -j RETURN")
+    # Outbound owner groups: only the included groups' traffic, or all but the excluded groups'.
+    if config.include_outbound_owner_groups == ALL:
+        for group in config.exclude_outbound_owner_groups:
+            add(f"-A {OUTPUT} -m owner --gid-owner {group} -j RETURN")
+    else:
+        none_of = "".join(f"-m owner ! --gid-owner {g} " for g in config.include_outbound_owner_groups)
+        add(f"-A {OUTPUT} {none_of}-j RETURN")
     add(f"-A {OUTPUT} -d {loopback} -j RETURN")
     for port in config.exclude_outbound_ports:
         add(f"-A {OUTPUT} -p tcp -m tcp --dport {port} -j RETURN")
     for cidr in _family(config.exclude_outbound_ip_ranges, ipv6):
         add(f"-A {OUTPUT} -d {cidr} -j RETURN")
+    for port in config.include_outbound_ports:
+        add(f"-A {OUTPUT} -p tcp -m tcp --dport {port} -j {REDIRECT}")
     if config.outbound_ip_ranges == ALL:
         add(f"-A {OUTPUT} -p tcp -j {REDIRECT}")
     else:
         for cidr in _family(config.outbound_ip_ranges, ipv6):
             add(f"-A {OUTPUT} -d {cidr} -p tcp -j {REDIRECT}")
 
-    for jump in (f"-A PREROUTING -p tcp -j {INBOUND}", f"-A OUTPUT -p tcp -j {OUTPUT}"):
-        if jump not in existing_jumps:
-            add(jump)
+    out += _new(existing_jumps, f"-A PREROUTING -p tcp -j {INBOUND}", f"-A OUTPUT -p tcp -j {OUTPUT}")
     add("COMMIT")
     return "\n".join(out) + "\n"
 
 
+def _new(existing: frozenset[str], *jumps: str) -> list[str]:
+    return [j for j in jumps if j not in existing]
+
+
+_TABLES = {"nat": CHAINS, "mangle": MANGLE_CHAINS}
+
+
 def cleanup_rules(saved: str) -> str | None:
-    """The restore input that removes exactly what `rules()` added, given `iptables-save -t nat` output."""
-    jumps = _jumps(saved)
-    present = [c for c in CHAINS if f":{c} " in saved]
-    if not jumps and not present:
-        return None
-    out = ["*nat", *(j.replace("-A ", "-D ", 1) for j in sorted(jumps))]
-    out += [f"-F {c}" for c in present] + [f"-X {c}" for c in present] + ["COMMIT"]
-    return "\n".join(out) + "\n"
+    """The restore input that removes exactly what `rules()` added, given iptables-save output
+    (of the nat table, and of mangle too when given)."""
+    out = []
+    for table, text in _split_tables(saved).items():
+        chains = _TABLES.get(table)
+        if chains is None:
+            continue
+        jumps = _jumps(text)
+        present = [c for c in chains if f":{c} " in text]
+        if jumps or present:
+            out += [f"*{table}", *(j.replace("-A ", "-D ", 1) for j in sorted(jumps))]
+            out += [f"-F {c}" for c in present] + [f"-X {c}" for c in present] + ["COMMIT"]
+    return "\n".join(out) + "\n" if out else None
+
+
+def _split_tables(saved: str) -> dict[str, str]:
+    tables: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in saved.splitlines():
+        if line.startswith("*"):
+            current = tables.setdefault(line[1:].strip(), [])
+        elif current is not None:
+            current.append(line)
+    return {name: "\n".join(lines) + "\n" for name, lines in tables.items()}
 
 
 def _jumps(saved: str) -> frozenset[str]:
     """Rules in the built-in chains that jump into ours."""
-    ours = (f"-j {INBOUND}", f"-j {OUTPUT}")
+    ours = (f"-j {INBOUND}", f"-j {OUTPUT}", f"-j {DROP}")
     return frozenset(
         line.strip()
         for line in saved.splitlines()
@@ -196,6 +289,8 @@ def apply(
 ) -> list[str]:
     """Install the rules (IPv4, and IPv6 when `ipv6`); returns what was restored, per family.
 
+    The mangle table is read and written only with drop_invalid: a later run without it leaves
+    the INVALID drop in place (`cleanup` removes it).
     With `ipv6`, ::6 is assigned to lo first (`add_address`, by default `add_loopback_address`),
     so that a failure there leaves the tables untouched.
     """
@@ -205,6 +300,8 @@ def apply(
     for v6 in (False, True) if ipv6 else (False,):
         tool = "ip6tables" if v6 else "iptables"
         saved = run([f"{tool}-save", "-t", "nat"], None)
+        if config.drop_invalid:
+            saved += run([f"{tool}-save", "-t", "mangle"], None)
         text = rules(config, ipv6=v6, existing_jumps=_jumps(saved))
         run([f"{tool}-restore", "--noflush"], text)
         applied.append(text)
@@ -219,7 +316,10 @@ def cleanup(*, ipv6: bool, run: Run = run_command) -> list[str]:
     removed = []
     for v6 in (False, True) if ipv6 else (False,):
         tool = "ip6tables" if v6 else "iptables"
-        text = cleanup_rules(run([f"{tool}-save", "-t", "nat"], None))
+        saved = run([f"{tool}-save", "-t", "nat"], None)
+        with contextlib.suppress(CaptureError):  # --drop-invalid's; no mangle table, none to remove
+            saved += run([f"{tool}-save", "-t", "mangle"], None)
+        text = cleanup_rules(saved)
         if text:
             run([f"{tool}-restore", "--noflush"], text)
             removed.append(text)
@@ -295,10 +395,43 @@ def _cidr(text: str, flag: str) -> str:
         raise CaptureError(f"{flag}: {text!r} is not an IP range (e.g. 10.0.0.0/8 or fd00::/8)") from None
 
 
-def _iface(text: str) -> str:
+def _iface(text: str, flag: str) -> str:
     if not _IFACE.match(text):
-        raise CaptureError(f"-c/--exclude-interfaces: {text!r} is not an interface name")
+        raise CaptureError(f"{flag}: {text!r} is not an interface name")
     return text
+
+
+def _bool(value: bool | str, flag: str) -> bool:
+    """A boolean, or its text as Go's strconv.ParseBool (and so istio-iptables) reads it."""
+    if isinstance(value, bool):
+        return value
+    if value.strip().lower() in ("1", "t", "true"):
+        return True
+    if value.strip().lower() in ("", "0", "f", "false"):
+        return False
+    raise CaptureError(f"{flag}: {value!r} is not true or false")
+
+
+def _group(text: str, flag: str) -> int:
+    """A group by number or by name (resolved here, as iptables would: iptables-save prints numbers)."""
+    if text.isdigit():
+        return int(text)
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise CaptureError(f"{flag}: {text!r} is neither a numeric gid nor a known group") from None
+
+
+def _loopback(text: str) -> str:
+    """Istio's rule for ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR: an IPv4 loopback range, prefix 8 to 32."""
+    flag = "--ipv4-loopback-cidr"
+    try:
+        net = ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise CaptureError(f"{flag}: {text!r} is not an IP range") from None
+    if not isinstance(net, ipaddress.IPv4Network) or not net.network_address.is_loopback or net.prefixlen < 8:
+        raise CaptureError(f"{flag}: {text!r} is not an IPv4 loopback range with a prefix of 8 to 32")
+    return str(net)
 
 
 def _family(cidrs: tuple[str, ...] | str, ipv6: bool) -> list[str]:

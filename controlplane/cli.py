@@ -427,46 +427,134 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--tcp", type=_port, action="append", default=[], metavar="PORT", help="a TCP port (repeatable)")
     a.set_defaults(run=_app)
 
+    import os
+
+    def env(name: str, default: str) -> str:
+        """istio-iptables reads its flags from these variables too; a flag given wins."""
+        return os.environ.get(name, default)
+
     i = sub.add_parser(
         "iptables",
         help="apply (or print) the traffic-capture rules of a pod",
         description="Install the nat rules that send a pod's TCP traffic through its sidecar, with istio-iptables' "
         "flags and semantics, in one atomic iptables-restore. Idempotent; --cleanup removes exactly what "
-        "was added. Lists are comma-separated; '*' means all.",
-    )
-    i.add_argument("-p", "--envoy-port", default="15001", metavar="PORT", help="outbound capture port (15001)")
-    i.add_argument("-z", "--inbound-capture-port", default="15006", metavar="PORT", help="inbound capture port (15006)")
-    i.add_argument(
-        "-u", "--proxy-uid", default="1337", metavar="UIDS", help="the proxy's uid(s), never captured (1337)"
+        "was added. Lists are comma-separated; '*' means all. Each flag's default comes from the environment "
+        "variable istio-iptables reads for it, named in its help.",
     )
     i.add_argument(
-        "-g", "--proxy-gid", default="1337", metavar="GIDS", help="the proxy's gid(s), never captured (1337)"
+        "-p",
+        "--envoy-port",
+        default=env("ENVOY_PORT", "15001"),
+        metavar="PORT",
+        help="outbound capture port (15001; $ENVOY_PORT)",
+    )
+    i.add_argument(
+        "-z",
+        "--inbound-capture-port",
+        default=env("INBOUND_CAPTURE_PORT", "15006"),
+        metavar="PORT",
+        help="inbound capture port (15006; $INBOUND_CAPTURE_PORT)",
+    )
+    i.add_argument(
+        "-u",
+        "--proxy-uid",
+        default=env("PROXY_UID", "1337"),
+        metavar="UIDS",
+        help="the proxy's uid(s), never captured (1337; $PROXY_UID)",
+    )
+    i.add_argument(
+        "-g",
+        "--proxy-gid",
+        default=env("PROXY_GID", "1337"),
+        metavar="GIDS",
+        help="the proxy's gid(s), never captured (1337; $PROXY_GID)",
     )
     i.add_argument(
         "-b",
         "--inbound-ports",
-        default="*",
+        default=env("ISTIO_INBOUND_PORTS", "*"),
         metavar="PORTS",
-        help="inbound ports to capture, or '*' (default); 15090, 15021 and 15020 never are",
+        help="inbound ports to capture, or '*' (default); 15090, 15021 and 15020 never are. With '' none is, "
+        "but the proxy calling its own pod IP still reaches the inbound capture port ($ISTIO_INBOUND_PORTS)",
     )
-    i.add_argument("-d", "--exclude-inbound-ports", default="", metavar="PORTS", help="inbound ports not to capture")
+    i.add_argument(
+        "-d",
+        "--exclude-inbound-ports",
+        default=env("ISTIO_LOCAL_EXCLUDE_PORTS", ""),
+        metavar="PORTS",
+        help="inbound ports not to capture ($ISTIO_LOCAL_EXCLUDE_PORTS)",
+    )
     i.add_argument(
         "-i",
         "--outbound-ip-ranges",
-        default="*",
+        default=env("ISTIO_SERVICE_CIDR", "*"),
         metavar="CIDRS",
-        help="outbound destinations to capture, or '*' (default)",
+        help="outbound destinations to capture, or '*' (default) ($ISTIO_SERVICE_CIDR)",
     )
     i.add_argument(
-        "-x", "--exclude-outbound-ip-ranges", default="", metavar="CIDRS", help="outbound destinations not to capture"
+        "-x",
+        "--exclude-outbound-ip-ranges",
+        default=env("ISTIO_SERVICE_EXCLUDE_CIDR", ""),
+        metavar="CIDRS",
+        help="outbound destinations not to capture ($ISTIO_SERVICE_EXCLUDE_CIDR)",
     )
-    i.add_argument("-o", "--exclude-outbound-ports", default="", metavar="PORTS", help="outbound ports not to capture")
+    i.add_argument(
+        "-o",
+        "--exclude-outbound-ports",
+        default=env("ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE", ""),
+        metavar="PORTS",
+        help="outbound ports not to capture ($ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE)",
+    )
+    i.add_argument(
+        "-q",
+        "--include-outbound-ports",
+        default=env("ISTIO_OUTBOUND_PORTS", ""),
+        metavar="PORTS",
+        help="outbound ports to capture whatever the destination, even outside -i's ranges; "
+        "-x and -o still win ($ISTIO_OUTBOUND_PORTS)",
+    )
+    i.add_argument(
+        "--include-outbound-owner-groups",
+        default=env("ISTIO_OUTBOUND_OWNER_GROUPS", "*"),
+        metavar="GROUPS",
+        help="groups (names or gids) whose outbound traffic is captured, or '*' (default); at most 64 "
+        "($ISTIO_OUTBOUND_OWNER_GROUPS, which istio-iptables reads with no flag)",
+    )
+    i.add_argument(
+        "--exclude-outbound-owner-groups",
+        default=env("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", ""),
+        metavar="GROUPS",
+        help="groups whose outbound traffic is not captured; only when the included groups are '*' "
+        "($ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE)",
+    )
     i.add_argument(
         "-c",
         "--exclude-interfaces",
-        default="",
+        default=env("ISTIO_EXCLUDE_INTERFACES", ""),
         metavar="IFACES",
-        help="interfaces whose traffic is never captured, either way",
+        help="interfaces whose traffic is never captured, either way ($ISTIO_EXCLUDE_INTERFACES)",
+    )
+    i.add_argument(
+        "-k",
+        "--kube-virt-interfaces",
+        default=env("KUBE_VIRT_INTERFACES", ""),
+        metavar="IFACES",
+        help="virtual interfaces (KubeVirt) whose inbound traffic, from a VM, is captured as outbound, "
+        "within -i's ranges ($KUBE_VIRT_INTERFACES)",
+    )
+    i.add_argument(
+        "--ipv4-loopback-cidr",
+        default=env("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "127.0.0.1/32"),
+        metavar="CIDR",
+        help="the IPv4 loopback range that stays local, in 127.0.0.0/8 with a prefix of 8 to 32 "
+        "(127.0.0.1/32; $ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR, which istio-iptables reads with no flag)",
+    )
+    i.add_argument(
+        "--drop-invalid",
+        action="store_true",
+        default=env("DROP_INVALID", env("INVALID_DROP", "")).lower() in ("1", "t", "true"),
+        help="drop packets conntrack finds INVALID (mangle table) rather than let them reset "
+        "connections; a later run without it keeps the drop, --cleanup removes it ($INVALID_DROP)",
     )
     i.add_argument(
         "--ipv6",
@@ -862,6 +950,12 @@ def _iptables(args: argparse.Namespace) -> int:
             exclude_outbound_ip_ranges=args.exclude_outbound_ip_ranges,
             exclude_outbound_ports=args.exclude_outbound_ports,
             exclude_interfaces=args.exclude_interfaces,
+            include_outbound_ports=args.include_outbound_ports,
+            include_outbound_owner_groups=args.include_outbound_owner_groups,
+            exclude_outbound_owner_groups=args.exclude_outbound_owner_groups,
+            kube_virt_interfaces=args.kube_virt_interfaces,
+            ipv4_loopback_cidr=args.ipv4_loopback_cidr,
+            drop_invalid=args.drop_invalid,
         )
         if args.dry_run:
             for v6 in (False, True) if ipv6 else (False,):

@@ -161,3 +161,99 @@ def test_ipv6_rules_go_through_ip6tables(net: Net) -> None:
     sh("/usr/bin/python3", "-c", "import socket; socket.socket(socket.AF_INET6).bind(('::6', 0))", ns=net.pod)
     capture(net, "--cleanup", "--ipv6", "on")
     assert "MESH_" not in sh("ip6tables-save", "-t", "nat", ns=net.pod)
+
+
+def test_included_outbound_ports_are_captured_outside_the_included_ranges(net: Net) -> None:
+    capture(net, "-i", "", "-q", "5432", "-x", "10.250.1.0/24")
+    assert call(net, net.pod, net.peer_ip, 5432) == f"15001 {net.peer_ip}:5432"  # -q, though -i captures nothing
+    assert call(net, net.pod, net.peer_ip, 80) == f"80 {net.peer_ip}:80"
+    assert call(net, net.pod, net.peer_ip2, 5432) == f"5432 {net.peer_ip2}:5432"  # as in Istio, -x still wins
+    assert call(net, net.pod, net.peer_ip, 5432, uid=1337) == f"5432 {net.peer_ip}:5432"  # never the proxy's
+
+
+def test_outbound_owner_groups(net: Net) -> None:
+    # `call(uid=N)` runs the client with uid and gid N and no other group.
+    capture(net, "--include-outbound-owner-groups", "1000,1001")
+    assert call(net, net.pod, net.peer_ip, 80, uid=1000) == f"15001 {net.peer_ip}:80"
+    assert call(net, net.pod, net.peer_ip, 80, uid=2000) == f"80 {net.peer_ip}:80"
+    assert call(net, net.pod, net.peer_ip, 80) == f"80 {net.peer_ip}:80"  # root, group 0: not included
+    capture(net, "--exclude-outbound-owner-groups", "2000")
+    assert call(net, net.pod, net.peer_ip, 80, uid=2000) == f"80 {net.peer_ip}:80"
+    assert call(net, net.pod, net.peer_ip, 80, uid=1000) == f"15001 {net.peer_ip}:80"
+    assert call(net, net.pod, net.peer_ip, 80) == f"15001 {net.peer_ip}:80"
+    # istio-iptables reads the groups from the environment (it has no flag for them): so does meshctl.
+    sh("env", "ISTIO_OUTBOUND_OWNER_GROUPS=2000", *MESHCTL, ns=net.pod)
+    assert call(net, net.pod, net.peer_ip, 80, uid=2000) == f"15001 {net.peer_ip}:80"
+    assert call(net, net.pod, net.peer_ip, 80, uid=1000) == f"80 {net.peer_ip}:80"
+
+
+def test_kube_virt_interfaces_capture_a_vms_traffic_as_outbound(net: Net) -> None:
+    # The peer plays the VM behind the pod's interface: the pod is its gateway to 10.250.9.0/24.
+    sh("ip", "route", "add", "10.250.9.0/24", "via", net.pod_ip, ns=net.peer)
+    capture(net, "-k", net.pod_dev)
+    assert call(net, net.peer, "10.250.9.9", 80) == "15001 10.250.9.9:80"
+    assert call(net, net.peer, net.pod_ip, 8080) == f"15001 {net.pod_ip}:8080"  # outbound, not inbound
+    capture(net, "-k", net.pod_dev, "-i", "10.250.9.0/24")  # only -i's ranges are captured
+    assert call(net, net.peer, "10.250.9.9", 80) == "15001 10.250.9.9:80"
+    assert call(net, net.peer, net.pod_ip, 8080) == f"8080 {net.pod_ip}:8080"
+    assert call(net, net.pod, net.peer_ip, 80) == f"80 {net.peer_ip}:80"  # the pod's own outbound: -i as usual
+
+
+def test_empty_inbound_ports_still_send_the_proxy_calling_its_pod_ip_inbound(net: Net) -> None:
+    capture(net, "-b", "")
+    assert call(net, net.peer, net.pod_ip, 8080) == f"8080 {net.pod_ip}:8080"  # no inbound capture
+    # As istio-iptables with an empty -b: the proxy calling its own pod IP goes to the inbound port.
+    assert call(net, net.pod, net.pod_ip, 8080, uid=1337) == f"15006 {net.pod_ip}:8080"
+    assert call(net, net.pod, net.pod_ip, 8080) == f"8080 {net.pod_ip}:8080"  # the app calling itself
+    assert call(net, net.pod, net.peer_ip, 80) == f"15001 {net.peer_ip}:80"
+
+
+def test_ipv4_loopback_cidr(net: Net) -> None:
+    capture(net)
+    # By default only 127.0.0.1 is loopback: the proxy calling 127.0.0.2 is a call to its own pod.
+    assert call(net, net.pod, "127.0.0.2", 8080, uid=1337) == "15006 127.0.0.2:8080"
+    capture(net, "--ipv4-loopback-cidr", "127.0.0.1/8")
+    assert call(net, net.pod, "127.0.0.2", 8080, uid=1337) == "8080 127.0.0.2:8080"
+    assert call(net, net.pod, net.pod_ip, 8080, uid=1337) == f"15006 {net.pod_ip}:8080"
+
+
+# A TCP packet with SYN and FIN both set: conntrack finds it INVALID.
+INVALID_PACKET = """
+import socket, struct, sys
+src, dst, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+tcp = struct.pack("!HHIIBBHHH", 40000, port, 1, 0, 5 << 4, 0x03, 1024, 0, 0)
+pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(tcp))
+data = pseudo + tcp
+total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+while total >> 16:
+    total = (total & 0xFFFF) + (total >> 16)
+tcp = tcp[:16] + struct.pack("!H", ~total & 0xFFFF) + tcp[18:]
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+s.bind((src, 0))
+for _ in range(3):
+    s.sendto(tcp, (dst, 0))
+"""
+
+
+def dropped(ns: str) -> int:
+    """Packets counted by the drop rule of the mangle table."""
+    for line in sh("iptables-save", "-c", "-t", "mangle", ns=ns).splitlines():
+        if line.endswith("-A MESH_DROP -j DROP"):
+            return int(line[1:].split(":")[0])
+    raise AssertionError("no MESH_DROP rule")
+
+
+def test_drop_invalid(net: Net) -> None:
+    before = sh("iptables-save", "-t", "mangle", ns=net.pod)
+    capture(net, "--drop-invalid")
+    capture(net, "--drop-invalid")  # once only
+    saved = sh("iptables-save", "-t", "mangle", ns=net.pod)
+    assert saved.count("-A PREROUTING -m conntrack --ctstate INVALID -j MESH_DROP") == 1
+    assert call(net, net.peer, net.pod_ip, 8080) == f"15006 {net.pod_ip}:8080"  # valid traffic flows
+    assert call(net, net.pod, net.peer_ip, 80) == f"15001 {net.peer_ip}:80"
+    assert dropped(net.pod) == 0
+    sh("/usr/bin/python3", "-c", INVALID_PACKET, net.peer_ip, net.pod_ip, "8080", ns=net.peer)
+    assert dropped(net.pod) == 3
+    capture(net, "--cleanup")
+    strip = [ln for ln in sh("iptables-save", "-t", "mangle", ns=net.pod).splitlines() if not ln.startswith("#")]
+    assert strip == [ln for ln in before.splitlines() if not ln.startswith("#")]

@@ -3,6 +3,7 @@
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -10,7 +11,7 @@ from meshplane.bootstrap.iptables import CaptureConfig, CaptureError, apply, cle
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "iptables"
 
-CASES: dict[str, tuple[dict[str, str], bool]] = {
+CASES: dict[str, tuple[dict[str, Any], bool]] = {
     "default": ({}, False),
     "inbound-ports": ({"inbound_ports": "8080,9090,15021", "exclude_inbound_ports": "9090"}, False),
     "exclude-inbound": ({"exclude_inbound_ports": "22,8081"}, False),
@@ -32,6 +33,26 @@ CASES: dict[str, tuple[dict[str, str], bool]] = {
         {"outbound_ip_ranges": "10.96.0.0/12,fd00:10:96::/112", "exclude_outbound_ip_ranges": "fd00::1/128"},
         True,
     ),
+    "include-outbound-ports": (
+        {"outbound_ip_ranges": "", "include_outbound_ports": "3306,8443", "exclude_outbound_ip_ranges": "10.1.0.0/16"},
+        False,
+    ),
+    "drop-invalid": ({"drop_invalid": True}, False),
+    "drop-invalid-ipv6": ({"drop_invalid": "true"}, True),
+    "outbound-owner-groups": ({"include_outbound_owner_groups": "1000,root"}, False),
+    "outbound-owner-groups-none": ({"include_outbound_owner_groups": ""}, False),
+    "outbound-owner-groups-exclude": ({"exclude_outbound_owner_groups": "1000,2000"}, False),
+    "outbound-owner-groups-include-wins": (
+        {"include_outbound_owner_groups": "1000", "exclude_outbound_owner_groups": "2000"},
+        False,
+    ),
+    "kube-virt-interfaces": ({"kube_virt_interfaces": "eth1,eth2", "exclude_interfaces": "net2"}, False),
+    "kube-virt-interfaces-ranges": (
+        {"kube_virt_interfaces": "eth1", "outbound_ip_ranges": "10.96.0.0/12,fd00:10:96::/112"},
+        True,
+    ),
+    "ipv4-loopback-cidr": ({"ipv4_loopback_cidr": "127.0.0.1/8"}, False),
+    "ipv4-loopback-cidr-ipv6": ({"ipv4_loopback_cidr": "127.0.0.1/8"}, True),
 }
 
 
@@ -85,12 +106,61 @@ COMMIT
         ({"outbound_ip_ranges": "10.0.0.0/33"}, "-i/--outbound-ip-ranges: '10.0.0.0/33' is not an IP range"),
         ({"proxy_uid": "envoy"}, "-u/--proxy-uid: 'envoy' is not a numeric id"),
         ({"exclude_interfaces": "eth0;reboot"}, "-c/--exclude-interfaces: 'eth0;reboot' is not an interface name"),
+        ({"include_outbound_ports": "0"}, "-q/--include-outbound-ports: '0' is not a port number"),
+        ({"kube_virt_interfaces": "a b"}, "-k/--kube-virt-interfaces: 'a b' is not an interface name"),
+        (
+            {"exclude_outbound_owner_groups": "no-such-group-here"},
+            "--exclude-outbound-owner-groups: 'no-such-group-here' is neither a numeric gid nor a known group",
+        ),
+        (
+            {"include_outbound_owner_groups": ",".join(map(str, range(65)))},
+            "--include-outbound-owner-groups: at most 64 groups, got 65",
+        ),
+        ({"ipv4_loopback_cidr": "10.0.0.1/32"}, "--ipv4-loopback-cidr: '10.0.0.1/32' is not an IPv4 loopback range"),
+        ({"ipv4_loopback_cidr": "127.0.0.1/7"}, "--ipv4-loopback-cidr: '127.0.0.1/7' is not an IPv4 loopback range"),
+        ({"ipv4_loopback_cidr": "::1/128"}, "--ipv4-loopback-cidr: '::1/128' is not an IPv4 loopback range"),
+        ({"ipv4_loopback_cidr": "loopback"}, "--ipv4-loopback-cidr: 'loopback' is not an IP range"),
+        ({"drop_invalid": "maybe"}, "--drop-invalid: 'maybe' is not true or false"),
     ],
 )
 def test_bad_flags_are_rejected(flags: dict[str, str], message: str) -> None:
     with pytest.raises(CaptureError) as e:
         CaptureConfig.from_flags(**flags)
     assert message in str(e.value)
+
+
+def test_owner_groups_by_name_are_numbers_as_iptables_save_prints_them() -> None:
+    config = CaptureConfig.from_flags(include_outbound_owner_groups="root", exclude_outbound_owner_groups="root")
+    assert config.include_outbound_owner_groups == (0,) and config.exclude_outbound_owner_groups == (0,)
+
+
+def test_cleanup_also_removes_the_invalid_drop() -> None:
+    saved = """*nat
+:MESH_OUTPUT - [0:0]
+-A OUTPUT -p tcp -j MESH_OUTPUT
+COMMIT
+*mangle
+:PREROUTING ACCEPT [0:0]
+:MESH_DROP - [0:0]
+:OTHER - [0:0]
+-A PREROUTING -m conntrack --ctstate INVALID -j MESH_DROP
+-A PREROUTING -j OTHER
+-A MESH_DROP -j DROP
+COMMIT
+"""
+    assert cleanup_rules(saved) == (
+        "*nat\n-D OUTPUT -p tcp -j MESH_OUTPUT\n-F MESH_OUTPUT\n-X MESH_OUTPUT\nCOMMIT\n"
+        "*mangle\n-D PREROUTING -m conntrack --ctstate INVALID -j MESH_DROP\n-F MESH_DROP\n-X MESH_DROP\nCOMMIT\n"
+    )
+    assert cleanup_rules("*nat\nCOMMIT\n*mangle\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n") is None
+
+
+def test_existing_invalid_drop_jump_is_not_added_twice() -> None:
+    again = rules(
+        CaptureConfig(drop_invalid=True),
+        existing_jumps=frozenset({"-A PREROUTING -m conntrack --ctstate INVALID -j MESH_DROP"}),
+    )
+    assert ":MESH_DROP - [0:0]" in again and "-j MESH_DROP" not in again
 
 
 class FakeHost:
@@ -139,3 +209,10 @@ def test_no_rules_when_6_cannot_be_assigned() -> None:
     with pytest.raises(CaptureError, match="::6/128"):
         apply(CaptureConfig(), ipv6=True, run=host.run, add_address=host.add_address)
     assert host.done == []
+
+
+def test_drop_invalid_reads_and_restores_mangle_too() -> None:
+    host = FakeHost()
+    (v4,) = apply(CaptureConfig(drop_invalid=True), ipv6=False, run=host.run, add_address=host.add_address)
+    assert host.done == ["iptables-save -t nat", "iptables-save -t mangle", "iptables-restore --noflush"]
+    assert v4.startswith("*mangle\n") and "\n*nat\n" in v4
