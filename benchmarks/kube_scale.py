@@ -60,7 +60,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import struct_pb2
-from serve import cpu_seconds, free_port
+from serve import cpu_seconds, first_string, free_port
 
 TOP = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TOP))  # tests.fakekube lives in the checkout, not in the installed package
@@ -416,11 +416,11 @@ class Sidecar:
         else:
             self.eds_bytes = resp.ByteSize()
             if not self.delta:
-                removed = [n for n in self.endpoints if n not in {_first_string(v) for _, v in carried}]
+                removed = [n for n in self.endpoints if n not in {first_string(v) for _, v in carried}]
             for name in removed:
                 self.endpoints.pop(name, None)
             for _, value in carried:
-                seen = self.endpoints.get(_first_string(value))
+                seen = self.endpoints.get(first_string(value))
                 if seen is not None and seen[0] == value:
                     continue
                 cla = endpoint_pb2.ClusterLoadAssignment.FromString(value)
@@ -447,21 +447,6 @@ class Sidecar:
             except TimeoutError:
                 return None
         return None
-
-
-def _first_string(value: bytes) -> str:
-    """Field 1 of a serialized message (a ClusterLoadAssignment's cluster_name) without parsing it all."""
-    if not value or value[0] != 0x0A:
-        return ""
-    length, shift, i = 0, 0, 1
-    while True:
-        b = value[i]
-        length |= (b & 0x7F) << shift
-        i += 1
-        if b < 0x80:
-            break
-        shift += 7
-    return value[i : i + length].decode()
 
 
 # --- one run ----------------------------------------------------------------------------------------

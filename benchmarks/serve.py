@@ -118,3 +118,18 @@ class OtherLoad:
         t0, busy0, ours0 = self._start
         others = (busy1 - busy0) - (ours1 - ours0)
         return max(0.0, 100 * others / ((t1 - t0) * (os.cpu_count() or 1)))
+
+
+def first_string(value: bytes) -> str:
+    """Field 1 of a serialized message (a ClusterLoadAssignment's cluster_name) without parsing it all."""
+    if not value or value[0] != 0x0A:
+        return ""
+    length, shift, i = 0, 0, 1
+    while True:
+        b = value[i]
+        length |= (b & 0x7F) << shift
+        i += 1
+        if b < 0x80:
+            break
+        shift += 7
+    return value[i : i + length].decode()

@@ -38,7 +38,7 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import struct_pb2
-from serve import OtherLoad, Server, cpu_seconds, meshctl_serve
+from serve import OtherLoad, Server, cpu_seconds, first_string, meshctl_serve
 
 T = "type.googleapis.com/envoy."
 CDS, EDS = T + "config.cluster.v3.Cluster", T + "config.endpoint.v3.ClusterLoadAssignment"
@@ -101,24 +101,9 @@ def parse(type_url: str, value: bytes) -> tuple[str, list[str]]:
                     if m.HasField("rds"):
                         refs.append(m.rds.route_config_name)
     else:  # RDS and SDS resources start with their name (field 1); parsing it is all we need
-        name = _first_string(value)
+        name = first_string(value)
     _parsed[key] = (name, refs)
     return name, refs
-
-
-def _first_string(value: bytes) -> str:
-    # field 1, wire type 2: tag 0x0a, varint length, bytes
-    if not value or value[0] != 0x0A:
-        return ""
-    length, shift, i = 0, 0, 1
-    while True:
-        b = value[i]
-        length |= (b & 0x7F) << shift
-        i += 1
-        if b < 0x80:
-            break
-        shift += 7
-    return value[i : i + length].decode()
 
 
 class Subscription:

@@ -28,10 +28,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from kubernetes import client
 
 from meshplane.controlplane import kube as kubeapi
-from meshplane.controlplane.app import ControlPlane
 from meshplane.controlplane.ca import ROOT_CERT, ROOT_KEY, TRUST_BUNDLE, CertificateAuthority
 from meshplane.controlplane.errors import ConfigError
-from meshplane.controlplane.settings import Settings
 from tests.fakekube import (
     MERGE_PATCH,
     ApiError,
@@ -39,6 +37,8 @@ from tests.fakekube import (
     mutating_webhook_configuration,
     namespace,
 )
+
+from .test_kubernetes import start_plane
 
 NS, NAME = "mesh-system", "meshplane-ca"
 SECRET = f"/api/v1/namespaces/{NS}/secrets/{NAME}"
@@ -113,31 +113,6 @@ async def eventually(check: Callable[[], object], *, timeout: float = 10.0, what
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.02)
-
-
-async def start_plane(kube: FakeKube, directory: Path, **settings: Any) -> ControlPlane:
-    directory.mkdir(exist_ok=True)
-    values: dict[str, Any] = dict(
-        kubernetes=True,
-        kubeconfig=kube.write_kubeconfig(directory / "kubeconfig"),
-        bind="127.0.0.1",
-        xds_tls_port=0,
-        admin_port=0,
-        webhook_port=0,
-        ca_dir=directory / "ca",
-        debounce=0.02,
-        debounce_max=0.5,
-        shutdown_delay=0,
-        shutdown_grace=1,
-    )
-    values.update(settings)
-    plane = ControlPlane(Settings(**values))
-    try:
-        await plane.start()
-    except BaseException:
-        await plane.stop()
-        raise
-    return plane
 
 
 # --- the fake server's new kinds, through the typed client -----------------------------------------

@@ -41,15 +41,18 @@ def kube() -> Iterator[FakeKube]:
         yield k
 
 
-async def start_plane(kube: FakeKube, tmp_path: Path, **settings: Any) -> ControlPlane:
+async def start_plane(kube: FakeKube, directory: Path, **settings: Any) -> ControlPlane:
+    """A control plane in Kubernetes mode against `kube`, its files in `directory`; stopped if it
+    fails to start."""
+    directory.mkdir(exist_ok=True)
     values: dict[str, Any] = dict(
         kubernetes=True,
-        kubeconfig=kube.write_kubeconfig(tmp_path / "kubeconfig"),
+        kubeconfig=kube.write_kubeconfig(directory / "kubeconfig"),
         bind="127.0.0.1",
         xds_tls_port=0,
         admin_port=0,
         webhook_port=0,
-        ca_dir=tmp_path / "ca",
+        ca_dir=directory / "ca",
         debounce=0.02,
         debounce_max=0.5,
         shutdown_delay=0,
@@ -57,7 +60,11 @@ async def start_plane(kube: FakeKube, tmp_path: Path, **settings: Any) -> Contro
     )
     values.update(settings)
     plane = ControlPlane(Settings(**values))
-    await plane.start()
+    try:
+        await plane.start()
+    except BaseException:
+        await plane.stop()
+        raise
     return plane
 
 
@@ -100,21 +107,20 @@ async def test_a_service_with_a_ready_slice_becomes_a_cluster_with_those_endpoin
         "10.1.0.1:8080",
         "10.1.0.2:8080",
     ]
-    # Scaling the slice reaches Envoy within a second.
-    kube.update(
-        endpoint_slice(
-            "web-a", "demo", "web", addresses=["10.1.0.1", "10.1.0.2", "10.1.0.3"], ports=[("http", 8080)],
-        )
-    )  # fmt: skip
-    started = time.monotonic()
+    # Scaling the slice reaches Envoy within a second: the median of three scalings (the machine is shared).
+    took = []
+    for count in (3, 4, 5):
+        addresses = [f"10.1.0.{i}" for i in range(1, count + 1)]
+        kube.update(endpoint_slice("web-a", "demo", "web", addresses=addresses, ports=[("http", 8080)]))
+        started = time.monotonic()
 
-    async def scaled() -> bool:
-        return len(await endpoints(envoy, WEB)) == 3
+        async def scaled(count: int = count) -> bool:
+            return len(await endpoints(envoy, WEB)) == count
 
-    await wait_until(scaled, timeout=5, interval=0.01, what="the third endpoint in Envoy")
-    took = time.monotonic() - started
-    print(f"EndpointSlice change -> Envoy config: {took * 1000:.0f} ms")
-    assert took < 1.0
+        await wait_until(scaled, timeout=5, interval=0.01, what=f"{count} endpoints in Envoy")
+        took.append(time.monotonic() - started)
+    print(f"EndpointSlice change -> Envoy config: {', '.join(f'{t * 1000:.0f}' for t in took)} ms")
+    assert sorted(took)[1] < 1.0, took
 
 
 async def test_a_410_and_relist_loses_nothing(kube: FakeKube, plane: ControlPlane, envoy: Envoy) -> None:
