@@ -18,9 +18,11 @@ backs the emptyDir.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import re
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -604,6 +606,32 @@ def remove_leftovers(client: Any, prefix: str) -> None:
     for network in client.networks.list(filters={"label": "meshplane"}):
         if network.attrs.get("Labels", {}).get("meshplane", "").startswith(prefix):
             network.remove()
+    in_use = {
+        str(config.get("Subnet"))
+        for network in client.networks.list()
+        for config in ((network.attrs.get("IPAM") or {}).get("Config") or [])
+    }
+    remove_stale_bridges(SUBNET, in_use)
+
+
+def remove_stale_bridges(subnet: str, in_use: set[str]) -> None:
+    """Delete podman bridges left holding `subnet` by a network that is gone (`in_use`: the subnets of
+    the networks that exist). A run killed mid-removal leaves one, and podman then refuses the subnet
+    as "already used on the host". Only links named like podman's bridges are touched."""
+    if subnet in in_use:
+        return
+    try:
+        done = subprocess.run(["ip", "-j", "-4", "addr"], capture_output=True, text=True, check=True)
+        links = json.loads(done.stdout)
+    except (OSError, subprocess.CalledProcessError, ValueError):
+        return
+    wanted = ipaddress.ip_network(subnet)
+    for link in links:
+        name = str(link.get("ifname", ""))
+        addresses = [a.get("local", "") for a in link.get("addr_info", [])]
+        if name.startswith(("podman", "cni-podman")) and any(ipaddress.ip_address(a) in wanted for a in addresses if a):
+            log.warning("removing the stale bridge %s, left holding %s by a network that is gone", name, subnet)
+            subprocess.run(["ip", "link", "delete", name], capture_output=True, check=False)
 
 
 def _remove(container: Any) -> None:

@@ -32,6 +32,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from meshplane.sandbox.pods import remove_stale_bridges
+
 from .test_images import BuildError, ensure_controlplane_image, podman_argv, require_engine
 
 TOP = Path(__file__).resolve().parents[2]
@@ -80,6 +82,11 @@ def create_networks(project: str, timeout: float = 180) -> None:
                 ["--ip-range", config["ip_range"]] if "ip_range" in config else []
             )
         while (done := podman(*argv, f"{project}_{name}")).returncode != 0:
+            if "already used on the host" in done.stderr:  # a bridge a killed run left behind?
+                listed = json.loads(podman("network", "ls", "--format", "json").stdout or "[]")
+                in_use = {str(s.get("subnet")) for n in listed for s in n.get("subnets") or []}
+                for config in net.get("ipam", {}).get("config", []):
+                    remove_stale_bridges(config["subnet"], in_use)
             if time.monotonic() > deadline:
                 message = f"cannot create the compose network {name}: {done.stderr.strip()}"
                 if os.environ.get("CI"):
