@@ -60,7 +60,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import struct_pb2
-from serve import cpu_seconds, first_string, free_port
+from serve import cpu_seconds, first_string, free_port, requests_with_node
 
 TOP = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TOP))  # tests.fakekube lives in the checkout, not in the installed package
@@ -363,14 +363,8 @@ class Sidecar:
                 )
             )
 
-    async def requests(self) -> AsyncIterator[Any]:
-        first = True
-        while True:
-            req = await self.queue.get()
-            if first:
-                req.node.CopyFrom(self.node)
-                first = False
-            yield req
+    def requests(self) -> AsyncIterator[Any]:
+        return requests_with_node(self.queue, self.node)
 
     async def run(self) -> None:
         self.send(CDS)  # names nothing: the wildcard, in both protocols

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 TOP = Path(__file__).resolve().parents[1]
 
@@ -133,3 +134,15 @@ def first_string(value: bytes) -> str:
             break
         shift += 7
     return value[i : i + length].decode()
+
+
+async def requests_with_node(queue: Any, node: Any) -> Any:
+    """A simulated sidecar's request stream: what it queues, the node on the first message only (as Envoy
+    sends it with set_node_on_first_message_only)."""
+    first = True
+    while True:
+        req = await queue.get()
+        if first:
+            req.node.CopyFrom(node)
+            first = False
+        yield req

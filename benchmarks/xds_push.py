@@ -38,7 +38,7 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import struct_pb2
-from serve import OtherLoad, Server, cpu_seconds, first_string, meshctl_serve
+from serve import OtherLoad, Server, cpu_seconds, first_string, meshctl_serve, requests_with_node
 
 T = "type.googleapis.com/envoy."
 CDS, EDS = T + "config.cluster.v3.Cluster", T + "config.endpoint.v3.ClusterLoadAssignment"
@@ -158,14 +158,8 @@ class Proxy:
             self.subs[type_url].names = names
             self.send(type_url)
 
-    async def requests(self) -> AsyncIterator[discovery_pb2.DiscoveryRequest]:
-        first = True
-        while True:
-            req = await self.queue.get()
-            if first:
-                req.node.CopyFrom(self.node)
-                first = False
-            yield req
+    def requests(self) -> AsyncIterator[discovery_pb2.DiscoveryRequest]:
+        return requests_with_node(self.queue, self.node)
 
     async def run(self) -> None:
         self.send(CDS)

@@ -118,6 +118,7 @@ class CertificateAuthority:
         # Least recently asked for first.
         self._issued: OrderedDict[str, IssuedCertificate] = OrderedDict()
         self._dropped = 0
+        self._bundle: tuple[tuple[x509.Certificate, ...], bytes] | None = None
         self._root_key, self._root_cert = self._load_or_create_root(create)
         self._previous = self._load_previous()
         self._pending: tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None = None
@@ -135,8 +136,16 @@ class CertificateAuthority:
     def trust_bundle_pem(self) -> bytes:
         """Every root a peer's certificate may chain to: the signing root, a root being introduced
         (`pending`), and one being retired. Proxies get it as ROOTCA; webhooks as caBundle."""
-        roots = [self._root_cert, *(r[1] for r in (self._pending, self._previous) if r is not None)]
-        return b"".join(dict.fromkeys(_pem(c) for c in roots))
+        roots = (self._root_cert, *(r[1] for r in (self._pending, self._previous) if r is not None))
+        # Read for every SDS response and webhook answer: serialized again only when the roots change.
+        cached = self._bundle
+        if (
+            cached is None
+            or len(cached[0]) != len(roots)
+            or any(a is not b for a, b in zip(cached[0], roots, strict=True))
+        ):
+            cached = self._bundle = (roots, b"".join(dict.fromkeys(_pem(c) for c in roots)))
+        return cached[1]
 
     @property
     def pending(self) -> bool:
