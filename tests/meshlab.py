@@ -792,7 +792,11 @@ class MeshLab:
         )  # fmt: skip
 
     def stop_pod(self, pod: Pod) -> None:
-        """The pod goes away: its sidecar and app are killed (SIGTERM, as kubelet does, then SIGKILL)."""
+        """The pod goes away as kubelet deletes an injected pod: the sidecar's preStop hook (`meshctl
+        drain`, which the webhook injects) first, then SIGTERM, then SIGKILL. Without the hook Envoy
+        exits on SIGTERM at once and resets a request in flight, which no retry policy may replay."""
+        if pod.envoy is not None and pod.envoy.poll() is None:
+            sh(*MESHCTL, "drain", "--admin-socket", str(pod.admin.path), "--duration", "2s")
         for proc in (pod.envoy, pod.app):
             if proc is not None:
                 kill_group(proc, signal.SIGTERM, wait=3)
