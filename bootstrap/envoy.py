@@ -65,6 +65,10 @@ class Ports:
     admin: int = 15000
     stats: int = 15090
     health: int = 15021
+    """Envoy's readiness, `/healthz/ready` (Istio's 15021)."""
+    status: int = 15020
+    """Istio's agent port: the app's rewritten probes and lifecycle hooks (`/app-health/...`,
+    `/app-lifecycle/...`), Prometheus metrics (`/stats/prometheus`) and readiness; 0: none."""
     admin_socket: str = ""
     """Serve the admin API on this unix socket instead of 127.0.0.1:`admin` (for hosts outside the pod)."""
 
@@ -94,9 +98,9 @@ KEEPALIVE_SECONDS = 30
 
 @dataclass(frozen=True, slots=True)
 class AppProbe:
-    """One of the app's original probes, run by the sidecar for kubelet on the status port.
+    """One of the app's original probes or lifecycle hooks, run by the sidecar for kubelet.
 
-    kubelet calls GET `path` on the health port. HTTP probes are forwarded to the app on
+    kubelet calls GET `path` on the status port. HTTP probes are forwarded to the app on
     127.0.0.1 at `http_path`; TCP and gRPC probes are answered from Envoy's own active health
     checks of the app's port (every `period` seconds), so they work under STRICT mTLS too.
     """
@@ -163,10 +167,7 @@ def bootstrap(
         node=base_pb2.Node(id=identity.node_id, cluster=f"{app}.{identity.namespace}", metadata=metadata),
         static_resources=bootstrap_pb2.Bootstrap.StaticResources(
             clusters=[*xds_clusters, _admin_cluster(ports), *(_probe_cluster(p) for p in probes)],
-            listeners=[
-                _admin_listener("prometheus", ports.stats, "/stats/prometheus", "/stats/prometheus"),
-                _admin_listener("health", ports.health, "/healthz/ready", "/ready", probes),
-            ],
+            listeners=_status_listeners(ports, probes),
         ),
         dynamic_resources=bootstrap_pb2.Bootstrap.DynamicResources(
             # Incremental xDS by default: a change sends only what it touched.
@@ -362,15 +363,33 @@ def _admin_address(ports: Ports) -> address_pb2.Address:
     return _address("127.0.0.1", ports.admin)
 
 
+_READY = ("/healthz/ready", "/ready")
+_METRICS = ("/stats/prometheus", "/stats/prometheus")
+
+
+def _status_listeners(ports: Ports, probes: Sequence[AppProbe]) -> list[listener_pb2.Listener]:
+    """Istio's ports from stock Envoy: 15090 metrics, 15021 readiness, and 15020 (its agent's) for the
+    app's probes and hooks, metrics and readiness, so that scrape configs and NetworkPolicies carry over."""
+    if probes and not ports.status:
+        raise BootstrapError("app probes are answered on the status port: it cannot be 0 when there are probes")
+    listeners = [_admin_listener("prometheus", ports.stats, [_METRICS])]
+    listeners.append(_admin_listener("health", ports.health, [_READY]))
+    if ports.status:
+        listeners.append(_admin_listener("status", ports.status, [_READY, _METRICS], probes))
+    return listeners
+
+
 def _admin_listener(
-    name: str, port: int, path: str, rewrite: str, probes: Sequence[AppProbe] = ()
+    name: str, port: int, paths: Sequence[tuple[str, str]], probes: Sequence[AppProbe] = ()
 ) -> listener_pb2.Listener:
-    """Exposes one admin path on all interfaces without exposing the admin API itself (and app probes)."""
+    """Exposes admin `paths` (as path, admin path) on all interfaces without exposing the admin API
+    itself, and answers the app's probes."""
     routes = [
         route_components_pb2.Route(
             match=route_components_pb2.RouteMatch(path=path),
             route=route_components_pb2.RouteAction(cluster=ADMIN_CLUSTER, prefix_rewrite=rewrite),
         )
+        for path, rewrite in paths
     ]
     filters = []
     for probe in probes:

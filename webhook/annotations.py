@@ -19,9 +19,9 @@ DEFAULT_DRAIN_SECONDS = 5.0
 MAX_DRAIN_SECONDS = 3600.0
 _DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-DEFAULT_STATUS_PORT = 15021
+DEFAULT_STATUS_PORT = 15020
 STATUS_PORT = "status.sidecar.istio.io/port"
-RESERVED_PORTS = frozenset({15000, 15001, 15006, 15090})
+RESERVED_PORTS = frozenset({15000, 15001, 15006, 15021, 15090})
 """The proxy's own listeners (admin, outbound, inbound, stats): never its status port."""
 LOG_LEVELS = ("trace", "debug", "info", "warning", "warn", "error", "critical", "off")
 
@@ -59,7 +59,8 @@ class ProxyOptions:
     capture: bool = True
     """`sidecar.istio.io/interceptionMode`: REDIRECT captures traffic (the init container); NONE does not."""
     status_port: int = DEFAULT_STATUS_PORT
-    """`status.sidecar.istio.io/port`: the proxy's readiness and app-health port; 0: no readiness probe."""
+    """`status.sidecar.istio.io/port`: where the app's rewritten probes, hooks and metrics are served
+    (Istio's agent port); 0: none of them, and no readiness probe on the proxy."""
 
 
 def proxy_options(annotations: Mapping[str, str], config: InjectionConfig) -> ProxyOptions:
@@ -231,7 +232,8 @@ def _status_port(a: Mapping[str, str]) -> int:
     raise InvalidAnnotation(
         STATUS_PORT,
         value,
-        "0 (no readiness probe) or a port from 1024 to 65535 other than the proxy's 15000, 15001, 15006 and 15090",
+        "0 (no readiness probe) or a port from 1024 to 65535 other than the proxy's "
+        "15000, 15001, 15006, 15021 and 15090",
     )
 
 

@@ -31,6 +31,7 @@ from .policy import STATUS
 INIT = "mesh-init"
 PROXY = "mesh-proxy"
 HEALTH_PORT = 15021
+"""The proxy's own readiness (`/healthz/ready`), as Istio's; the app's probes go to the status port."""
 STATS_PORT = 15090
 TLS_MODE_LABEL = "security.istio.io/tlsMode"
 PROBES_ENV = "MESH_KUBE_APP_PROBERS"
@@ -45,6 +46,7 @@ DEFAULT_GRACE_SECONDS = 30
 GRACE_MARGIN_SECONDS = 5
 """Room left after the proxy's drain for the app to finish and the kubelet to stop the containers."""
 _PROBE_PATHS = {"livenessProbe": "livez", "readinessProbe": "readyz", "startupProbe": "startupz"}
+_HOOK_PATHS = {"postStart": "poststartz", "preStop": "prestopz"}
 _DOWNWARD = {
     "POD_NAME": "metadata.name",
     "POD_NAMESPACE": "metadata.namespace",
@@ -63,10 +65,11 @@ def render(pod: Mapping[str, Any], namespace: str, config: InjectionConfig, opti
     # what is injected below, never kept as app containers of their own.
     overrides = _take_overrides(spec)
     app_containers: list[dict[str, Any]] = spec.setdefault("containers", [])
-    health = options.status_port or HEALTH_PORT
-    # Status port 0: nothing probes the proxy, so the app's probes cannot be pointed at it either.
+    # Status port 0: nothing answers on it, so the app's probes and hooks cannot be pointed at it either.
     rewrite = options.rewrite_probes and options.status_port != 0
-    probes = _rewrite_probes(app_containers, health) if rewrite else []
+    # The user's own native sidecars (init containers that keep running) have probes and hooks too.
+    natives = [c for c in spec.get("initContainers") or [] if c.get("restartPolicy") == "Always"]
+    probes = _rewrite_probes([*app_containers, *natives], options.status_port) if rewrite else []
     labels = meta.setdefault("labels", {})
     name, revision = canonical(meta)
     labels.setdefault(CANONICAL_NAME, name)
@@ -90,7 +93,7 @@ def render(pod: Mapping[str, Any], namespace: str, config: InjectionConfig, opti
     if options.native_sidecar:
         proxy["restartPolicy"] = "Always"
         if options.status_port:
-            proxy.setdefault("startupProbe", _ready_probe(options.status_port, period=1, failures=600))
+            proxy.setdefault("startupProbe", _ready_probe(HEALTH_PORT, period=1, failures=600))
         spec["initContainers"] = [*capture, proxy, *inits]
     else:
         spec["initContainers"] = [*capture, *inits]
@@ -98,8 +101,6 @@ def render(pod: Mapping[str, Any], namespace: str, config: InjectionConfig, opti
             del spec["initContainers"]
         if options.hold_application:
             wait = ["meshctl", "wait", "--timeout", "120s"]
-            if health != HEALTH_PORT:
-                wait += ["--url", f"http://127.0.0.1:{health}/healthz/ready"]
             proxy.setdefault("lifecycle", {})["postStart"] = {"exec": {"command": wait}}
             spec["containers"] = [proxy, *app_containers]
         else:
@@ -109,7 +110,8 @@ def render(pod: Mapping[str, Any], namespace: str, config: InjectionConfig, opti
     annotations = meta.setdefault("annotations", {})
     for key, value in (
         ("prometheus.io/scrape", "true"),
-        ("prometheus.io/port", str(STATS_PORT)),
+        # The status port serves Envoy's metrics as Istio's agent does (it cannot merge the app's own).
+        ("prometheus.io/port", str(options.status_port or STATS_PORT)),
         ("prometheus.io/path", "/stats/prometheus"),
     ):
         annotations.setdefault(key, value)
@@ -164,7 +166,7 @@ def _proxy_container(
         tuple(p for p, _ in probes),
         config.admin_socket,
         config.xds_ca,
-        options.status_port or HEALTH_PORT,
+        options.status_port,
     )
     args = [
         "--config-yaml",
@@ -206,7 +208,7 @@ def _proxy_container(
         },
     }
     if options.status_port:  # 0: no readiness probe, as Istio
-        container["readinessProbe"] = _ready_probe(options.status_port, period=2, failures=30)
+        container["readinessProbe"] = _ready_probe(HEALTH_PORT, period=2, failures=30)
     mounts = [{"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True}]
     if config.admin_socket:
         mounts.append({"name": ADMIN_VOLUME, "mountPath": posixpath.dirname(config.admin_socket)})
@@ -239,7 +241,7 @@ def _bootstrap_json(
     probes: tuple[AppProbe, ...],
     admin_socket: str,
     xds_ca: str,
-    health: int = HEALTH_PORT,
+    status: int,
 ) -> str:
     """The sidecar's bootstrap; memoized, since the pods of one workload share every input."""
     identity = WorkloadIdentity(
@@ -250,7 +252,7 @@ def _bootstrap_json(
         labels=dict(labels),
         domain_suffix=domain_suffix,
     )
-    ports = Ports(health=health, stats=STATS_PORT, admin_socket=admin_socket)
+    ports = Ports(health=HEALTH_PORT, status=status, stats=STATS_PORT, admin_socket=admin_socket)
     credentials = XdsCredentials(f"{TOKEN_DIR}/{TOKEN_VOLUME}", ca_pem="" if _xds_is_unix(xds_address) else xds_ca)
     return render_compact(bootstrap(identity, xds_address, ports, probes, credentials))
 
@@ -318,23 +320,26 @@ def _ready_probe(port: int, *, period: int, failures: int) -> dict[str, Any]:
     }
 
 
-def _rewrite_probes(containers: list[dict[str, Any]], health: int) -> list[tuple[AppProbe, dict[str, Any]]]:
-    """Point each HTTP, TCP and gRPC probe at the sidecar's health port; return what the sidecar must run."""
+def _rewrite_probes(containers: list[dict[str, Any]], status: int) -> list[tuple[AppProbe, dict[str, Any]]]:
+    """Point each HTTP, TCP and gRPC probe, and each HTTP or TCP lifecycle hook, at the sidecar's status
+    port (as Istio: under STRICT mTLS kubelet's plaintext call to the app's port would be refused);
+    return what the sidecar must run."""
     out = []
     for c in containers:
         named = {p.get("name"): p.get("containerPort") for p in c.get("ports") or [] if p.get("name")}
-        for field, suffix in _PROBE_PATHS.items():
-            probe = c.get(field)
-            if not isinstance(probe, dict):
+        handlers = [(c.get(field), f"/app-health/{c.get('name', 'app')}/{s}") for field, s in _PROBE_PATHS.items()]
+        lifecycle = c.get("lifecycle") or {}
+        handlers += [(lifecycle.get(k), f"/app-lifecycle/{c.get('name', 'app')}/{s}") for k, s in _HOOK_PATHS.items()]
+        for handler, path in handlers:
+            if not isinstance(handler, dict):
                 continue
-            path = f"/app-health/{c.get('name', 'app')}/{suffix}"
-            found = _app_probe(probe, path, named)
+            found = _app_probe(handler, path, named)
             if found is None:
                 continue
-            original = {k: probe[k] for k in ("httpGet", "tcpSocket", "grpc") if k in probe}
+            original = {k: handler[k] for k in ("httpGet", "tcpSocket", "grpc") if k in handler}
             for k in original:
-                del probe[k]
-            probe["httpGet"] = {"path": path, "port": health, "scheme": "HTTP"}
+                del handler[k]
+            handler["httpGet"] = {"path": path, "port": status, "scheme": "HTTP"}
             out.append((found, original))
     return out
 

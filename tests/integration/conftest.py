@@ -103,7 +103,7 @@ def write_bootstrap(
         str(token_file(plane, tmp_path, "demo", sa)), str(plane.settings.ca_dir / TRUST_BUNDLE)
     )
     path = tmp_path / f"{name}.json"
-    ports = Ports(admin=admin, stats=free_port(), health=free_port())
+    ports = Ports(admin=admin, stats=free_port(), health=free_port(), status=free_port())
     path.write_text(render(bootstrap(identity, f"127.0.0.1:{plane.xds_tls_port}", ports, (), credentials, delta=delta)))
     return path, admin
 

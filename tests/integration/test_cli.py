@@ -55,6 +55,7 @@ def test_bootstrap_command_output_is_valid_for_envoy(tmp_path: Path) -> None:
     assert {lst["address"]["socketAddress"]["portValue"] for lst in doc["staticResources"]["listeners"]} == {
         15090,
         15021,
+        15020,
     }
 
 

@@ -83,7 +83,7 @@ async def envoy(kube: FakeKube, plane: ControlPlane, tmp_path: Path) -> AsyncIte
     identity = WorkloadIdentity(name="backend-1", namespace="demo", service_account="backend", ip="127.0.0.1")
     admin = free_port()
     credentials = XdsCredentials(str(tmp_path / "token"), str(plane.settings.ca_dir / TRUST_BUNDLE))
-    ports = Ports(admin=admin, stats=free_port(), health=free_port())
+    ports = Ports(admin=admin, stats=free_port(), health=free_port(), status=free_port())
     path = tmp_path / "envoy.json"
     path.write_text(render(bootstrap(identity, f"127.0.0.1:{plane.xds_tls_port}", ports, (), credentials)))
     async with Envoy(path, admin, tmp_path / "envoy.log") as proxy:

@@ -1,4 +1,5 @@
-"""Rewritten app probes, answered by a real Envoy on its health port from the injected bootstrap."""
+"""Rewritten app probes and hooks, answered by a real Envoy on its status port (Istio's 15020) from the
+injected bootstrap, which also serves metrics and readiness there."""
 
 import asyncio
 import datetime as dt
@@ -57,6 +58,7 @@ async def test_rewritten_probes_are_answered_by_envoy(
                     "livenessProbe": {"httpGet": {"path": "/live", "port": "http"}},
                     "readinessProbe": {"tcpSocket": {"port": tcp_port}, "periodSeconds": 1},
                     "startupProbe": {"httpGet": {"path": "/broken", "port": http_port}},
+                    "lifecycle": {"preStop": {"httpGet": {"path": "/live", "port": http_port}}},
                 },
                 {"name": "db", "image": "db", "readinessProbe": {"tcpSocket": {"port": closed}, "periodSeconds": 1}},
             ]
@@ -73,7 +75,7 @@ async def test_rewritten_probes_are_answered_by_envoy(
     token.write_text(plane.ca.mint_token("demo", "default", dt.timedelta(hours=1)))
     google = doc["dynamicResources"]["adsConfig"]["grpcServices"][0]["googleGrpc"]
     google["callCredentials"][0]["fromPlugin"]["typedConfig"]["secretData"]["filename"] = str(token)
-    admin, health = free_port(), free_port()
+    admin, status = free_port(), free_port()
     doc["admin"]["address"]["socketAddress"]["portValue"] = admin
     for cluster in doc["staticResources"]["clusters"]:
         if cluster["name"] == "prometheus_stats":
@@ -81,18 +83,29 @@ async def test_rewritten_probes_are_answered_by_envoy(
                 "portValue"
             ] = admin
     for listener in doc["staticResources"]["listeners"]:
-        listener["address"]["socketAddress"]["portValue"] = health if listener["name"] == "health" else free_port()
+        listener["address"]["socketAddress"]["portValue"] = status if listener["name"] == "status" else free_port()
     (tmp_path / "b.json").write_text(json.dumps(doc))
 
     async with Envoy(tmp_path / "b.json", admin, tmp_path / "envoy.log"):
 
-        async def probe(kind: str, container: str = "web") -> int:
-            url = f"http://127.0.0.1:{health}/app-health/{container}/{kind}"
+        async def get(path: str) -> tuple[int, str]:
+            url = f"http://127.0.0.1:{status}{path}"
             async with aiohttp.ClientSession() as s, s.get(url, timeout=aiohttp.ClientTimeout(total=3)) as r:
-                return r.status
+                return r.status, await r.text()
+
+        async def probe(kind: str, container: str = "web") -> int:
+            return (await get(f"/app-health/{container}/{kind}"))[0]
 
         assert await wait_until(lambda: probe("livez"), what="the liveness probe route") == 200
         assert await probe("startupz") == 500  # the app's own answer comes back
+        assert await get("/app-lifecycle/web/prestopz") == (200, "alive")  # the hook reaches the app
+        code, metrics = await get("/stats/prometheus")
+        assert code == 200 and "envoy_server_live" in metrics
+
+        async def ready() -> bool:
+            return (await get("/healthz/ready"))[0] == 200
+
+        await wait_until(ready, what="Envoy's readiness on the status port")
 
         async def tcp_probe_passes() -> bool:
             return await probe("readyz") == 200

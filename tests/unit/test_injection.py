@@ -191,7 +191,7 @@ def test_probes_are_rewritten_and_kept_for_the_proxy() -> None:
     out = inject(CORPUS["probes-of-each-kind"], "shop", InjectionConfig(xds_ca=MESH_ROOT)).pod
     web, grpc = out["spec"]["containers"][:2]
     assert web["livenessProbe"] == {
-        "httpGet": {"path": "/app-health/web/livez", "port": 15021, "scheme": "HTTP"},
+        "httpGet": {"path": "/app-health/web/livez", "port": 15020, "scheme": "HTTP"},
         "periodSeconds": 5,
     }
     assert web["readinessProbe"]["httpGet"]["path"] == "/app-health/web/readyz"
@@ -755,7 +755,7 @@ def test_istio_native_sidecars_and_a_user_label_value_are_handled_in_migration()
     assert names == ["reviews", "mesh-proxy", "mesh-init"]
     assert out["metadata"]["labels"]["service.istio.io/canonical-name"] == "reviews-team"
     assert out["spec"]["containers"][0]["livenessProbe"]["httpGet"]["path"] == "/app-health/reviews/livez"
-    assert out["spec"]["containers"][0]["livenessProbe"]["httpGet"]["port"] == 15021
+    assert out["spec"]["containers"][0]["livenessProbe"]["httpGet"]["port"] == 15020
 
 
 @pytest.mark.parametrize(
@@ -844,31 +844,39 @@ def test_a_probe_override_replaces_the_handler() -> None:
     assert ready["exec"] == {"command": ["true"]} and "httpGet" not in ready and ready["periodSeconds"] == 7
 
 
-def test_the_status_port_annotation_moves_the_proxys_health_port() -> None:
+def test_the_status_port_annotation_moves_the_app_health_and_metrics_port() -> None:
     pod = copy.deepcopy(CORPUS["probes-of-each-kind"])
     pod["metadata"]["annotations"] = {"status.sidecar.istio.io/port": "15030"}
     out = inject(pod, "shop", InjectionConfig(xds_ca=MESH_ROOT)).pod
     kubernetes_validate.validate(out, K8S, strict=True)
     proxy = _proxy(out)
-    assert proxy["readinessProbe"]["httpGet"] == {"path": "/healthz/ready", "port": 15030}
+    # As Istio: the proxy's own readiness stays on 15021; the app's probes and metrics move.
+    assert proxy["readinessProbe"]["httpGet"] == {"path": "/healthz/ready", "port": 15021}
     assert out["spec"]["containers"][0]["livenessProbe"]["httpGet"]["port"] == 15030
+    assert out["metadata"]["annotations"]["prometheus.io/port"] == "15030"
     bootstrap = json.loads(proxy["args"][proxy["args"].index("--config-yaml") + 1])
     ports = {
         listener["name"]: listener["address"]["socketAddress"]["portValue"]
         for listener in bootstrap["staticResources"]["listeners"]
     }
-    assert 15030 in ports.values() and 15021 not in ports.values()
+    assert ports == {"prometheus": 15090, "health": 15021, "status": 15030}
     assert _capture_flags(pod)["-d"] == "15090,15021,15020,15030"
-    held = make(
-        "h",
-        {"containers": [{"name": "app", "image": "app"}]},
-        annotations={
-            "status.sidecar.istio.io/port": "15030",
-            "proxy.istio.io/config": "holdApplicationUntilProxyStarts: true",
-        },
-    )
-    wait = inject(held, "shop", InjectionConfig(xds_ca=MESH_ROOT)).pod["spec"]["containers"][0]
-    assert wait["lifecycle"]["postStart"]["exec"]["command"][-2:] == ["--url", "http://127.0.0.1:15030/healthz/ready"]
+
+
+def test_istio_ports_serve_what_istio_serves_there() -> None:
+    out = inject(CORPUS["probes-of-each-kind"], "shop", InjectionConfig(xds_ca=MESH_ROOT)).pod
+    proxy = _proxy(out)
+    bootstrap = json.loads(proxy["args"][proxy["args"].index("--config-yaml") + 1])
+    routes = {}
+    for listener in bootstrap["staticResources"]["listeners"]:
+        manager = listener["filterChains"][0]["filters"][0]["typedConfig"]
+        port = listener["address"]["socketAddress"]["portValue"]
+        routes[port] = {r["match"]["path"] for r in manager["routeConfig"]["virtualHosts"][0]["routes"]}
+    assert routes[15090] == {"/stats/prometheus"}
+    assert routes[15021] == {"/healthz/ready"}
+    assert {"/healthz/ready", "/stats/prometheus", "/app-health/web/livez"} <= routes[15020]
+    annotations = out["metadata"]["annotations"]
+    assert (annotations["prometheus.io/port"], annotations["prometheus.io/path"]) == ("15020", "/stats/prometheus")
 
 
 @pytest.mark.parametrize("native", ["false", "true"])
@@ -884,7 +892,7 @@ def test_status_port_zero_means_no_proxy_readiness_probe(native: str) -> None:
     assert "MESH_KUBE_APP_PROBERS" not in {e["name"] for e in proxy["env"]}
 
 
-@pytest.mark.parametrize("value", ["-1", "80", "65536", "15001", "15090", "ready"])
+@pytest.mark.parametrize("value", ["-1", "80", "65536", "15001", "15021", "15090", "ready"])
 def test_an_invalid_status_port_is_a_clear_deny(value: str) -> None:
     pod = make(
         "s", {"containers": [{"name": "app", "image": "app"}]}, annotations={"status.sidecar.istio.io/port": value}
@@ -892,3 +900,54 @@ def test_an_invalid_status_port_is_a_clear_deny(value: str) -> None:
     outcome = inject(pod, "shop", InjectionConfig(xds_ca=MESH_ROOT))
     assert outcome.error is not None and "status.sidecar.istio.io/port" in str(outcome.error)
     assert "0 (no readiness probe)" in str(outcome.error)
+
+
+def test_lifecycle_hooks_and_the_users_native_sidecars_are_rewritten_as_probes_are() -> None:
+    pod = make(
+        "hooks",
+        {
+            "initContainers": [
+                {
+                    "name": "log-shipper",
+                    "image": "shipper",
+                    "restartPolicy": "Always",
+                    "ports": [{"name": "admin", "containerPort": 9901}],
+                    "readinessProbe": {"httpGet": {"path": "/ready", "port": "admin"}},
+                },
+                {"name": "migrate", "image": "m"},
+            ],
+            "containers": [
+                {
+                    "name": "web",
+                    "image": "web",
+                    "lifecycle": {
+                        "postStart": {"httpGet": {"path": "/warm", "port": 8080}},
+                        "preStop": {"tcpSocket": {"port": 8080}},
+                    },
+                },
+                {"name": "batch", "image": "b", "lifecycle": {"preStop": {"exec": {"command": ["sleep", "5"]}}}},
+            ],
+        },
+    )
+    out = inject(pod, "shop", InjectionConfig(xds_ca=MESH_ROOT)).pod
+    kubernetes_validate.validate(out, K8S, strict=True)
+    web = next(c for c in out["spec"]["containers"] if c["name"] == "web")
+    assert web["lifecycle"] == {
+        "postStart": {"httpGet": {"path": "/app-lifecycle/web/poststartz", "port": 15020, "scheme": "HTTP"}},
+        "preStop": {"httpGet": {"path": "/app-lifecycle/web/prestopz", "port": 15020, "scheme": "HTTP"}},
+    }
+    batch = next(c for c in out["spec"]["containers"] if c["name"] == "batch")
+    assert batch["lifecycle"] == {"preStop": {"exec": {"command": ["sleep", "5"]}}}  # exec hooks stay
+    shipper = next(c for c in out["spec"]["initContainers"] if c["name"] == "log-shipper")
+    assert shipper["readinessProbe"]["httpGet"] == {
+        "path": "/app-health/log-shipper/readyz",
+        "port": 15020,
+        "scheme": "HTTP",
+    }
+    proxy = _proxy(out)
+    kept = json.loads(next(e["value"] for e in proxy["env"] if e["name"] == "MESH_KUBE_APP_PROBERS"))
+    assert kept["/app-lifecycle/web/prestopz"] == {"tcpSocket": {"port": 8080}}
+    assert kept["/app-health/log-shipper/readyz"] == {"httpGet": {"path": "/ready", "port": "admin"}}
+    bootstrap = json.loads(proxy["args"][proxy["args"].index("--config-yaml") + 1])
+    clusters = {c["name"] for c in bootstrap["staticResources"]["clusters"]}
+    assert {"probe|app-lifecycle|web|poststartz", "probe|app-health|log-shipper|readyz"} <= clusters
