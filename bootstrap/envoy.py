@@ -54,10 +54,12 @@ class WorkloadIdentity:
     ip: str = "$(INSTANCE_IP)"
     labels: Mapping[str, str] = field(default_factory=dict)
     domain_suffix: str = "cluster.local"
+    kind: str = "sidecar"
+    """Istio's node type: `sidecar`, or `router` for a gateway (the proxy is the workload)."""
 
     @property
     def node_id(self) -> str:
-        return f"sidecar~{self.ip}~{self.name}.{self.namespace}~{self.namespace}.svc.{self.domain_suffix}"
+        return f"{self.kind}~{self.ip}~{self.name}.{self.namespace}~{self.namespace}.svc.{self.domain_suffix}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +230,8 @@ def _check(identity: WorkloadIdentity) -> None:
             ipaddress.ip_address(identity.ip)
         except ValueError:
             raise BootstrapError(f"IP {identity.ip!r} is not an IP address or a $(VAR) reference") from None
+    if identity.kind not in ("sidecar", "router"):
+        raise BootstrapError(f"node type {identity.kind!r} must be sidecar or router")
 
 
 def _target(xds_address: str) -> tuple[str, bool]:

@@ -7,7 +7,8 @@
   serving ones that are terminating (kube-proxy's rule), on the port the slice names for each
   service port, so a named targetPort resolves per pod.
 - An endpoint's identity is its pod's service account; it is sent mTLS when its pod runs our
-  sidecar (the injector's status annotation, or Istio's `security.istio.io/tlsMode: istio` label).
+  sidecar: Istio's `security.istio.io/tlsMode` label says `istio`, or, without the label, the
+  injector's status annotation is there and the pod is not a gateway (`inject.istio.io/templates`).
 - A headless Service routes to its pods' IPs; `type: ExternalName` becomes a DNS cluster.
 - mTLS mode: the annotation `security.meshplane.io/mtls` (STRICT | PERMISSIVE | DISABLE) on a Pod,
   else on its Namespace, else the mesh-wide mode.
@@ -31,6 +32,7 @@ Key = tuple[str, str]
 
 MTLS_ANNOTATION = "security.meshplane.io/mtls"
 INJECTED_ANNOTATION = "sidecar.istio.io/status"
+TEMPLATES_ANNOTATION = "inject.istio.io/templates"
 TLS_MODE_LABEL = "security.istio.io/tlsMode"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 _APP_PROTOCOLS = {
@@ -102,7 +104,11 @@ def pod_workload(pod: Obj, namespace_mode: MtlsMode | None = None, notes: list[s
     if not names.DNS_NAME.match(str(account)):
         raise Skip(f"service account {str(account)[:64]!r} is not a Kubernetes name")
     annotations = meta.get("annotations") or {}
-    sidecar = INJECTED_ANNOTATION in annotations or pod_labels.get(TLS_MODE_LABEL) == "istio"
+    # The tlsMode label decides, as in Istio; without it, an injected pod that is not a gateway (which
+    # takes no mesh mTLS on its own ports).
+    tls_mode = pod_labels.get(TLS_MODE_LABEL)
+    injected = INJECTED_ANNOTATION in annotations and annotations.get(TEMPLATES_ANNOTATION, "sidecar") != "gateway"
+    sidecar = tls_mode == "istio" if tls_mode is not None else injected
     return Workload(
         name=str(meta.get("name")),
         namespace=str(meta.get("namespace")),

@@ -1,6 +1,6 @@
 """A connected proxy's identity, read from its xDS node (id and metadata), Istio's way.
 
-Node id: `sidecar~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local`. Metadata keys
+Node id: `sidecar~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local` (`router~...` for a gateway). Metadata keys
 (as in Istio's bootstrap): NAMESPACE, SERVICE_ACCOUNT, NAME, LABELS, INSTANCE_IPS.
 """
 
@@ -30,6 +30,8 @@ def node_id(ip: str, name: str, namespace: str, domain_suffix: str = "cluster.lo
     return f"sidecar~{ip}~{name}.{namespace}~{namespace}.svc.{domain_suffix}"
 
 
+NODE_TYPES = ("sidecar", "router")
+"""Istio's node types Meshplane serves: a sidecar, and a gateway (injected with the gateway template)."""
 MAX_NODE_ID = 512
 """Istio's ids are well under this; a longer one is not a sidecar of ours."""
 
@@ -46,6 +48,9 @@ def from_node(node: base_pb2.Node) -> ProxyNode:
     except ValueError:  # NaN or infinity, which JSON cannot carry
         raise NodeError("metadata: holds a number that is not finite (NaN or infinity)") from None
     parts = node.id.split("~")
+    kind = parts[0] if len(parts) == 4 else "sidecar"
+    if kind not in NODE_TYPES:
+        raise NodeError(f"node id: type {kind[:32]!r} is not one of {', '.join(NODE_TYPES)}")
     ip_from_id = parts[1] if len(parts) == 4 else ""
     pod_from_id, _, ns_from_id = parts[2].partition(".") if len(parts) == 4 else ("", "", "")
     namespace = _text(meta, "NAMESPACE", ns_from_id)
@@ -72,6 +77,8 @@ def from_node(node: base_pb2.Node) -> ProxyNode:
             service_account=service_account,
             address=address,
             labels=labels(_labels(meta.get("LABELS"))),
+            # A gateway (`router`) terminates no mesh mTLS on its own ports: clients send it plaintext.
+            sidecar=kind == "sidecar",
         ),
     )
 

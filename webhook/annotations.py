@@ -58,6 +58,9 @@ class ProxyOptions:
     """How long the proxy drains before it is stopped (ProxyConfig terminationDrainDuration)."""
     capture: bool = True
     """`sidecar.istio.io/interceptionMode`: REDIRECT captures traffic (the init container); NONE does not."""
+    gateway: bool = False
+    """`inject.istio.io/templates: gateway`: the proxy is the pod's main container (no capture, no probe
+    rewriting, no tlsMode label), as Istio's gateway template."""
     status_port: int = DEFAULT_STATUS_PORT
     """`status.sidecar.istio.io/port`: where the app's rewritten probes, hooks and metrics are served
     (Istio's agent port); 0: none of them, and no readiness probe on the proxy."""
@@ -95,11 +98,11 @@ def proxy_options(annotations: Mapping[str, str], config: InjectionConfig) -> Pr
                 f"component:level pairs separated by commas, levels {' | '.join(LOG_LEVELS)}",
             )
     templates = [t.strip() for t in a.get("inject.istio.io/templates", "sidecar").split(",") if t.strip()]
-    if templates != ["sidecar"]:
+    if templates not in (["sidecar"], ["gateway"]):
         raise InvalidAnnotation(
             "inject.istio.io/templates",
             a["inject.istio.io/templates"],
-            "sidecar (Meshplane has no gateway or grpc-agent templates yet)",
+            "sidecar or gateway (Meshplane has no grpc-agent or grpc-simple template, and templates do not combine)",
         )
     mode = a.get("sidecar.istio.io/interceptionMode", "REDIRECT")
     if mode not in ("REDIRECT", "NONE"):
@@ -124,14 +127,15 @@ def proxy_options(annotations: Mapping[str, str], config: InjectionConfig) -> Pr
             hold = _bool(str(doc["holdApplicationUntilProxyStarts"]).lower(), "proxy.istio.io/config")
         if "terminationDrainDuration" in doc:
             drain = _drain_duration(doc["terminationDrainDuration"])
+    gateway = templates == ["gateway"]  # the proxy is the workload: nothing of a sidecar's applies
     return ProxyOptions(
         image=a.get("sidecar.istio.io/proxyImage", config.proxy_image),
         resources=resources,
         log_level=log_level,
         component_log_level=component,
-        native_sidecar=_flag(a, "sidecar.istio.io/nativeSidecar", config.native_sidecars),
-        hold_application=hold,
-        rewrite_probes=_flag(a, "sidecar.istio.io/rewriteAppHTTPProbers", config.rewrite_probes),
+        native_sidecar=_flag(a, "sidecar.istio.io/nativeSidecar", config.native_sidecars) and not gateway,
+        hold_application=hold and not gateway,
+        rewrite_probes=_flag(a, "sidecar.istio.io/rewriteAppHTTPProbers", config.rewrite_probes) and not gateway,
         include_inbound_ports=_ports(a, "traffic.sidecar.istio.io/includeInboundPorts", star=True, default="*") or "",
         exclude_inbound_ports=_ports(a, "traffic.sidecar.istio.io/excludeInboundPorts") or "",
         include_outbound_ranges=_cidrs(a, "traffic.sidecar.istio.io/includeOutboundIPRanges", default="*"),
@@ -139,7 +143,8 @@ def proxy_options(annotations: Mapping[str, str], config: InjectionConfig) -> Pr
         exclude_outbound_ports=_ports(a, "traffic.sidecar.istio.io/excludeOutboundPorts") or "",
         exclude_interfaces=_interfaces(a, "traffic.sidecar.istio.io/excludeInterfaces"),
         drain_seconds=drain,
-        capture=mode != "NONE",
+        capture=mode != "NONE" and not gateway,
+        gateway=gateway,
         status_port=_status_port(a),
     )
 

@@ -106,7 +106,8 @@ def render(pod: Mapping[str, Any], namespace: str, config: InjectionConfig, opti
         else:
             spec["containers"] = [*app_containers, proxy]
 
-    labels.setdefault(TLS_MODE_LABEL, "istio")  # a value the user set is kept, as Istio keeps it
+    if not options.gateway:  # a gateway takes no mesh mTLS on its own ports: clients must not send it
+        labels.setdefault(TLS_MODE_LABEL, "istio")  # a value the user set is kept, as Istio keeps it
     annotations = meta.setdefault("annotations", {})
     for key, value in (
         ("prometheus.io/scrape", "true"),
@@ -167,6 +168,7 @@ def _proxy_container(
         config.admin_socket,
         config.xds_ca,
         options.status_port,
+        "router" if options.gateway else "sidecar",
     )
     args = [
         "--config-yaml",
@@ -242,6 +244,7 @@ def _bootstrap_json(
     admin_socket: str,
     xds_ca: str,
     status: int,
+    kind: str,
 ) -> str:
     """The sidecar's bootstrap; memoized, since the pods of one workload share every input."""
     identity = WorkloadIdentity(
@@ -251,6 +254,7 @@ def _bootstrap_json(
         ip="$(INSTANCE_IP)",
         labels=dict(labels),
         domain_suffix=domain_suffix,
+        kind=kind,
     )
     ports = Ports(health=HEALTH_PORT, status=status, stats=STATS_PORT, admin_socket=admin_socket)
     credentials = XdsCredentials(f"{TOKEN_DIR}/{TOKEN_VOLUME}", ca_pem="" if _xds_is_unix(xds_address) else xds_ca)

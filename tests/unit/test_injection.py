@@ -446,8 +446,8 @@ def test_interception_mode_none_has_no_capture_and_tproxy_is_a_clear_deny() -> N
     assert error is not None and "TPROXY is not supported" in str(error)
 
 
-@pytest.mark.parametrize("templates", ["gateway", "grpc-agent", "sidecar,grpc-agent", "custom"])
-def test_templates_other_than_sidecar_are_a_clear_deny(templates: str) -> None:
+@pytest.mark.parametrize("templates", ["grpc-agent", "grpc-simple", "sidecar,grpc-agent", "sidecar,gateway", "custom"])
+def test_templates_meshplane_does_not_have_are_a_clear_deny(templates: str) -> None:
     pod = make(
         "g", {"containers": [{"name": "app", "image": "a"}]}, annotations={"inject.istio.io/templates": templates}
     )
@@ -951,3 +951,44 @@ def test_lifecycle_hooks_and_the_users_native_sidecars_are_rewritten_as_probes_a
     bootstrap = json.loads(proxy["args"][proxy["args"].index("--config-yaml") + 1])
     clusters = {c["name"] for c in bootstrap["staticResources"]["clusters"]}
     assert {"probe|app-lifecycle|web|poststartz", "probe|app-health|log-shipper|readyz"} <= clusters
+
+
+def test_the_gateway_template_makes_the_users_istio_proxy_container_the_gateway() -> None:
+    """As Istio's gateway chart deploys it: a container `istio-proxy` with `image: auto` and the gateway's ports."""
+    gateway = {
+        "name": "istio-proxy",
+        "image": "auto",
+        "ports": [{"containerPort": 8080, "name": "http"}, {"containerPort": 8443, "name": "https"}],
+        "resources": {"limits": {"cpu": "2", "memory": "1Gi"}, "requests": {"cpu": "100m", "memory": "128Mi"}},
+        "readinessProbe": {"httpGet": {"path": "/healthz/ready", "port": 15021}, "periodSeconds": 2},
+    }
+    pod = make(
+        "ingress-5d9f7c-abcde",
+        {"serviceAccountName": "ingress", "containers": [gateway]},
+        labels={"app": "ingress", "istio": "ingressgateway"},
+        annotations={
+            "inject.istio.io/templates": "gateway",
+            "sidecar.istio.io/nativeSidecar": "true",  # means nothing for a gateway, as in Istio
+            "proxy.istio.io/config": "holdApplicationUntilProxyStarts: true",
+        },
+    )
+    outcome = inject(pod, "ingress", InjectionConfig(xds_ca=MESH_ROOT))
+    assert outcome.error is None and outcome.decision.inject
+    out = outcome.pod
+    kubernetes_validate.validate(out, K8S, strict=True)
+    assert jsonpatch.apply_patch(pod, outcome.patch) == out
+    spec, meta = out["spec"], out["metadata"]
+    assert "initContainers" not in spec  # no capture
+    (proxy,) = spec["containers"]
+    assert proxy["name"] == "mesh-proxy" and proxy["image"] == InjectionConfig().proxy_image
+    assert {p["containerPort"] for p in proxy["ports"]} == {8080, 8443, 15090}
+    assert proxy["resources"] == gateway["resources"]
+    assert "lifecycle" not in proxy or "postStart" not in proxy["lifecycle"]
+    assert "restartPolicy" not in proxy
+    assert "security.istio.io/tlsMode" not in meta["labels"]  # clients must not send it mesh mTLS
+    bootstrap = json.loads(proxy["args"][proxy["args"].index("--config-yaml") + 1])
+    assert bootstrap["node"]["id"].startswith("router~$(INSTANCE_IP)~$(POD_NAME).ingress~")
+    status = json.loads(meta["annotations"]["sidecar.istio.io/status"])
+    assert (status["initContainers"], status["containers"]) == ([], ["mesh-proxy"])
+    again = inject(out, "ingress", InjectionConfig(xds_ca=MESH_ROOT))
+    assert not again.decision.inject and again.patch == []

@@ -96,3 +96,26 @@ def test_mtls_from_pod_then_namespace_annotations() -> None:
     modes = {w.name: w.mtls for w in v.workloads}  # type: ignore[attr-defined]
     assert modes == {"a": MtlsMode.STRICT, "b": MtlsMode.PERMISSIVE, "c": MtlsMode.PERMISSIVE}
     assert any("Pod demo/c" in line and "sometimes" in line for line in v.skipped)  # type: ignore[attr-defined]
+
+
+def test_a_gateway_pod_is_sent_plaintext_and_the_tls_mode_label_decides() -> None:
+    gateway = injected(pod("ingress-1", "demo", ip="10.1.0.8", labels={"app": "web"}))
+    gateway["metadata"]["annotations"]["inject.istio.io/templates"] = "gateway"
+    opted_out = injected(pod("web-2", "demo", ip="10.1.0.9", labels={"app": "web"}))
+    opted_out["metadata"]["labels"]["security.istio.io/tlsMode"] = "disabled"
+    labelled = pod("web-3", "demo", ip="10.1.0.10", labels={"app": "web", "security.istio.io/tlsMode": "istio"})
+    v = mapped(
+        namespace("demo"),
+        service("web", "demo", ports=[("http", 80)], selector={"app": "web"}),
+        gateway, opted_out, labelled,
+        endpoint_slice(
+            "web-a", "demo", "web", addresses=["10.1.0.8", "10.1.0.9", "10.1.0.10"],
+            target_pods=["ingress-1", "web-2", "web-3"],
+        ),
+    )  # fmt: skip
+    (s,) = v.services  # type: ignore[attr-defined]
+    assert {e.workload.name: e.workload.sidecar for e in s.endpoints} == {
+        "ingress-1": False,
+        "web-2": False,
+        "web-3": True,
+    }

@@ -46,3 +46,13 @@ def test_an_overlong_node_id_is_refused() -> None:
     n.id = "x" * 2000
     with pytest.raises(NodeError, match="node id"):
         from_node(n)
+
+
+def test_a_gateway_node_is_not_sent_mesh_mtls_and_unknown_node_types_are_refused() -> None:
+    n = node()
+    n.id = "router~10.0.0.1~ingress-1.default~default.svc.cluster.local"
+    assert not from_node(n).workload.sidecar
+    assert from_node(node()).workload.sidecar
+    n.id = "waypoint~10.0.0.1~w.default~default.svc.cluster.local"
+    with pytest.raises(NodeError, match="node id: type 'waypoint'"):
+        from_node(n)
