@@ -704,9 +704,11 @@ class MeshLab:
         xds: Sequence[ControlPlane] = (),
         token: str | None = None,
         xds_authority: str | None = None,
+        capture: bool = True,
     ) -> Pod:
         """A pod: namespace on the bridge, capture rules, the app, and (unless not `sidecar`) its
         sidecar, not yet waited for. Processes must be started from the main thread (see below).
+        Without `capture`, a plain pod outside the mesh: no capture rules and no sidecar.
 
         By default the sidecar dials `lab.plane` on its unix socket with a `meshctl token`. With
         `xds`, it dials those replicas over TLS instead (one `--xds-address` each, in that order,
@@ -727,9 +729,13 @@ class MeshLab:
         sh("ip", "addr", "add", f"{ip}/24", "dev", pod_dev, ns=ns)
         sh("ip", "link", "set", pod_dev, "up", ns=ns)
         sh("ip", "route", "add", "default", "via", GATEWAY, ns=ns)
+        self.pods[name] = pod
+        if not capture:
+            if app_port is not None:
+                self.start_app(pod)
+            return pod
         sh(*MESHCTL, "iptables", ns=ns)  # the init container's step
         self._write_bootstrap(pod, keepalive_ms, xds, token, xds_authority)
-        self.pods[name] = pod
         if sidecar:
             self.start_sidecar(pod)
         return pod
@@ -777,12 +783,16 @@ class MeshLab:
             }
         config.write_text(json.dumps(doc, indent=2))
 
-    def start_sidecar(self, pod: Pod) -> None:
-        """Start the pod's app (if it has one and it is not running) and its Envoy."""
+    def start_app(self, pod: Pod) -> None:
+        """Start the pod's app if it has one and it is not running."""
         if pod.app_port is not None and (pod.app is None or pod.app.poll() is not None):
             pod.app = self.spawn(
                 pod.ns, SYSTEM_PYTHON, "-c", APP, pod.name, str(pod.app_port), uid=APP_UID, log=pod.dir / "app.log"
             )
+
+    def start_sidecar(self, pod: Pod) -> None:
+        """Start the pod's app (if it has one and it is not running) and its Envoy."""
+        self.start_app(pod)
         pod.admin.path.unlink(missing_ok=True)
         pod.envoy = self.spawn(
             pod.ns,
