@@ -45,7 +45,10 @@ class ConfigCache:
     """Per model: `MeshConfig`; per view: a snapshot of packed resources; per message: one packing."""
 
     def __init__(
-        self, model: MeshModel, ca: CertificateSource, config: Callable[[MeshModel], MeshConfig] = MeshConfig
+        self,
+        model: MeshModel,
+        ca: CertificateSource,
+        config: Callable[[MeshModel, MeshConfig | None], MeshConfig] = MeshConfig,
     ) -> None:
         self._config_factory = config
         self._ca = ca
@@ -59,9 +62,13 @@ class ConfigCache:
 
     def update(self, model: MeshModel) -> None:
         self._model = model
-        self._config = self._config_factory(model)
+        # The new config reuses the messages of the last one whose inputs did not change, and their
+        # packings are carried over with them: one generation back, so nothing older is kept alive.
+        previous = getattr(self, "_config", None)
+        self._config = self._config_factory(model, previous)
         self._views: dict[ProxyView, dict[str, Resources]] = {}
         self._view_of: dict[Workload, ProxyView] = {}
+        self._packed_before: dict[int, tuple[message.Message, Resource]] = getattr(self, "_packed", {})
         self._packed: dict[int, tuple[message.Message, Resource]] = {}
 
     def view(self, workload: Workload) -> ProxyView:
@@ -83,8 +90,8 @@ class ConfigCache:
         snap = self._views.get(view)
         if snap is None:
             generated = self._config.resources(view)
+            check_consistent(generated)
             snap = {t: {r.name: r for r in map(self._pack_once, msgs)} for t, msgs in generated.items()}
-            check_consistent(snap)
             self._views[view] = snap
         return snap.get(type_url, {})
 
@@ -95,7 +102,9 @@ class ConfigCache:
         # Views share message objects for shared config: pack and hash each object once.
         hit = self._packed.get(id(msg))
         if hit is None or hit[0] is not msg:
-            hit = (msg, resource(msg))
+            hit = self._packed_before.get(id(msg))
+            if hit is None or hit[0] is not msg:
+                hit = (msg, resource(msg))
             self._packed[id(msg)] = hit
         return hit[1]
 
@@ -118,24 +127,25 @@ class ConfigCache:
         return {SECRET_DEFAULT: cached[1], SECRET_ROOTCA: self._root[1]}
 
 
-def check_consistent(snap: dict[str, Resources]) -> None:
-    """Every EDS name a cluster uses and every RDS name a listener uses is in the snapshot."""
-    for res in snap.get(CLUSTER, {}).values():
-        cluster = cluster_pb2.Cluster()
-        res.packed.Unpack(cluster)
-        if cluster.type == cluster_pb2.Cluster.EDS:
+def check_consistent(generated: dict[str, list[message.Message]]) -> None:
+    """Every EDS name a cluster uses and every RDS name a listener uses is generated too. Reads the
+    messages, not their packings: unpacking thousands of clusters per view cost more than building."""
+    endpoint_names = {getattr(m, "cluster_name", "") for m in generated.get(ENDPOINT, [])}
+    route_names = {getattr(m, "name", "") for m in generated.get(ROUTE, [])}
+    for cluster in generated.get(CLUSTER, []):
+        if isinstance(cluster, cluster_pb2.Cluster) and cluster.type == cluster_pb2.Cluster.EDS:
             name = cluster.eds_cluster_config.service_name or cluster.name
-            if name not in snap.get(ENDPOINT, {}):
+            if name not in endpoint_names:
                 raise InconsistentSnapshot(f"cluster {cluster.name} uses endpoints {name!r} that are not generated")
-    for res in snap.get(LISTENER, {}).values():
-        listener = listener_pb2.Listener()
-        res.packed.Unpack(listener)
+    for listener in generated.get(LISTENER, []):
+        if not isinstance(listener, listener_pb2.Listener):
+            continue
         for chain in listener.filter_chains:
             for f in chain.filters:
                 if f.typed_config.Is(hcm.HttpConnectionManager.DESCRIPTOR):
                     manager = hcm.HttpConnectionManager()
                     f.typed_config.Unpack(manager)
-                    if manager.HasField("rds") and manager.rds.route_config_name not in snap.get(ROUTE, {}):
+                    if manager.HasField("rds") and manager.rds.route_config_name not in route_names:
                         raise InconsistentSnapshot(
                             f"listener {listener.name} uses routes {manager.rds.route_config_name!r} "
                             "that are not generated"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 
 class Protocol(enum.StrEnum):
@@ -51,6 +51,19 @@ def labels(mapping: Mapping[str, str] | None) -> Labels:
     return tuple(sorted((mapping or {}).items()))
 
 
+_COMPARED: dict[type, tuple[str, ...]] = {}
+
+
+def _hash_fields(obj: object) -> int:
+    """The hash a frozen dataclass would compute, computed once at construction: services and their
+    endpoints key the generated-config memo, and hashing them deeply at every lookup was most of
+    the cost of a rebuild."""
+    names = _COMPARED.get(type(obj))
+    if names is None:
+        names = _COMPARED[type(obj)] = tuple(f.name for f in fields(obj) if f.compare)  # type: ignore[arg-type]
+    return hash(tuple(getattr(obj, n) for n in names))
+
+
 @dataclass(frozen=True, slots=True)
 class Port:
     port: int
@@ -71,6 +84,13 @@ class Endpoint:
 
     workload: Workload
     ports: tuple[tuple[str, int], ...] = ()
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", _hash_fields(self))
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +104,13 @@ class Service:
     """Given explicitly (Kubernetes: from EndpointSlices); None: the workloads `selector` picks."""
     external_name: str = ""
     """A DNS name the service stands for (Kubernetes `type: ExternalName`): no endpoints of its own."""
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", _hash_fields(self))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def hostname(self, domain_suffix: str) -> str:
         return f"{self.name}.{self.namespace}.svc.{domain_suffix}"
@@ -109,6 +136,13 @@ class Workload:
     draining: bool = False
     """Its proxy disconnected and may be gone: still an endpoint (it may be reconnecting), but clients
     send it nothing new while another endpoint is healthy."""
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", _hash_fields(self))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def spiffe_id(self, trust_domain: str) -> str:
         return spiffe_id(trust_domain, self.namespace, self.service_account)
@@ -130,6 +164,9 @@ class MeshModel:
         default_factory=dict, init=False, repr=False, compare=False, hash=False
     )
     _by_name: dict[tuple[str, str], Workload] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
+    _by_label: dict[tuple[str, str, str], list[Workload]] = field(
         default_factory=dict, init=False, repr=False, compare=False, hash=False
     )
 
@@ -169,10 +206,22 @@ class MeshModel:
             if service.endpoints is not None:
                 chosen = list(service.endpoints)
             else:
-                chosen = [Endpoint(w) for w in self.workloads if service.selects(w)]
+                chosen = [Endpoint(w) for w in self._candidates(service) if service.selects(w)]
             found = tuple(sorted(chosen, key=lambda e: (e.workload.address, e.workload.name)))
             self._endpoints[key] = found
         return found
+
+    def _candidates(self, service: Service) -> list[Workload]:
+        """The workloads of the service's namespace carrying its selector's first label: the only ones
+        it can select. An index built once per model, so that selecting is not services x workloads."""
+        if not service.selector:
+            return []
+        if not self._by_label and self.workloads:
+            for w in self.workloads:
+                for key, value in w.labels:
+                    self._by_label.setdefault((w.namespace, key, value), []).append(w)
+        key, value = service.selector[0]
+        return self._by_label.get((service.namespace, key, value), [])
 
     def endpoints(self, service: Service) -> tuple[Workload, ...]:
         return tuple(e.workload for e in self.service_endpoints(service))

@@ -222,41 +222,54 @@ class MeshFileWatcher:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            self.check()
+            # Reading and parsing a large file takes long (0.6 s at 1,000 services): off the event
+            # loop, so streams keep being served meanwhile. Only this task polls: one at a time.
+            self._applied(await asyncio.to_thread(self._load_changed))
 
     def check(self) -> bool:
         """Reload if the file changed and has settled; True when a new model was applied."""
+        return self._applied(self._load_changed())
+
+    def _applied(self, outcome: MeshModel | MeshFileError | None) -> bool:
+        if isinstance(outcome, MeshFileError):
+            log.error("mesh file rejected, still serving the last good one: %s", outcome)
+            self._on_error(outcome)
+            return False
+        if outcome is None:
+            return False
+        log.info(
+            "mesh file %s reloaded: %d services, %d static workloads",
+            self.path,
+            len(outcome.services),
+            len(outcome.workloads),
+        )
+        self._apply(outcome)
+        return True
+
+    def _load_changed(self) -> MeshModel | MeshFileError | None:
+        """The new model if the file changed and has settled, its error if it is broken, else None."""
         stamp = self._stat()
         if stamp == self._stamp:
             self._pending = None
-            return False
+            return None
         now = self._clock()
         if self._pending is None or self._pending[0] != stamp:
             self._pending = (stamp, now)
         # Settled: unchanged across polls for `settle`, or last written at least that long ago.
         quiet_since = self._pending[1] if stamp is None else min(self._pending[1], stamp[0] / 1e9)
         if now - quiet_since < self.settle:
-            return False
+            return None
         self._stamp, self._pending = stamp, None
         try:
             text = self._read()
             digest = hashlib.sha256(text.encode()).digest()
             if digest == self._digest:
-                return False
+                return None
             model = meshfile.parse(text, str(self.path))
         except MeshFileError as e:
-            log.error("mesh file rejected, still serving the last good one: %s", e)
-            self._on_error(e)
-            return False
+            return e
         self._digest = digest
-        log.info(
-            "mesh file %s reloaded: %d services, %d static workloads",
-            self.path,
-            len(model.services),
-            len(model.workloads),
-        )
-        self._apply(model)
-        return True
+        return model
 
     def _stat(self) -> _Stamp | None:
         try:

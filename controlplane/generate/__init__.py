@@ -10,11 +10,12 @@ proxies with the same view get the very same message objects.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from google.protobuf import message
 
-from ..model import MeshModel, MtlsMode, Protocol, Workload
+from ..model import MeshModel, MtlsMode, Protocol, Service, Workload
 from ..resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from . import clusters, endpoints, listeners, routes
 from .common import SECRET_DEFAULT, SECRET_ROOTCA
@@ -47,29 +48,95 @@ def view_of(model: MeshModel, workload: Workload) -> ProxyView:
 
 
 class MeshConfig:
-    """Lazily generated config for one model. Not thread-safe; use from the event loop."""
+    """Lazily generated config for one model. Not thread-safe; use from the event loop.
 
-    def __init__(self, model: MeshModel) -> None:
+    With `previous` (the config of the model before), a resource whose inputs did not change is
+    that config's very message, not built again: a change costs work in proportion to what it
+    touched (one moved endpoint: one cluster and one assignment), and the cache above packs each
+    message object once. Only one generation is kept: what this model does not use is let go."""
+
+    def __init__(self, model: MeshModel, previous: MeshConfig | None = None) -> None:
         self.model = model
         self._routes: dict[str, list[message.Message]] = {}
         self._inbound_clusters: dict[int, message.Message] = {}
         self._inbound_listeners: dict[tuple[InboundPorts, MtlsMode], message.Message] = {}
+        self._built: dict[tuple[object, ...], message.Message] = {}
+        self._before = previous._built if previous is not None else {}
+        # Everything a shared resource depends on beyond its own service (see `_settings`).
+        self._settings = (model.trust_domain, model.domain_suffix, model.mtls, model.outbound_policy)
+
+    def _reuse(self, key: tuple[object, ...], build: Callable[[], message.Message]) -> message.Message:
+        """The message for `key`: this config's, else the previous config's, else `build()`.
+        `key` must hold every input `build` reads from the model."""
+        found = self._built.get(key)
+        if found is None:
+            found = self._before.get(key)
+            if found is None:
+                found = build()
+            self._built[key] = found
+        return found
+
+    @staticmethod
+    def _shape(service: Service) -> tuple[object, ...]:
+        """What listeners, routes and clusters read of a service itself (not its selector or endpoints)."""
+        return (service.name, service.namespace, service.ports, service.addresses, service.external_name)
+
+    def _identities(self, service: Service) -> tuple[object, ...]:
+        """What a cluster reads of the endpoints: who they are and whether they take mTLS, not where."""
+        return tuple(
+            sorted(
+                {(w.namespace, w.service_account, w.sidecar, w.mtls) for w in self.model.endpoints(service)}, key=str
+            )
+        )
 
     @functools.cached_property
     def outbound_clusters(self) -> list[message.Message]:
         m = self.model
-        out: list[message.Message] = [clusters.outbound(m, s, p) for s in m.services for p in s.ports]
+        out: list[message.Message] = []
+        for s in m.services:
+            inputs = (self._shape(s), self._identities(s), self._settings)
+            out += [self._reuse(("cds", p, *inputs), functools.partial(clusters.outbound, m, s, p)) for p in s.ports]
         return [*out, clusters.passthrough(), clusters.inbound_passthrough(), clusters.blackhole()]
 
     @functools.cached_property
     def assignments(self) -> list[message.Message]:
         m = self.model
-        return [endpoints.assignment(m, s, p) for s in m.services if not s.external_name for p in s.ports]
+        return [
+            self._reuse(
+                ("eds", p, s.name, s.namespace, m.service_endpoints(s), self._settings),
+                functools.partial(endpoints.assignment, m, s, p),
+            )
+            for s in m.services
+            if not s.external_name
+            for p in s.ports
+        ]
 
     @functools.cached_property
     def outbound_listeners(self) -> list[message.Message]:
         m = self.model
-        return [listeners.virtual_outbound(m), *(listeners.outbound_port(m, p) for p in listeners.outbound_ports(m))]
+
+        def inputs(s: Service) -> tuple[object, ...]:
+            # A headless service is matched on its endpoints' addresses: they are inputs too.
+            return self._shape(s) if s.addresses else (self._shape(s), tuple(w.address for w in m.endpoints(s)))
+
+        return [
+            listeners.virtual_outbound(m),
+            *(
+                self._reuse(
+                    ("lds", port, self._settings, *map(inputs, self._services_by_port[port])),
+                    functools.partial(listeners.outbound_port, m, port),
+                )
+                for port in listeners.outbound_ports(m)
+            ),
+        ]
+
+    @functools.cached_property
+    def _services_by_port(self) -> dict[int, tuple[Service, ...]]:
+        found: dict[int, list[Service]] = {}
+        for s in self.model.services:
+            for port in dict.fromkeys(p.port for p in s.ports):
+                found.setdefault(port, []).append(s)
+        return {port: tuple(services) for port, services in found.items()}
 
     # Memoized per instance, not with functools.cache: that cache lives on the class and would keep
     # every model's config alive (it held hundreds of MB after a few hundred pod changes).
@@ -77,7 +144,14 @@ class MeshConfig:
         found = self._routes.get(namespace)
         if found is None:
             m = self.model
-            found = self._routes[namespace] = [routes.route_config(m, port, namespace) for port in routes.http_ports(m)]
+            by_port = self._services_by_port
+            found = self._routes[namespace] = [
+                self._reuse(
+                    ("rds", port, namespace, self._settings, *map(self._shape, by_port[port])),
+                    functools.partial(routes.route_config, m, port, namespace),
+                )
+                for port in routes.http_ports(m)
+            ]
         return found
 
     def inbound_cluster(self, port: int) -> message.Message:

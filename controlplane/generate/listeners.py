@@ -63,7 +63,11 @@ def outbound_ports(model: MeshModel) -> list[int]:
 
 
 def outbound_port(model: MeshModel, port: int) -> listener_pb2.Listener:
-    """`0.0.0.0_<port>`: TCP services matched by destination address, HTTP routed by Host via RDS."""
+    """`0.0.0.0_<port>`: TCP services matched by destination address, HTTP routed by Host via RDS.
+
+    A TCP service is matched on its service addresses; only a headless one (no address) on its
+    endpoints' addresses, as Istio does: so an endpoint change touches no listener but a headless
+    service's."""
     chains: list[lc.FilterChain] = []
     claimed: set[str] = set()
     has_http = False
@@ -74,7 +78,7 @@ def outbound_port(model: MeshModel, port: int) -> listener_pb2.Listener:
             if p.protocol.is_http:
                 has_http = True
                 continue
-            ips = [*service.addresses, *(w.address for w in model.endpoints(service))]
+            ips = list(service.addresses) or [w.address for w in model.endpoints(service)]
             prefixes = [ip for ip in dict.fromkeys(ips) if ip not in claimed]
             claimed.update(prefixes)
             if prefixes:

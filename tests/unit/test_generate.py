@@ -4,7 +4,7 @@ import pytest
 from google.protobuf import json_format, message
 
 from meshplane.controlplane import meshfile
-from meshplane.controlplane.cache import check_consistent, resource
+from meshplane.controlplane.cache import check_consistent
 from meshplane.controlplane.generate import MeshConfig, ProxyView, view_of
 from meshplane.controlplane.model import MtlsMode, Protocol
 from meshplane.controlplane.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
@@ -135,7 +135,7 @@ def test_tcp_ports_match_by_destination_address(config: MeshConfig) -> None:
     assert listener["bindToPort"] is False
     chain, default = listener["filterChains"]
     prefixes = [r["addressPrefix"] for r in chain["filterChainMatch"]["prefixRanges"]]
-    assert prefixes == ["10.96.0.11", "10.0.0.9"]
+    assert prefixes == ["10.96.0.11"]  # the service address only: endpoints change no listener
     assert chain["filters"][0]["typedConfig"]["cluster"] == "outbound|5432||db.bookinfo.svc.cluster.local"
     assert default["filters"][0]["typedConfig"]["cluster"] == "PassthroughCluster"
     http = as_dicts(config.outbound_listeners)["0.0.0.0_9080"]["filterChains"][-1]["filters"][0]["typedConfig"]
@@ -175,7 +175,7 @@ def test_snapshot_is_consistent_and_shared_across_views(config: MeshConfig) -> N
     a = config.resources(reviews_view(config))
     b = config.resources(view_of(config.model, config.model.workloads[2]))
     for res in (a, b):
-        check_consistent({t: {r.name: r for r in map(resource, msgs)} for t, msgs in res.items()})
+        check_consistent(res)
     # Shared config is the very same objects, so it is serialized once.
     assert a[ENDPOINT] is b[ENDPOINT]
     assert a[CLUSTER][0] is b[CLUSTER][0]
@@ -208,13 +208,22 @@ services:
     ports: [{port: 5432, name: tcp-pg}]
     selector: {app: db}
     addresses: ["fd00:10:96::11", 10.96.0.11]
+  - name: db-pods
+    namespace: ns
+    ports: [{port: 5433, name: tcp-pg, targetPort: 5432}]
+    selector: {app: db}
 workloads:
   - {name: db-1, namespace: ns, serviceAccount: db, labels: {app: db}, address: "FD00:250:0::9"}
 """
     config = MeshConfig(meshfile.parse(mesh))
-    chain = as_dicts(config.outbound_listeners)["0.0.0.0_5432"]["filterChains"][0]
-    ranges = [(r["addressPrefix"], r["prefixLen"]) for r in chain["filterChainMatch"]["prefixRanges"]]
-    assert ranges == [("fd00:10:96::11", 128), ("10.96.0.11", 32), ("fd00:250::9", 128)]
+    listeners = as_dicts(config.outbound_listeners)
+
+    def ranges(port: int) -> list[tuple[str, int]]:
+        chain = listeners[f"0.0.0.0_{port}"]["filterChains"][0]
+        return [(r["addressPrefix"], r["prefixLen"]) for r in chain["filterChainMatch"]["prefixRanges"]]
+
+    assert ranges(5432) == [("fd00:10:96::11", 128), ("10.96.0.11", 32)]
+    assert ranges(5433) == [("fd00:250::9", 128)]  # headless: matched by its endpoints' addresses
     cla = as_dicts(config.assignments)["outbound|5432||db.ns.svc.cluster.local"]
     address = cla["endpoints"][0]["lbEndpoints"][0]["endpoint"]["address"]["socketAddress"]
     assert address == {"address": "fd00:250::9", "portValue": 5432}
@@ -245,3 +254,24 @@ def test_draining_and_sidecarless_endpoints() -> None:
     tls = cluster["transportSocketMatches"][0]["transportSocket"]["typedConfig"]["commonTlsContext"]
     sans = tls["combinedValidationContext"]["defaultValidationContext"]["matchTypedSubjectAltNames"]
     assert [s["matcher"]["exact"] for s in sans] == ["spiffe://example.org/ns/bookinfo/sa/reviews"]
+
+
+def test_a_rebuild_reuses_every_message_whose_inputs_did_not_change(config: MeshConfig) -> None:
+    """A moved db endpoint: only db's assignment is new; every other message is the previous one."""
+    before = config.resources(reviews_view(config))
+    moved = meshfile.parse(MESH.replace("address: 10.0.0.9}", "address: 10.0.0.19}"))
+    after = MeshConfig(moved, config).resources(view_of(moved, moved.workloads[0]))
+    new = {t: [m for m in after[t] if not any(m is old for old in before[t])] for t in after}
+    assert [m.cluster_name for m in new[ENDPOINT]] == ["outbound|5432||db.bookinfo.svc.cluster.local"]
+    assert [c.name for c in new[CLUSTER] if c.name.startswith("outbound|")] == [] and new[ROUTE] == []
+    assert [m.name for m in new[LISTENER]] == ["virtualOutbound", "virtualInbound"]  # few, built per config
+    # and what was reused is what a fresh build makes
+    fresh = MeshConfig(moved).resources(view_of(moved, moved.workloads[0]))
+    for t in after:
+        assert [m.SerializeToString() for m in after[t]] == [m.SerializeToString() for m in fresh[t]]
+    # a new service account behind db changes the SANs its clients accept: its cluster is rebuilt
+    renamed = meshfile.parse(MESH.replace("serviceAccount: db,", "serviceAccount: db2,"))
+    rebuilt = MeshConfig(renamed, config).outbound_clusters
+    assert [c.name for c in rebuilt if c.name.startswith("outbound|") and not any(c is o for o in before[CLUSTER])] == [
+        "outbound|5432||db.bookinfo.svc.cluster.local"
+    ]
