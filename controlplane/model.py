@@ -70,6 +70,13 @@ class Port:
     name: str
     protocol: Protocol = Protocol.TCP
     target_port: int | None = None
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", _hash_fields(self))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def workload_port(self) -> int:
@@ -120,6 +127,11 @@ class Service:
             return False
         have = dict(workload.labels)
         return all(have.get(k) == v for k, v in self.selector)
+
+
+def by_name(service: Service) -> tuple[str, str]:
+    """The order generated config lists services in: by namespace, then name."""
+    return (service.namespace, service.name)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from google.protobuf import message
 
-from ..model import MeshModel, MtlsMode, Protocol, Service, Workload
+from ..model import MeshModel, MtlsMode, Protocol, Service, Workload, by_name
 from ..resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from . import clusters, endpoints, listeners, routes
 from .common import SECRET_DEFAULT, SECRET_ROOTCA
@@ -124,7 +124,7 @@ class MeshConfig:
             *(
                 self._reuse(
                     ("lds", port, self._settings, *map(inputs, self._services_by_port[port])),
-                    functools.partial(listeners.outbound_port, m, port),
+                    functools.partial(listeners.outbound_port, m, port, self._services_by_port[port]),
                 )
                 for port in listeners.outbound_ports(m)
             ),
@@ -132,8 +132,9 @@ class MeshConfig:
 
     @functools.cached_property
     def _services_by_port(self) -> dict[int, tuple[Service, ...]]:
+        """The services on each port, by namespace and name (the order listeners and routes list them)."""
         found: dict[int, list[Service]] = {}
-        for s in self.model.services:
+        for s in sorted(self.model.services, key=by_name):
             for port in dict.fromkeys(p.port for p in s.ports):
                 found.setdefault(port, []).append(s)
         return {port: tuple(services) for port, services in found.items()}
@@ -148,7 +149,7 @@ class MeshConfig:
             found = self._routes[namespace] = [
                 self._reuse(
                     ("rds", port, namespace, self._settings, *map(self._shape, by_port[port])),
-                    functools.partial(routes.route_config, m, port, namespace),
+                    functools.partial(routes.route_config, m, port, namespace, by_port[port]),
                 )
                 for port in routes.http_ports(m)
             ]

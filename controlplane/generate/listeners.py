@@ -5,7 +5,9 @@ Every listener takes IPv4 and IPv6 (0.0.0.0 and [::]): the capture rules redirec
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+from collections.abc import Sequence
 
 from envoy.config.core.v3 import address_pb2, base_pb2
 from envoy.config.listener.v3 import listener_components_pb2 as lc
@@ -23,7 +25,7 @@ from google.protobuf import wrappers_pb2
 
 from meshplane.bootstrap.protobuf import pack, socket_address
 
-from ..model import MeshModel, MtlsMode, OutboundPolicy, Protocol
+from ..model import MeshModel, MtlsMode, OutboundPolicy, Protocol, Service, by_name
 from .common import (
     ANY,
     ANY6,
@@ -62,16 +64,16 @@ def outbound_ports(model: MeshModel) -> list[int]:
     return sorted({p.port for s in model.services for p in s.ports})
 
 
-def outbound_port(model: MeshModel, port: int) -> listener_pb2.Listener:
+def outbound_port(model: MeshModel, port: int, services: Sequence[Service] | None = None) -> listener_pb2.Listener:
     """`0.0.0.0_<port>`: TCP services matched by destination address, HTTP routed by Host via RDS.
 
     A TCP service is matched on its service addresses; only a headless one (no address) on its
     endpoints' addresses, as Istio does: so an endpoint change touches no listener but a headless
-    service's."""
+    service's. `services`: those with `port`, by namespace and name, when the caller has them."""
     chains: list[lc.FilterChain] = []
     claimed: set[str] = set()
     has_http = False
-    for service in sorted(model.services, key=lambda s: (s.namespace, s.name)):
+    for service in services if services is not None else sorted(model.services, key=by_name):
         for p in service.ports:
             if p.port != port:
                 continue
@@ -229,7 +231,9 @@ def _unknown_destination(model: MeshModel) -> str:
     return PASSTHROUGH if model.outbound_policy is OutboundPolicy.ALLOW_ANY else BLACKHOLE
 
 
+@functools.lru_cache(maxsize=16384)
 def _cidr(ip: str) -> address_pb2.CidrRange:
+    """Never modified: a repeated field copies what it is given."""
     addr = ipaddress.ip_address(ip)
     return address_pb2.CidrRange(
         address_prefix=str(addr), prefix_len=wrappers_pb2.UInt32Value(value=addr.max_prefixlen)

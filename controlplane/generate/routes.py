@@ -6,13 +6,15 @@ resolve within the caller's own namespace only, as Kubernetes DNS does.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 
 from meshplane.bootstrap.protobuf import pack
 
-from ..model import MeshModel, OutboundPolicy, Port, Service
+from ..model import MeshModel, OutboundPolicy, Port, Service, by_name
 from .common import PASSTHROUGH, outbound_cluster_name
 
 RETRY_ON = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
@@ -22,11 +24,16 @@ def http_ports(model: MeshModel) -> list[int]:
     return sorted({p.port for s in model.services for p in s.ports if p.protocol.is_http})
 
 
-def route_config(model: MeshModel, port: int, namespace: str) -> route_pb2.RouteConfiguration:
+def route_config(
+    model: MeshModel, port: int, namespace: str, services: Sequence[Service] | None = None
+) -> route_pb2.RouteConfiguration:
+    """`services`: those with `port`, by namespace and name, when the caller has them."""
     claimed: set[str] = set()
     hosts = []
+    ordered = services if services is not None else sorted(model.services, key=by_name)
     # Services of the caller's namespace first, so their short names win.
-    for service in sorted(model.services, key=lambda s: (s.namespace != namespace, s.namespace, s.name)):
+    mine = [s for s in ordered if s.namespace == namespace]
+    for service in [*mine, *(s for s in ordered if s.namespace != namespace)]:
         for p in service.ports:
             if p.port == port and p.protocol.is_http:
                 domains = [d for d in domains_of(model, service, p, namespace) if d not in claimed]
