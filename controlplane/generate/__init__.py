@@ -16,7 +16,7 @@ from google.protobuf import message
 
 from ..model import MeshModel, MtlsMode, Protocol, Workload
 from ..resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
-from . import clusters, endpoints, listeners, routes
+from . import clusters, dns, endpoints, listeners, routes
 from .common import SECRET_DEFAULT, SECRET_ROOTCA
 
 __all__ = ["SECRET_DEFAULT", "SECRET_ROOTCA", "MeshConfig", "ProxyView", "view_of"]
@@ -32,9 +32,11 @@ class ProxyView:
     service_account: str
     inbound: InboundPorts = ()
     mtls: MtlsMode = MtlsMode.STRICT
+    dns_capture: bool = False
+    """The proxy asked for a DNS listener (its pod's DNS is captured): node metadata DNS_CAPTURE."""
 
 
-def view_of(model: MeshModel, workload: Workload) -> ProxyView:
+def view_of(model: MeshModel, workload: Workload, *, dns_capture: bool = False) -> ProxyView:
     ports: dict[int, Protocol] = {}
     for service in model.services_of(workload):
         for p in service.ports:
@@ -42,7 +44,11 @@ def view_of(model: MeshModel, workload: Workload) -> ProxyView:
             seen = ports.get(p.workload_port)
             ports[p.workload_port] = p.protocol if seen in (None, p.protocol) else Protocol.TCP
     return ProxyView(
-        workload.namespace, workload.service_account, tuple(sorted(ports.items())), model.mtls_of(workload)
+        workload.namespace,
+        workload.service_account,
+        tuple(sorted(ports.items())),
+        model.mtls_of(workload),
+        dns_capture,
     )
 
 
@@ -54,6 +60,7 @@ class MeshConfig:
         self._routes: dict[str, list[message.Message]] = {}
         self._inbound_clusters: dict[int, message.Message] = {}
         self._inbound_listeners: dict[tuple[InboundPorts, MtlsMode], message.Message] = {}
+        self._dns_listeners: dict[str, message.Message] = {}
 
     @functools.cached_property
     def outbound_clusters(self) -> list[message.Message]:
@@ -92,11 +99,21 @@ class MeshConfig:
             found = self._inbound_listeners[(ports, mtls)] = listeners.virtual_inbound(self.model, ports, mtls)
         return found
 
+    def dns_listener(self, namespace: str) -> message.Message:
+        found = self._dns_listeners.get(namespace)
+        if found is None:
+            found = self._dns_listeners[namespace] = dns.dns_listener(self.model, namespace)
+        return found
+
     def resources(self, view: ProxyView) -> dict[str, list[message.Message]]:
         """CDS, EDS, LDS and RDS resources for a proxy with `view` (SDS comes from the CA)."""
         return {
             CLUSTER: [*self.outbound_clusters, *(self.inbound_cluster(p) for p, _ in view.inbound)],
             ENDPOINT: self.assignments,
-            LISTENER: [*self.outbound_listeners, self.inbound_listener(view.inbound, view.mtls)],
+            LISTENER: [
+                *self.outbound_listeners,
+                self.inbound_listener(view.inbound, view.mtls),
+                *([self.dns_listener(view.namespace)] if view.dns_capture else []),
+            ],
             ROUTE: self.routes(view.namespace),
         }
