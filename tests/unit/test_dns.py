@@ -1,0 +1,87 @@
+"""The sidecar's DNS listener: which names it answers with which addresses, and for which proxies."""
+
+import dataclasses
+from typing import Any
+
+from google.protobuf import json_format
+
+from meshplane.controlplane import meshfile
+from meshplane.controlplane.generate import MeshConfig, view_of
+from meshplane.controlplane.generate.dns import DNS_LISTENER, names
+from meshplane.controlplane.model import MeshModel, Port, Service
+from meshplane.controlplane.proxy import from_node
+from meshplane.controlplane.resources import LISTENER
+from tests.unit.test_proxy import node
+
+MESH = """
+services:
+  - name: reviews
+    namespace: bookinfo
+    ports: [{port: 9080, name: http}]
+    addresses: [10.96.0.10, "fd00:96::10"]
+  - name: db
+    namespace: data
+    ports: [{port: 5432, name: tcp-pg}]
+    selector: {app: db}
+workloads:
+  - {name: db-1, namespace: data, serviceAccount: db, labels: {app: db}, address: 10.0.0.9}
+  - {name: db-2, namespace: data, serviceAccount: db, labels: {app: db}, address: "fd00::9"}
+  - {name: web-1, namespace: bookinfo, serviceAccount: web, address: 10.0.0.5}
+"""
+
+
+def model() -> MeshModel:
+    parsed = meshfile.parse(MESH)
+    search = Service("search", "data", (Port(443, "tls"),), external_name="search.example.com")
+    return dataclasses.replace(parsed, services=(*parsed.services, search))
+
+
+def test_names_as_a_pod_of_its_namespace_asks_them() -> None:
+    mesh = model()
+    reviews, db = ("10.96.0.10", "fd00:96::10"), ("10.0.0.9", "fd00::9")
+    assert names(mesh, "bookinfo") == {
+        "db.data": db,  # headless (no address): its endpoints
+        "db.data.svc": db,
+        "db.data.svc.cluster.local": db,
+        "reviews": reviews,  # the bare name only in the service's own namespace
+        "reviews.bookinfo": reviews,
+        "reviews.bookinfo.svc": reviews,
+        "reviews.bookinfo.svc.cluster.local": reviews,
+    }  # and no ExternalName service: the upstream resolvers answer for it
+    assert "db" in names(mesh, "data") and "reviews" not in names(mesh, "data")
+
+
+def listeners(config: MeshConfig, **view: Any) -> dict[str, dict[str, Any]]:
+    resources = config.resources(view_of(config.model, config.model.workloads[2], **view))
+    return {m.name: json_format.MessageToDict(m) for m in resources[LISTENER]}
+
+
+def test_only_a_proxy_that_asks_gets_the_dns_listener() -> None:
+    config = MeshConfig(model())
+    assert DNS_LISTENER not in listeners(config)
+    dns = listeners(config, dns_capture=True)[DNS_LISTENER]
+    assert dns["address"]["socketAddress"] == {"address": "0.0.0.0", "portValue": 15053, "protocol": "UDP"}
+    assert dns["additionalAddresses"][0]["address"]["socketAddress"]["address"] == "::"
+    (dns_filter,) = dns["listenerFilters"]
+    assert dns_filter["name"] == "envoy.filters.udp.dns_filter"
+    filter_config = dns_filter["typedConfig"]
+    table = {
+        d["name"]: d["endpoint"]["addressList"]["address"]
+        for d in filter_config["serverConfig"]["inlineDnsTable"]["virtualDomains"]
+    }
+    assert table["reviews"] == ["10.96.0.10", "fd00:96::10"]
+    # Forwarded as asked (no search path of its own), to the resolvers of the pod's resolv.conf.
+    client = filter_config["clientConfig"]
+    assert "upstreamResolvers" not in client
+    assert client["typedDnsResolverConfig"]["typedConfig"]["dnsResolverOptions"] == {"noDefaultSearchDomain": True}
+    # Proxies of one namespace share the very same message.
+    again = config.resources(view_of(config.model, config.model.workloads[2], dns_capture=True))[LISTENER]
+    first = config.resources(view_of(config.model, config.model.workloads[2], dns_capture=True))[LISTENER]
+    assert again[-1] is first[-1]
+
+
+def test_dns_capture_in_node_metadata() -> None:
+    assert from_node(node(DNS_CAPTURE="true")).dns_capture
+    assert from_node(node(DNS_CAPTURE=True)).dns_capture
+    assert not from_node(node(DNS_CAPTURE="false")).dns_capture
+    assert not from_node(node()).dns_capture
