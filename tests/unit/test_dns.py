@@ -1,16 +1,25 @@
 """The sidecar's DNS listener: which names it answers with which addresses, and for which proxies."""
 
 import dataclasses
+import json
 from typing import Any
 
+import kubernetes_validate
+import pytest
+from envoy.config.core.v3 import base_pb2
 from google.protobuf import json_format
 
 from meshplane.controlplane import meshfile
+from meshplane.controlplane.explain import capture_of
 from meshplane.controlplane.generate import MeshConfig, view_of
 from meshplane.controlplane.generate.dns import DNS_LISTENER, names
 from meshplane.controlplane.model import MeshModel, Port, Service
 from meshplane.controlplane.proxy import from_node
 from meshplane.controlplane.resources import LISTENER
+from meshplane.webhook.config import InjectionConfig
+from meshplane.webhook.inject import inject
+from tests.harness import MESH_ROOT
+from tests.unit.test_injection import K8S, _proxy, make
 from tests.unit.test_proxy import node
 
 MESH = """
@@ -85,3 +94,44 @@ def test_dns_capture_in_node_metadata() -> None:
     assert from_node(node(DNS_CAPTURE=True)).dns_capture
     assert not from_node(node(DNS_CAPTURE="false")).dns_capture
     assert not from_node(node()).dns_capture
+
+
+def dns_pod(proxy_config: str | None) -> dict[str, Any]:
+    annotations = {} if proxy_config is None else {"proxy.istio.io/config": proxy_config}
+    return make("web", {"containers": [{"name": "app", "image": "app"}]}, annotations=annotations)
+
+
+def test_a_pod_opts_in_with_istios_proxy_metadata() -> None:
+    opted = 'proxyMetadata: {ISTIO_META_DNS_CAPTURE: "true", FOO: bar}\nholdApplicationUntilProxyStarts: true'
+    out = inject(dns_pod(opted), "shop", InjectionConfig(xds_ca=MESH_ROOT)).pod
+    kubernetes_validate.validate(out, K8S, strict=True)
+    init = out["spec"]["initContainers"][0]
+    assert init["args"][-1] == "--redirect-dns"
+    proxy = _proxy(out)
+    env = {e["name"]: e.get("value") for e in proxy["env"]}
+    assert env["ISTIO_META_DNS_CAPTURE"] == "true" and env["FOO"] == "bar"  # as Istio: the proxy's environment
+    bootstrap = json.loads(proxy["args"][proxy["args"].index("--config-yaml") + 1])
+    assert bootstrap["node"]["metadata"]["DNS_CAPTURE"] == "true" and "FOO" not in bootstrap["node"]["metadata"]
+    # What the control plane reads from that node: the proxy wants its DNS listener.
+    node = json_format.ParseDict(bootstrap["node"], base_pb2.Node())
+    node.id = node.id.replace("$(INSTANCE_IP)", "10.0.0.5").replace("$(POD_NAME)", "web")
+    node.metadata["INSTANCE_IPS"], node.metadata["NAME"] = "10.0.0.5", "web"
+    assert from_node(node).dns_capture
+    # The capture `meshctl explain` shows for it.
+    assert any("UDP DNS" in line for line in capture_of(out)["summary"])
+
+
+def test_no_dns_capture_unless_asked_and_a_pod_may_turn_the_mesh_default_off() -> None:
+    plain = inject(dns_pod(None), "shop", InjectionConfig(xds_ca=MESH_ROOT)).pod
+    assert "--redirect-dns" not in plain["spec"]["initContainers"][0]["args"]
+    assert "DNS_CAPTURE" not in json.dumps(plain)
+    mesh_wide = InjectionConfig(xds_ca=MESH_ROOT, proxy_metadata={"ISTIO_META_DNS_CAPTURE": "true"})
+    assert inject(dns_pod(None), "shop", mesh_wide).pod["spec"]["initContainers"][0]["args"][-1] == "--redirect-dns"
+    off = inject(dns_pod("proxyMetadata: {ISTIO_META_DNS_CAPTURE: 'false'}"), "shop", mesh_wide).pod
+    assert "--redirect-dns" not in off["spec"]["initContainers"][0]["args"]
+
+
+@pytest.mark.parametrize("metadata", ["proxyMetadata: [ISTIO_META_DNS_CAPTURE]", "proxyMetadata: {'A B': x}"])
+def test_bad_proxy_metadata_is_a_clear_deny(metadata: str) -> None:
+    outcome = inject(dns_pod(metadata), "shop", InjectionConfig(xds_ca=MESH_ROOT))
+    assert outcome.error is not None and "proxyMetadata as a mapping" in str(outcome.error)
