@@ -58,19 +58,26 @@ def read_name(msg, off):
         off += 1 + msg[off]
     return ".".join(labels), off + 1
 """
-# Ask sys.argv[1]:53 for name sys.argv[2] of type sys.argv[3]; print '<rcode> <answered from> <addresses>'.
+# Ask sys.argv[1]:53 for name sys.argv[2] of type sys.argv[3] over UDP (or TCP with a 4th argument "tcp");
+# print '<rcode> <answered from> <addresses>'.
 CLIENT = (
     WIRE
     + r"""
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(3)
 qtype = {"A": 1, "AAAA": 28}[sys.argv[3]]
-s.sendto(struct.pack("!6H", 4242, 0x0100, 1, 0, 0, 0) + encode(sys.argv[2]) + struct.pack("!HH", qtype, 1),
-         (sys.argv[1], 53))
+query = struct.pack("!6H", 4242, 0x0100, 1, 0, 0, 0) + encode(sys.argv[2]) + struct.pack("!HH", qtype, 1)
 try:
-    msg, peer = s.recvfrom(4096)
-except socket.timeout:
-    print("timeout")
+    if sys.argv[4:] == ["tcp"]:
+        s = socket.create_connection((sys.argv[1], 53), timeout=3)
+        s.sendall(struct.pack("!H", len(query)) + query)
+        stream = s.makefile("rb")
+        msg, peer = stream.read(struct.unpack("!H", stream.read(2))[0]), s.getpeername()
+    else:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(3)
+        s.sendto(query, (sys.argv[1], 53))
+        msg, peer = s.recvfrom(4096)
+except OSError as e:
+    print("failed", e)
     sys.exit()
 _, flags, qd, an, _, _ = struct.unpack_from("!6H", msg)
 off = 12
@@ -92,30 +99,43 @@ print(flags & 15, f"{peer[0]}:{peer[1]}", ",".join(sorted(found)) or "-")
 SERVER = (
     WIRE
     + r"""
+import selectors
 table = dict(item.split("=") for item in sys.argv[2:])
 log = open(sys.argv[1], "a")
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", 53))
-s.settimeout(0.5)
-print("ready", flush=True)
-deadline = time.monotonic() + 120
-while time.monotonic() < deadline:
-    try:
-        msg, peer = s.recvfrom(4096)
-    except socket.timeout:
-        continue
-    qid = struct.unpack_from("!H", msg)[0]
+
+def answer(msg):
     name, off = read_name(msg, 12)
     qtype = struct.unpack_from("!H", msg, off)[0]
     log.write(f"{name} {qtype}\n")
     log.flush()
     address = table.get(name.lower())
-    answer = b""
+    record = b""
     if address and qtype == 1:
-        answer = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + socket.inet_aton(address)
-    rcode = 0 if address else 3
-    header = struct.pack("!6H", qid, 0x8180 | rcode, 1, 1 if answer else 0, 0, 0)
-    s.sendto(header + msg[12 : off + 4] + answer, peer)
+        record = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + socket.inet_aton(address)
+    header = struct.pack("!6H", msg[0] << 8 | msg[1], 0x8180 | (0 if address else 3), 1, 1 if record else 0, 0, 0)
+    return header + msg[12 : off + 4] + record
+
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.bind(("0.0.0.0", 53))
+tcp = socket.create_server(("0.0.0.0", 53))
+sel = selectors.DefaultSelector()
+sel.register(udp, selectors.EVENT_READ)
+sel.register(tcp, selectors.EVENT_READ)
+print("ready", flush=True)
+deadline = time.monotonic() + 120
+while time.monotonic() < deadline:
+    for key, _ in sel.select(0.5):
+        if key.fileobj is udp:
+            msg, peer = udp.recvfrom(4096)
+            udp.sendto(answer(msg), peer)
+            continue
+        conn = tcp.accept()[0]
+        with conn:
+            conn.settimeout(3)
+            stream = conn.makefile("rb")
+            msg = stream.read(struct.unpack("!H", stream.read(2))[0])
+            reply = answer(msg)
+            conn.sendall(struct.pack("!H", len(reply)) + reply)
 """
 )
 
@@ -127,10 +147,10 @@ class Pod:
     mesh_file: Path
     upstream_log: Path
 
-    def query(self, name: str, qtype: str = "A", *, uid: int = APP_UID) -> str:
+    def query(self, name: str, qtype: str = "A", *, uid: int = APP_UID, tcp: bool = False) -> str:
         """A query from the pod to its nameserver (the peer), sent by `uid`."""
         argv = ["setpriv", "--reuid", str(uid), "--regid", str(uid), "--clear-groups"]
-        argv += ["/usr/bin/python3", "-c", CLIENT, self.net.peer_ip, name, qtype]
+        argv += ["/usr/bin/python3", "-c", CLIENT, self.net.peer_ip, name, qtype, *(["tcp"] if tcp else [])]
         return sh(*argv, ns=self.net.pod, timeout=10, check=False).strip()
 
     def upstream_saw(self) -> list[str]:
@@ -149,6 +169,26 @@ def net() -> Iterator[Net]:
             yield net
         finally:
             shutil.rmtree(etc, ignore_errors=True)
+
+
+def tables(ns: str) -> dict[str, list[str]]:
+    """iptables-save's nat and raw tables without their timestamped comments."""
+    return {
+        t: [ln for ln in sh("iptables-save", "-t", t, ns=ns).splitlines() if not ln.startswith("#")]
+        for t in ("nat", "raw")
+    }
+
+
+def test_dns_rules_are_applied_once_for_the_pods_nameserver_and_cleaned_up_exactly(net: Net) -> None:
+    before = tables(net.pod)
+    for _ in range(2):
+        sh(*MESHCTL, "--redirect-dns", "--ipv6", "off", ns=net.pod)
+    after = {t: "\n".join(lines) for t, lines in tables(net.pod).items()}
+    assert after["raw"].count("-j MESH_OUTPUT_DNS") == 1 and after["raw"].count("-j MESH_INBOUND_DNS") == 1
+    assert f"-A MESH_OUTPUT_DNS -d {net.peer_ip}/32 -p udp -m udp --dport 53 -j CT --zone 2" in after["raw"]
+    assert after["nat"].count("--to-ports 15053") == 1
+    sh(*MESHCTL, "--cleanup", "--ipv6", "off", ns=net.pod)
+    assert tables(net.pod) == before
 
 
 @pytest.fixture
@@ -280,3 +320,25 @@ async def test_a_new_service_becomes_resolvable(pod: Pod) -> None:
     await wait_until(resolved, timeout=15, interval=0.2, what="ratings in the sidecar's DNS table")
     answer, stats = await grown(pod, "ratings")
     assert answer == f"0 {pod.net.peer_ip}:53 10.96.0.30" and stats.get("local_a_record_answers") == 1
+
+
+async def test_tcp_dns_is_not_answered_by_the_sidecar(pod: Pod) -> None:
+    """Envoy's DNS filter is UDP only: a TCP query takes the ordinary TCP capture to the real nameserver."""
+    passthrough = "cluster.PassthroughCluster.upstream_cx_total"
+    before = await pod.admin.stats()
+    answer = await asyncio.to_thread(pod.query, "reviews.demo.svc.cluster.local", tcp=True)
+    after = await pod.admin.stats()
+    assert answer == f"3 {pod.net.peer_ip}:53 -"  # the upstream's NXDOMAIN, not the mesh's address
+    assert after.get(passthrough, 0) - before.get(passthrough, 0) == 1
+    assert pod.upstream_saw() == ["reviews.demo.svc.cluster.local"]
+
+
+async def test_the_pods_own_resolver_finds_a_mesh_service_by_its_short_name(pod: Pod) -> None:
+    """glibc, as an app uses it: `reviews` through the search path of the pod's resolv.conf."""
+    argv = ["setpriv", "--reuid", str(APP_UID), "--regid", str(APP_UID), "--clear-groups", "getent", "ahostsv4"]
+    before = await pod.admin.stats()
+    found = await asyncio.to_thread(sh, *argv, "reviews", ns=pod.net.pod, check=False)
+    after = await pod.admin.stats()
+    assert found.split()[:1] == ["10.96.0.20"]
+    answers = "dns_filter.dns.local_a_record_answers"
+    assert after.get(answers, 0) > before.get(answers, 0) and pod.upstream_saw() == []
