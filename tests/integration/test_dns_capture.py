@@ -72,7 +72,7 @@ try:
         stream = s.makefile("rb")
         msg, peer = stream.read(struct.unpack("!H", stream.read(2))[0]), s.getpeername()
     else:
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET, socket.SOCK_DGRAM)
         s.settimeout(3)
         s.sendto(query, (sys.argv[1], 53))
         msg, peer = s.recvfrom(4096)
@@ -115,9 +115,10 @@ def answer(msg):
     header = struct.pack("!6H", msg[0] << 8 | msg[1], 0x8180 | (0 if address else 3), 1, 1 if record else 0, 0, 0)
     return header + msg[12 : off + 4] + record
 
-udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-udp.bind(("0.0.0.0", 53))
-tcp = socket.create_server(("0.0.0.0", 53))
+udp = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+udp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+udp.bind(("::", 53))
+tcp = socket.create_server(("::", 53), family=socket.AF_INET6, dualstack_ipv6=True)
 sel = selectors.DefaultSelector()
 sel.register(udp, selectors.EVENT_READ)
 sel.register(tcp, selectors.EVENT_READ)
@@ -143,6 +144,8 @@ while time.monotonic() < deadline:
 @dataclass
 class Pod:
     net: Net
+    nameserver: str
+    """The peer's address in the pod's resolv.conf: IPv4, or IPv6 in a dual-stack pod."""
     admin: EnvoyAdmin
     mesh_file: Path
     upstream_log: Path
@@ -150,49 +153,61 @@ class Pod:
     def query(self, name: str, qtype: str = "A", *, uid: int = APP_UID, tcp: bool = False) -> str:
         """A query from the pod to its nameserver (the peer), sent by `uid`."""
         argv = ["setpriv", "--reuid", str(uid), "--regid", str(uid), "--clear-groups"]
-        argv += ["/usr/bin/python3", "-c", CLIENT, self.net.peer_ip, name, qtype, *(["tcp"] if tcp else [])]
+        argv += ["/usr/bin/python3", "-c", CLIENT, self.nameserver, name, qtype, *(["tcp"] if tcp else [])]
         return sh(*argv, ns=self.net.pod, timeout=10, check=False).strip()
 
     def upstream_saw(self) -> list[str]:
         return [ln.split()[0] for ln in self.upstream_log.read_text().splitlines()]
 
 
+@pytest.fixture(params=["ipv4", "ipv6"])
+def family(request: pytest.FixtureRequest) -> str:
+    """The family of the pod's nameserver; with ipv6 the pod is dual-stack and both families are captured."""
+    return str(request.param)
+
+
+def nameserver(net: Net, family: str) -> str:
+    return net.peer_ip6 if family == "ipv6" else net.peer_ip
+
+
 @pytest.fixture
-def net() -> Iterator[Net]:
+def net(family: str) -> Iterator[Net]:
     require_netns()
-    with two_hosts() as net:
+    if family == "ipv6" and not shutil.which("ip6tables-restore"):
+        pytest.skip("needs ip6tables (make system-deps installs it)")
+    with two_hosts(ipv6=family == "ipv6") as net:
         # `ip netns exec` bind-mounts /etc/netns/<name>/resolv.conf on /etc/resolv.conf: the pod's resolver.
         etc = Path("/etc/netns") / net.pod
         etc.mkdir(parents=True)
         try:
-            (etc / "resolv.conf").write_text(f"search demo.svc.cluster.local\nnameserver {net.peer_ip}\n")
+            resolv = f"search demo.svc.cluster.local\nnameserver {nameserver(net, family)}\n"
+            (etc / "resolv.conf").write_text(resolv)
             yield net
         finally:
             shutil.rmtree(etc, ignore_errors=True)
 
 
-def tables(ns: str) -> dict[str, list[str]]:
-    """iptables-save's nat and raw tables without their timestamped comments."""
-    return {
-        t: [ln for ln in sh("iptables-save", "-t", t, ns=ns).splitlines() if not ln.startswith("#")]
-        for t in ("nat", "raw")
-    }
+def tables(ns: str, family: str) -> dict[str, list[str]]:
+    """ip(6)tables-save's nat and raw tables of `family` without their timestamped comments."""
+    save = "ip6tables-save" if family == "ipv6" else "iptables-save"
+    return {t: [ln for ln in sh(save, "-t", t, ns=ns).splitlines() if not ln.startswith("#")] for t in ("nat", "raw")}
 
 
-def test_dns_rules_are_applied_once_for_the_pods_nameserver_and_cleaned_up_exactly(net: Net) -> None:
-    before = tables(net.pod)
+def test_dns_rules_are_applied_once_for_the_pods_nameserver_and_cleaned_up_exactly(net: Net, family: str) -> None:
+    before = tables(net.pod, family)
     for _ in range(2):
-        sh(*MESHCTL, "--redirect-dns", "--ipv6", "off", ns=net.pod)
-    after = {t: "\n".join(lines) for t, lines in tables(net.pod).items()}
+        sh(*MESHCTL, "--redirect-dns", "--ipv6", "auto", ns=net.pod)
+    after = {t: "\n".join(lines) for t, lines in tables(net.pod, family).items()}
     assert after["raw"].count("-j MESH_OUTPUT_DNS") == 1 and after["raw"].count("-j MESH_INBOUND_DNS") == 1
-    assert f"-A MESH_OUTPUT_DNS -d {net.peer_ip}/32 -p udp -m udp --dport 53 -j CT --zone 2" in after["raw"]
+    server = f"{nameserver(net, family)}/{128 if family == 'ipv6' else 32}"
+    assert f"-A MESH_OUTPUT_DNS -d {server} -p udp -m udp --dport 53 -j CT --zone 2" in after["raw"]
     assert after["nat"].count("--to-ports 15053") == 1
-    sh(*MESHCTL, "--cleanup", "--ipv6", "off", ns=net.pod)
-    assert tables(net.pod) == before
+    sh(*MESHCTL, "--cleanup", "--ipv6", "auto", ns=net.pod)
+    assert tables(net.pod, family) == before
 
 
 @pytest.fixture
-async def pod(net: Net) -> AsyncIterator[Pod]:
+async def pod(net: Net, family: str) -> AsyncIterator[Pod]:
     runtime = Path(tempfile.mkdtemp(prefix="meshplane-dns-"))
     runtime.chmod(0o755)
     upstream_log = runtime / "upstream.log"
@@ -203,7 +218,7 @@ async def pod(net: Net) -> AsyncIterator[Pod]:
     )  # fmt: skip
     assert server.stdout is not None and server.stdout.readline().strip() == "ready"
     # The init container's step; the nameserver comes from the pod's resolv.conf.
-    sh(*MESHCTL, "--redirect-dns", "--ipv6", "off", ns=net.pod)
+    sh(*MESHCTL, "--redirect-dns", "--ipv6", "auto", ns=net.pod)
     mesh_file = runtime / "mesh.yaml"
     mesh_file.write_text(MESH)
     plane = ControlPlane(
@@ -258,7 +273,7 @@ async def pod(net: Net) -> AsyncIterator[Pod]:
         except AssertionError:
             log = envoy_dir / "envoy.log"
             raise AssertionError(log.read_text()[-3000:] if log.exists() else "no Envoy log") from None
-        yield Pod(net, admin, mesh_file, upstream_log)
+        yield Pod(net, nameserver(net, family), admin, mesh_file, upstream_log)
     finally:
         if envoy is not None and envoy.poll() is None:
             os.killpg(envoy.pid, 9)  # first, or the plane waits for its stream to end
@@ -276,7 +291,7 @@ async def grown(pod: Pod, name: str, qtype: str = "A", *, uid: int = APP_UID) ->
 
 
 async def test_mesh_names_are_answered_by_the_sidecar(pod: Pod) -> None:
-    peer = f"{pod.net.peer_ip}:53"  # the answer seems to come from the nameserver the app asked
+    peer = f"{pod.nameserver}:53"  # the answer seems to come from the nameserver the app asked
     answer, stats = await grown(pod, "reviews.demo.svc.cluster.local")
     assert answer == f"0 {peer} 10.96.0.20"
     assert stats.get("local_a_record_answers") == 1 and stats.get("downstream_rx_queries") == 1
@@ -289,7 +304,7 @@ async def test_mesh_names_are_answered_by_the_sidecar(pod: Pod) -> None:
 
 
 async def test_other_names_are_forwarded_to_the_pods_resolver(pod: Pod) -> None:
-    peer = f"{pod.net.peer_ip}:53"
+    peer = f"{pod.nameserver}:53"
     answer, stats = await grown(pod, "outside.example")
     assert answer == f"0 {peer} 192.0.2.7"
     assert stats.get("external_a_record_answers") == 1 and not stats.get("local_a_record_answers")
@@ -304,7 +319,7 @@ async def test_other_names_are_forwarded_to_the_pods_resolver(pod: Pod) -> None:
 async def test_the_proxys_own_queries_are_not_captured(pod: Pod) -> None:
     answer, stats = await grown(pod, "proxy-only.example", uid=1337)
     # Straight to the upstream server: its own answer (TTL and all), and the DNS listener saw nothing.
-    assert answer == f"0 {pod.net.peer_ip}:53 192.0.2.8"
+    assert answer == f"0 {pod.nameserver}:53 192.0.2.8"
     assert stats == {} and pod.upstream_saw() == ["proxy-only.example"]
 
 
@@ -314,12 +329,12 @@ async def test_a_new_service_becomes_resolvable(pod: Pod) -> None:
 
     async def resolved() -> bool:
         return await asyncio.to_thread(pod.query, "ratings.demo.svc.cluster.local") == (
-            f"0 {pod.net.peer_ip}:53 10.96.0.30"
+            f"0 {pod.nameserver}:53 10.96.0.30"
         )
 
     await wait_until(resolved, timeout=15, interval=0.2, what="ratings in the sidecar's DNS table")
     answer, stats = await grown(pod, "ratings")
-    assert answer == f"0 {pod.net.peer_ip}:53 10.96.0.30" and stats.get("local_a_record_answers") == 1
+    assert answer == f"0 {pod.nameserver}:53 10.96.0.30" and stats.get("local_a_record_answers") == 1
 
 
 async def test_tcp_dns_is_not_answered_by_the_sidecar(pod: Pod) -> None:
@@ -328,7 +343,7 @@ async def test_tcp_dns_is_not_answered_by_the_sidecar(pod: Pod) -> None:
     before = await pod.admin.stats()
     answer = await asyncio.to_thread(pod.query, "reviews.demo.svc.cluster.local", tcp=True)
     after = await pod.admin.stats()
-    assert answer == f"3 {pod.net.peer_ip}:53 -"  # the upstream's NXDOMAIN, not the mesh's address
+    assert answer == f"3 {pod.nameserver}:53 -"  # the upstream's NXDOMAIN, not the mesh's address
     assert after.get(passthrough, 0) - before.get(passthrough, 0) == 1
     assert pod.upstream_saw() == ["reviews.demo.svc.cluster.local"]
 
