@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from .config import InjectionConfig
+from .config import InjectionConfig, metadata_text
 
 _QUANTITY = re.compile(r"^([0-9]+(\.[0-9]+)?|\.[0-9]+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 DEFAULT_DRAIN_SECONDS = 5.0
@@ -211,7 +211,7 @@ def _proxy_metadata(value: object, text: str) -> dict[str, str]:
             f"proxyMetadata as a mapping of up to {MAX_PROXY_METADATA} environment variable names to values, "
             'e.g. {ISTIO_META_DNS_CAPTURE: "true"}',
         )
-    return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in value.items()}
+    return {k: metadata_text(v) for k, v in value.items()}
 
 
 def _drain_duration(value: object) -> float:

@@ -107,7 +107,7 @@ def _from_yaml(doc: dict[str, Any], source: str) -> dict[str, Any]:
         elif key == "proxyMetadata":
             if not isinstance(value, dict) or not all(isinstance(v, str | int | float | bool) for v in value.values()):
                 raise InjectionConfigError(f"{source}: proxyMetadata must map variable names to values")
-            out[name] = {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in value.items()}
+            out[name] = {str(k): metadata_text(v) for k, v in value.items()}
         elif key in ("neverInjectSelector", "alwaysInjectSelector"):
             if not isinstance(value, list):
                 raise InjectionConfigError(f"{source}: {key} must be a list of label selectors")
@@ -115,3 +115,8 @@ def _from_yaml(doc: dict[str, Any], source: str) -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def metadata_text(value: str | float | bool) -> str:
+    """A proxyMetadata value as the environment variable Istio renders it (true, not True)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)

@@ -20,19 +20,18 @@ from envoy.data.dns.v3 import dns_table_pb2
 from envoy.extensions.filters.udp.dns_filter.v3 import dns_filter_pb2
 from envoy.extensions.network.dns_resolver.cares.v3 import cares_dns_resolver_pb2
 
+from meshplane.bootstrap.iptables import DNS_CAPTURE_PORT
 from meshplane.bootstrap.protobuf import pack, seconds
 
 from ..model import MeshModel, Service
 from .common import ANY, ANY6
 
 DNS_LISTENER = "dns"
-DNS_PORT = 15053
-"""Where `meshctl iptables --redirect-dns` sends the app's queries (Istio's agent DNS port)."""
 DNS_FILTER = "envoy.filters.udp.dns_filter"
 ANSWER_TTL_SECONDS = 30
 """Istio's DNS proxy answers with this TTL too: short enough that a moved service is found soon."""
 RESOLVER_TIMEOUT_SECONDS = 5
-"""How long a forwarded query may wait for the upstream resolvers before the app gets SERVFAIL."""
+"""How long a forwarded query may wait for the upstream resolvers before Envoy gives up on it."""
 
 
 def names(model: MeshModel, namespace: str) -> dict[str, tuple[str, ...]]:
@@ -101,6 +100,6 @@ def dns_listener(model: MeshModel, namespace: str) -> listener_pb2.Listener:
 def _udp(ip: str) -> address_pb2.Address:
     return address_pb2.Address(
         socket_address=address_pb2.SocketAddress(
-            address=ip, port_value=DNS_PORT, protocol=address_pb2.SocketAddress.UDP
+            address=ip, port_value=DNS_CAPTURE_PORT, protocol=address_pb2.SocketAddress.UDP
         )
     )

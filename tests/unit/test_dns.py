@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -18,6 +19,7 @@ from meshplane.controlplane.proxy import from_node
 from meshplane.controlplane.resources import LISTENER
 from meshplane.webhook.config import InjectionConfig
 from meshplane.webhook.inject import inject
+from meshplane.webhook.selector import InjectionConfigError
 from tests.harness import MESH_ROOT
 from tests.unit.test_injection import K8S, _proxy, make
 from tests.unit.test_proxy import node
@@ -135,3 +137,14 @@ def test_no_dns_capture_unless_asked_and_a_pod_may_turn_the_mesh_default_off() -
 def test_bad_proxy_metadata_is_a_clear_deny(metadata: str) -> None:
     outcome = inject(dns_pod(metadata), "shop", InjectionConfig(xds_ca=MESH_ROOT))
     assert outcome.error is not None and "proxyMetadata as a mapping" in str(outcome.error)
+
+
+def test_mesh_wide_proxy_metadata_in_the_injection_config(tmp_path: Path) -> None:
+    path = tmp_path / "injection.yaml"
+    path.write_text("proxyMetadata: {ISTIO_META_DNS_CAPTURE: true}\n")  # a YAML boolean, rendered as Istio does
+    config = InjectionConfig.load(path, xds_ca=MESH_ROOT)
+    assert config.proxy_metadata == {"ISTIO_META_DNS_CAPTURE": "true"}
+    assert inject(dns_pod(None), "shop", config).pod["spec"]["initContainers"][0]["args"][-1] == "--redirect-dns"
+    path.write_text("proxyMetadata: [ISTIO_META_DNS_CAPTURE]\n")
+    with pytest.raises(InjectionConfigError, match="proxyMetadata must map"):
+        InjectionConfig.load(path)
