@@ -99,10 +99,15 @@ class MeshConfig:
             found = self._inbound_listeners[(ports, mtls)] = listeners.virtual_inbound(self.model, ports, mtls)
         return found
 
+    @functools.cached_property
+    def dns_table(self) -> bytes:
+        """The DNS names every namespace's DNS listener shares, serialized once per model."""
+        return dns.table(dns.shared_names(self.model))
+
     def dns_listener(self, namespace: str) -> message.Message:
         found = self._dns_listeners.get(namespace)
         if found is None:
-            found = self._dns_listeners[namespace] = dns.dns_listener(self.model, namespace)
+            found = self._dns_listeners[namespace] = dns.dns_listener(self.model, namespace, self.dns_table)
         return found
 
     def resources(self, view: ProxyView) -> dict[str, list[message.Message]]:
