@@ -56,6 +56,9 @@ class WorkloadIdentity:
     domain_suffix: str = "cluster.local"
     kind: str = "sidecar"
     """Istio's node type: `sidecar`, or `router` for a gateway (the proxy is the workload)."""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    """More node metadata, as Istio's agent adds a pod's `ISTIO_META_<KEY>` proxy metadata: under
+    <KEY> (e.g. DNS_CAPTURE). The identity's own keys above always win."""
 
     @property
     def node_id(self) -> str:
@@ -154,6 +157,7 @@ def bootstrap(
     metadata = struct_pb2.Struct()
     metadata.update(
         {
+            **identity.metadata,
             "NAME": identity.name,
             "NAMESPACE": identity.namespace,
             "SERVICE_ACCOUNT": identity.service_account,

@@ -15,6 +15,13 @@ loopback CIDR (ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR) is what counts as local; `--dr
 (INVALID_DROP) drops packets conntrack finds INVALID, in the mangle table, instead of letting
 them reset connections.
 
+`--redirect-dns` (REDIRECT_DNS, ISTIO_META_DNS_CAPTURE) sends the app's UDP DNS queries to the
+sidecar's DNS listener (15053): those to the pod's nameservers (its /etc/resolv.conf), or every
+query to port 53 with `--capture-all-dns`. The proxy's own queries are never captured, and
+raw-table conntrack zones keep the app's redirected flow (zone 2) apart from the proxy's query
+upstream (zone 1), which can share its addresses and ports. TCP DNS is left to the ordinary TCP
+capture: Envoy's DNS filter answers UDP only (see docs/istio-compatibility.md).
+
 `rules()` is pure: config in, iptables-restore input out, written in the canonical form
 iptables-save prints, so a dry run reads exactly like the installed table. `apply()` and `cleanup()` run
 iptables-save/iptables-restore; both change the table in one atomic restore.
@@ -43,6 +50,12 @@ CHAINS = (INBOUND, REDIRECT, IN_REDIRECT, OUTPUT)
 DROP = "MESH_DROP"
 """In the mangle table, only with drop_invalid."""
 MANGLE_CHAINS = (DROP,)
+OUTPUT_DNS = "MESH_OUTPUT_DNS"
+INBOUND_DNS = "MESH_INBOUND_DNS"
+RAW_CHAINS = (OUTPUT_DNS, INBOUND_DNS)
+"""In the raw table, only with redirect_dns: the conntrack zones of DNS packets."""
+DNS_CAPTURE_PORT = 15053
+"""The sidecar's DNS listener, Istio's agent port."""
 ALWAYS_EXCLUDED_INBOUND = (15090, 15021, 15020)
 """Prometheus, health and the agent's merged-metrics port: never captured, as in Istio."""
 ALL = "*"
@@ -85,6 +98,12 @@ class CaptureConfig:
     """Interfaces (KubeVirt VMs) whose inbound traffic is captured as outbound."""
     ipv4_loopback_cidr: str = DEFAULT_IPV4_LOOPBACK
     drop_invalid: bool = False
+    redirect_dns: bool = False
+    """Send the app's UDP DNS queries to the sidecar's DNS listener (DNS_CAPTURE_PORT)."""
+    capture_all_dns: bool = False
+    """With redirect_dns: every query to port 53, not only those to `dns_servers`."""
+    dns_servers: tuple[str, ...] = ()
+    """With redirect_dns: the pod's nameservers (`nameservers(resolv.conf)`), whose queries are captured."""
 
     @classmethod
     def from_flags(
@@ -106,6 +125,9 @@ class CaptureConfig:
         kube_virt_interfaces: str = "",
         ipv4_loopback_cidr: str = DEFAULT_IPV4_LOOPBACK,
         drop_invalid: bool | str = False,
+        redirect_dns: bool | str = False,
+        capture_all_dns: bool | str = False,
+        dns_servers: str = "",
     ) -> CaptureConfig:
         """Validate istio-iptables style flag values (comma-separated lists) into a config."""
         include_groups: tuple[int, ...] | str = ALL
@@ -143,19 +165,26 @@ class CaptureConfig:
             kube_virt_interfaces=tuple(_iface(v, "-k/--kube-virt-interfaces") for v in _items(kube_virt_interfaces)),
             ipv4_loopback_cidr=_loopback(ipv4_loopback_cidr),
             drop_invalid=_bool(drop_invalid, "--drop-invalid"),
+            redirect_dns=_bool(redirect_dns, "--redirect-dns"),
+            capture_all_dns=_bool(capture_all_dns, "--capture-all-dns"),
+            dns_servers=tuple(_address(v, "nameserver") for v in _items(dns_servers)),
         )
 
 
 def rules(config: CaptureConfig, *, ipv6: bool = False, existing_jumps: frozenset[str] = frozenset()) -> str:
-    """The iptables-restore input (nat table, and mangle with drop_invalid) for `config`; for ip6tables when `ipv6`.
+    """The iptables-restore input (nat table, mangle with drop_invalid, raw with redirect_dns) for `config`;
+    for ip6tables when `ipv6`.
 
     Jumps from the built-in chains listed in `existing_jumps` are left out, so applying
     twice leaves one copy (our own chains are flushed and refilled by their declaration).
     """
     loopback = "::1/128" if ipv6 else config.ipv4_loopback_cidr
     passthrough_source = f"{INBOUND_SOURCE6}/128" if ipv6 else "127.0.0.6/32"
+    dns = _dns_destinations(config, ipv6)
     out: list[str] = []
     add = out.append
+    if dns is not None:
+        out += _dns_zones(config, dns, existing_jumps)
     if config.drop_invalid:
         # mangle sees every packet (nat only a connection's first): drop what conntrack cannot place.
         out += ["*mangle", f":{DROP} - [0:0]", f"-A {DROP} -j DROP"]
@@ -194,10 +223,14 @@ def rules(config: CaptureConfig, *, ipv6: bool = False, existing_jumps: frozense
     for match, ids in (("--uid-owner", config.proxy_uids), ("--gid-owner", config.proxy_gids)):
         for owner in ids:
             # The proxy calling its own pod IP over loopback is inbound traffic to this pod,
-            # even when no inbound port is captured (as istio-iptables with an empty -b).
-            add(f"-A {OUTPUT} ! -d {loopback} -o lo -p tcp -m owner {match} {owner} -j {IN_REDIRECT}")
-            # The app talking to itself over loopback stays local.
-            add(f"-A {OUTPUT} -o lo -m owner ! {match} {owner} -j RETURN")
+            # even when no inbound port is captured (as istio-iptables with an empty -b);
+            # with DNS capture, not its (TCP) queries to a nameserver on the pod's loopback.
+            not_dns = "-m tcp ! --dport 53 " if dns is not None and match == "--uid-owner" else ""
+            add(f"-A {OUTPUT} ! -d {loopback} -o lo -p tcp {not_dns}-m owner {match} {owner} -j {IN_REDIRECT}")
+            # The app talking to itself over loopback stays local (but its DNS queries to a
+            # nameserver on loopback, such as 127.0.0.53, are captured below).
+            tcp = "-p tcp " if dns is not None else ""
+            add(f"-A {OUTPUT} -o lo {tcp}-m owner ! {match} {owner} -j RETURN")
             add(f"-A {OUTPUT} -m owner {match} {owner} -j RETURN")
     # Outbound owner groups: only the included groups' traffic, or all but the excluded groups'.
     if config.include_outbound_owner_groups == ALL:
@@ -206,6 +239,9 @@ def rules(config: CaptureConfig, *, ipv6: bool = False, existing_jumps: frozense
     else:
         none_of = "".join(f"-m owner ! --gid-owner {g} " for g in config.include_outbound_owner_groups)
         add(f"-A {OUTPUT} {none_of}-j RETURN")
+    # The app's DNS queries, after the proxy's own and the excluded owner groups' have returned.
+    for server in dns or ():
+        add(f"-A {OUTPUT} {server}-p udp -m udp --dport 53 -j REDIRECT --to-ports {DNS_CAPTURE_PORT}")
     add(f"-A {OUTPUT} -d {loopback} -j RETURN")
     for port in config.exclude_outbound_ports:
         add(f"-A {OUTPUT} -p tcp -m tcp --dport {port} -j RETURN")
@@ -219,16 +255,54 @@ def rules(config: CaptureConfig, *, ipv6: bool = False, existing_jumps: frozense
         for cidr in _family(config.outbound_ip_ranges, ipv6):
             add(f"-A {OUTPUT} -d {cidr} -p tcp -j {REDIRECT}")
 
-    out += _new(existing_jumps, f"-A PREROUTING -p tcp -j {INBOUND}", f"-A OUTPUT -p tcp -j {OUTPUT}")
+    jumps = [f"-A PREROUTING -p tcp -j {INBOUND}", f"-A OUTPUT -p tcp -j {OUTPUT}"]
+    if dns is not None:
+        jumps.append(f"-A OUTPUT -p udp -m udp --dport 53 -j {OUTPUT}")
+    out += _new(existing_jumps, *jumps)
     add("COMMIT")
     return "\n".join(out) + "\n"
+
+
+def _dns_destinations(config: CaptureConfig, ipv6: bool) -> list[str] | None:
+    """The `-d` matches of captured DNS queries for one family ("" for any); None: no DNS capture.
+
+    As istio-iptables: only queries to the pod's nameservers unless capture_all_dns (so a local
+    resolver's own upstream queries do not loop back), nothing with no nameserver of the family,
+    and nothing when port 53 is an excluded outbound port.
+    """
+    if not config.redirect_dns or 53 in config.exclude_outbound_ports:
+        return None
+    if config.capture_all_dns:
+        return [""]
+    servers = [f"-d {s}/{128 if ipv6 else 32} " for s in config.dns_servers if (":" in s) == ipv6]
+    return servers or None
+
+
+def _dns_zones(config: CaptureConfig, dns: list[str], existing: frozenset[str]) -> list[str]:
+    """The raw table: the proxy's queries upstream and their answers in conntrack zone 1, the app's
+    redirected queries and the proxy's answers to them in zone 2, so that the two UDP flows (which
+    can have the same addresses and ports) never share a conntrack entry."""
+    out = ["*raw", f":{OUTPUT_DNS} - [0:0]", f":{INBOUND_DNS} - [0:0]"]
+    for match, ids in (("--uid-owner", config.proxy_uids), ("--gid-owner", config.proxy_gids)):
+        for owner in ids:
+            out.append(f"-A {OUTPUT_DNS} -p udp -m udp --dport 53 -m owner {match} {owner} -j CT --zone 1")
+            out.append(
+                f"-A {OUTPUT_DNS} -p udp -m udp --sport {DNS_CAPTURE_PORT} -m owner {match} {owner} -j CT --zone 2"
+            )
+    for server in dns:
+        out.append(f"-A {OUTPUT_DNS} {server}-p udp -m udp --dport 53 -j CT --zone 2")
+        source = server.replace("-d ", "-s ", 1)
+        out.append(f"-A {INBOUND_DNS} {source}-p udp -m udp --sport 53 -j CT --zone 1")
+    out += _new(existing, f"-A PREROUTING -p udp -j {INBOUND_DNS}", f"-A OUTPUT -p udp -j {OUTPUT_DNS}")
+    out.append("COMMIT")
+    return out
 
 
 def _new(existing: frozenset[str], *jumps: str) -> list[str]:
     return [j for j in jumps if j not in existing]
 
 
-_TABLES = {"nat": CHAINS, "mangle": MANGLE_CHAINS}
+_TABLES = {"nat": CHAINS, "mangle": MANGLE_CHAINS, "raw": RAW_CHAINS}
 
 
 def cleanup_rules(saved: str) -> str | None:
@@ -260,7 +334,7 @@ def _split_tables(saved: str) -> dict[str, str]:
 
 def _jumps(saved: str) -> frozenset[str]:
     """Rules in the built-in chains that jump into ours."""
-    ours = (f"-j {INBOUND}", f"-j {OUTPUT}", f"-j {DROP}")
+    ours = (f"-j {INBOUND}", f"-j {OUTPUT}", f"-j {DROP}", f"-j {OUTPUT_DNS}", f"-j {INBOUND_DNS}")
     return frozenset(
         line.strip()
         for line in saved.splitlines()
@@ -290,7 +364,7 @@ def apply(
     """Install the rules (IPv4, and IPv6 when `ipv6`); returns what was restored, per family.
 
     The mangle table is read and written only with drop_invalid: a later run without it leaves
-    the INVALID drop in place (`cleanup` removes it).
+    the INVALID drop in place (`cleanup` removes it); the raw table likewise only with redirect_dns.
     With `ipv6`, ::6 is assigned to lo first (`add_address`, by default `add_loopback_address`),
     so that a failure there leaves the tables untouched.
     """
@@ -302,6 +376,8 @@ def apply(
         saved = run([f"{tool}-save", "-t", "nat"], None)
         if config.drop_invalid:
             saved += run([f"{tool}-save", "-t", "mangle"], None)
+        if config.redirect_dns:
+            saved += run([f"{tool}-save", "-t", "raw"], None)
         text = rules(config, ipv6=v6, existing_jumps=_jumps(saved))
         run([f"{tool}-restore", "--noflush"], text)
         applied.append(text)
@@ -317,8 +393,9 @@ def cleanup(*, ipv6: bool, run: Run = run_command) -> list[str]:
     for v6 in (False, True) if ipv6 else (False,):
         tool = "ip6tables" if v6 else "iptables"
         saved = run([f"{tool}-save", "-t", "nat"], None)
-        with contextlib.suppress(CaptureError):  # --drop-invalid's; no mangle table, none to remove
-            saved += run([f"{tool}-save", "-t", "mangle"], None)
+        for table in ("mangle", "raw"):  # --drop-invalid's and --redirect-dns's; no such table, none to remove
+            with contextlib.suppress(CaptureError):
+                saved += run([f"{tool}-save", "-t", table], None)
         text = cleanup_rules(saved)
         if text:
             run([f"{tool}-restore", "--noflush"], text)
@@ -393,6 +470,27 @@ def _cidr(text: str, flag: str) -> str:
         return str(ipaddress.ip_network(text, strict=False))
     except ValueError:
         raise CaptureError(f"{flag}: {text!r} is not an IP range (e.g. 10.0.0.0/8 or fd00::/8)") from None
+
+
+def _address(text: str, flag: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise CaptureError(f"{flag}: {text!r} is not an IP address") from None
+
+
+def nameservers(resolv_conf: str) -> str:
+    """The `nameserver` addresses of a resolv.conf text, comma-separated (as `dns_servers` takes them).
+
+    Entries that are not IP addresses (or carry an IPv6 zone) are skipped, as resolvers skip them.
+    """
+    found = []
+    for line in resolv_conf.splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[0] == "nameserver" and "%" not in fields[1]:
+            with contextlib.suppress(ValueError):
+                found.append(str(ipaddress.ip_address(fields[1])))
+    return ",".join(dict.fromkeys(found))
 
 
 def _iface(text: str, flag: str) -> str:

@@ -552,9 +552,24 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument(
         "--drop-invalid",
         action="store_true",
-        default=env("DROP_INVALID", env("INVALID_DROP", "")).lower() in ("1", "t", "true"),
+        default=_env_bool(env("DROP_INVALID", env("INVALID_DROP", ""))),
         help="drop packets conntrack finds INVALID (mangle table) rather than let them reset "
         "connections; a later run without it keeps the drop, --cleanup removes it ($INVALID_DROP)",
+    )
+    i.add_argument(
+        "--redirect-dns",
+        action="store_true",
+        default=_env_bool(env("REDIRECT_DNS", env("ISTIO_META_DNS_CAPTURE", ""))),
+        help="send the app's UDP DNS queries to the pod's nameservers (read from /etc/resolv.conf) to the "
+        "sidecar's DNS listener on 15053, which answers mesh names and forwards the rest; the proxy's own "
+        "queries are never captured. TCP DNS is not redirected ($REDIRECT_DNS, $ISTIO_META_DNS_CAPTURE)",
+    )
+    i.add_argument(
+        "--capture-all-dns",
+        action="store_true",
+        default=_env_bool(env("CAPTURE_ALL_DNS", "")),
+        help="with --redirect-dns: capture every query to port 53, not only those to the pod's nameservers "
+        "($CAPTURE_ALL_DNS)",
     )
     i.add_argument(
         "--ipv6",
@@ -956,7 +971,12 @@ def _iptables(args: argparse.Namespace) -> int:
             kube_virt_interfaces=args.kube_virt_interfaces,
             ipv4_loopback_cidr=args.ipv4_loopback_cidr,
             drop_invalid=args.drop_invalid,
+            redirect_dns=args.redirect_dns,
+            capture_all_dns=args.capture_all_dns,
+            dns_servers=_resolv_conf_nameservers() if args.redirect_dns and not args.capture_all_dns else "",
         )
+        if args.redirect_dns and not args.capture_all_dns and not config.dns_servers:
+            log.warning("--redirect-dns: /etc/resolv.conf names no nameserver, so no DNS is captured")
         if args.dry_run:
             for v6 in (False, True) if ipv6 else (False,):
                 sys.stdout.write(f"# {'ip6tables' if v6 else 'iptables'}-restore --noflush\n")
@@ -967,6 +987,22 @@ def _iptables(args: argparse.Namespace) -> int:
         return 0
     except iptables.CaptureError as e:
         raise ConfigError(str(e)) from None
+
+
+def _env_bool(value: str) -> bool:
+    return value.strip().lower() in ("1", "t", "true")
+
+
+def _resolv_conf_nameservers(path: str = "/etc/resolv.conf") -> str:
+    """The pod's nameservers, as istio-iptables reads them; none when the file cannot be read."""
+    from meshplane.bootstrap import iptables
+
+    try:
+        with open(path) as f:
+            return iptables.nameservers(f.read())
+    except OSError as e:
+        log.warning("--redirect-dns: cannot read %s (%s)", path, e)
+        return ""
 
 
 ADMIN_URL = "http://127.0.0.1:15014"

@@ -44,6 +44,8 @@ _CAPTURE_FLAGS = {
     "-c": "exclude_interfaces",
 }
 """The init container's istio-iptables flags (`meshctl iptables`) -> CaptureConfig.from_flags arguments."""
+_CAPTURE_SWITCHES = {"--redirect-dns": "redirect_dns", "--capture-all-dns": "capture_all_dns"}
+"""Its flags without a value."""
 
 _HCM = "envoy.filters.network.http_connection_manager"
 _TCP_PROXY = "envoy.filters.network.tcp_proxy"
@@ -174,6 +176,8 @@ def capture_of(pod: Doc) -> dict[str, Any] | None:
     args = list(init.get("args") or [])
     flags: dict[str, str] = {}
     rest = args[1:] if args and args[0] == "iptables" else args
+    rest = [a for a in rest if a not in _CAPTURE_SWITCHES]
+    flags |= {_CAPTURE_SWITCHES[a]: "true" for a in args if a in _CAPTURE_SWITCHES}
     for flag, value in zip(rest[::2], rest[1::2], strict=False):
         if flag in _CAPTURE_FLAGS:
             flags[_CAPTURE_FLAGS[flag]] = value
@@ -200,6 +204,9 @@ def _capture_summary(c: iptables.CaptureConfig) -> list[str]:
         out.append(f"outbound ports never captured: {', '.join(map(str, c.exclude_outbound_ports))}")
     if c.exclude_interfaces:
         out.append(f"interfaces never captured: {', '.join(c.exclude_interfaces)}")
+    if c.redirect_dns:
+        to = "every DNS server" if c.capture_all_dns else "the pod's nameservers (its /etc/resolv.conf when it starts)"
+        out.append(f"outbound UDP DNS to {to} goes to the sidecar's DNS listener on {iptables.DNS_CAPTURE_PORT}")
     ids = ", ".join(map(str, c.proxy_uids)), ", ".join(map(str, c.proxy_gids))
     out.append(f"the sidecar's own traffic (uid {ids[0]}, gid {ids[1]}) is never captured")
     return out

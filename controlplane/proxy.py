@@ -1,7 +1,8 @@
 """A connected proxy's identity, read from its xDS node (id and metadata), Istio's way.
 
-Node id: `sidecar~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local` (`router~...` for a gateway). Metadata keys
-(as in Istio's bootstrap): NAMESPACE, SERVICE_ACCOUNT, NAME, LABELS, INSTANCE_IPS.
+Node id: `sidecar~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local` (`router~...` for a gateway).
+Metadata keys (as in Istio's bootstrap): NAMESPACE, SERVICE_ACCOUNT, NAME, LABELS, INSTANCE_IPS; and
+DNS_CAPTURE (Istio's ISTIO_META_DNS_CAPTURE): the pod's DNS is captured, so the proxy wants a DNS listener.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class NodeError(ValueError):
 class ProxyNode:
     id: str
     workload: Workload
+    dns_capture: bool = False
 
 
 def node_id(ip: str, name: str, namespace: str, domain_suffix: str = "cluster.local") -> str:
@@ -80,6 +82,7 @@ def from_node(node: base_pb2.Node) -> ProxyNode:
             # A gateway (`router`) terminates no mesh mTLS on its own ports: clients send it plaintext.
             sidecar=kind == "sidecar",
         ),
+        dns_capture=_flag(meta, "DNS_CAPTURE"),
     )
 
 
@@ -90,6 +93,16 @@ def _text(meta: dict[str, object], key: str, default: str) -> str:
     if not isinstance(value, str):
         raise NodeError(f"{key}: must be a string, got {type(value).__name__}")
     return value
+
+
+def _flag(meta: dict[str, object], key: str) -> bool:
+    """A boolean as Istio's metadata carries it: the text "true" (any case), or a JSON true."""
+    value = meta.get(key)
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if not isinstance(value, str):
+        raise NodeError(f"{key}: must be true or false, got {type(value).__name__}")
+    return value.strip().lower() in ("true", "1")
 
 
 def _check(key: str, value: str, ok: object, what: str) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from .config import InjectionConfig
+from .config import InjectionConfig, metadata_text
 
 _QUANTITY = re.compile(r"^([0-9]+(\.[0-9]+)?|\.[0-9]+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 DEFAULT_DRAIN_SECONDS = 5.0
@@ -26,6 +26,10 @@ RESERVED_PORTS = frozenset({15000, 15001, 15006, 15021, 15090})
 LOG_LEVELS = ("trace", "debug", "info", "warning", "warn", "error", "critical", "off")
 
 
+DNS_CAPTURE = "ISTIO_META_DNS_CAPTURE"
+MAX_PROXY_METADATA = 64
+"""Entries of `proxyMetadata`; each becomes an environment variable of the proxy."""
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 MAX_PROXY_CONFIG = 16 * 1024
 """Bytes of `proxy.istio.io/config`: a ProxyConfig is a few lines; parsing is bounded by this."""
 MAX_NESTING = 16
@@ -64,6 +68,14 @@ class ProxyOptions:
     status_port: int = DEFAULT_STATUS_PORT
     """`status.sidecar.istio.io/port`: where the app's rewritten probes, hooks and metrics are served
     (Istio's agent port); 0: none of them, and no readiness probe on the proxy."""
+    proxy_metadata: tuple[tuple[str, str], ...] = ()
+    """ProxyConfig `proxyMetadata` (mesh-wide, then the pod's `proxy.istio.io/config`): the proxy's
+    environment, and its `ISTIO_META_*` entries its node metadata."""
+
+    @property
+    def dns_capture(self) -> bool:
+        """`ISTIO_META_DNS_CAPTURE`: the pod's DNS goes to the sidecar's DNS listener."""
+        return dict(self.proxy_metadata).get(DNS_CAPTURE, "").strip().lower() in ("true", "1")
 
 
 def proxy_options(annotations: Mapping[str, str], config: InjectionConfig) -> ProxyOptions:
@@ -120,9 +132,11 @@ def proxy_options(annotations: Mapping[str, str], config: InjectionConfig) -> Pr
             )
     hold = config.hold_application_until_proxy_starts
     drain = DEFAULT_DRAIN_SECONDS
+    metadata = dict(config.proxy_metadata)
     proxy_config = a.get("proxy.istio.io/config")
     if proxy_config is not None:
         doc = _proxy_config(proxy_config)
+        metadata.update(_proxy_metadata(doc.pop("proxyMetadata", None), proxy_config))
         if "holdApplicationUntilProxyStarts" in doc:
             hold = _bool(str(doc["holdApplicationUntilProxyStarts"]).lower(), "proxy.istio.io/config")
         if "terminationDrainDuration" in doc:
@@ -146,6 +160,7 @@ def proxy_options(annotations: Mapping[str, str], config: InjectionConfig) -> Pr
         capture=mode != "NONE" and not gateway,
         gateway=gateway,
         status_port=_status_port(a),
+        proxy_metadata=tuple(sorted(metadata.items())),
     )
 
 
@@ -161,7 +176,7 @@ def _quantity(text: str) -> float:
 
 
 def _proxy_config(text: str) -> dict[str, Any]:
-    """The ProxyConfig mapping of `proxy.istio.io/config`, keeping only scalar values. Anchors and
+    """The ProxyConfig mapping of `proxy.istio.io/config`, keeping scalar values and `proxyMetadata`. Anchors and
     aliases, deep nesting and oversized text are refused before building anything: any pod's author
     writes this, and an alias bomb would otherwise hold the webhook for seconds."""
     bad = InvalidAnnotation("proxy.istio.io/config", text, "a YAML or JSON ProxyConfig mapping (no anchors or aliases)")
@@ -183,7 +198,26 @@ def _proxy_config(text: str) -> dict[str, Any]:
         raise bad from None
     if not isinstance(doc, dict):
         raise bad
-    return {str(k): v for k, v in doc.items() if isinstance(v, str | int | float | bool)}
+    return {str(k): v for k, v in doc.items() if isinstance(v, str | int | float | bool) or k == "proxyMetadata"}
+
+
+def _proxy_metadata(value: object, text: str) -> dict[str, str]:
+    """`proxyMetadata`: environment variable names to scalar values (as text, as Istio renders them)."""
+    if value is None:
+        return {}
+    if not (
+        isinstance(value, dict)
+        and len(value) <= MAX_PROXY_METADATA
+        and all(isinstance(k, str) and _ENV_NAME.match(k) for k in value)
+        and all(isinstance(v, str | int | float | bool) for v in value.values())
+    ):
+        raise InvalidAnnotation(
+            "proxy.istio.io/config",
+            text,
+            f"proxyMetadata as a mapping of up to {MAX_PROXY_METADATA} environment variable names to values, "
+            'e.g. {ISTIO_META_DNS_CAPTURE: "true"}',
+        )
+    return {k: metadata_text(v) for k, v in value.items()}
 
 
 def _drain_duration(value: object) -> float:

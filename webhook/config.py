@@ -47,6 +47,9 @@ class InjectionConfig:
     ignore_invalid_annotations: bool = False
     """Inject with defaults instead of denying a pod whose annotations are invalid."""
     domain_suffix: str = "cluster.local"
+    proxy_metadata: Mapping[str, str] = field(default_factory=dict)
+    """Mesh-wide ProxyConfig `proxyMetadata` (Istio's meshConfig.defaultConfig.proxyMetadata), e.g.
+    {ISTIO_META_DNS_CAPTURE: "true"} for every pod; a pod's `proxy.istio.io/config` adds to it."""
     proxy_uid: int = 1337
     log_level: str = "warning"
     resources: Mapping[str, Mapping[str, str]] = field(
@@ -86,6 +89,7 @@ _KEYS = {
     "holdApplicationUntilProxyStarts": "hold_application_until_proxy_starts",
     "rewriteAppHTTPProbers": "rewrite_probes",
     "ignoreInvalidAnnotations": "ignore_invalid_annotations",
+    "proxyMetadata": "proxy_metadata",
 }
 
 
@@ -100,6 +104,10 @@ def _from_yaml(doc: dict[str, Any], source: str) -> dict[str, Any]:
             if value not in ("enabled", "disabled"):
                 raise InjectionConfigError(f"{source}: policy must be enabled or disabled, got {value!r}")
             out[name] = value == "enabled"
+        elif key == "proxyMetadata":
+            if not isinstance(value, dict) or not all(isinstance(v, str | int | float | bool) for v in value.values()):
+                raise InjectionConfigError(f"{source}: proxyMetadata must map variable names to values")
+            out[name] = {str(k): metadata_text(v) for k, v in value.items()}
         elif key in ("neverInjectSelector", "alwaysInjectSelector"):
             if not isinstance(value, list):
                 raise InjectionConfigError(f"{source}: {key} must be a list of label selectors")
@@ -107,3 +115,8 @@ def _from_yaml(doc: dict[str, Any], source: str) -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def metadata_text(value: str | float | bool) -> str:
+    """A proxyMetadata value as the environment variable Istio renders it (true, not True)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)

@@ -39,6 +39,8 @@ XTABLES_LOCKFILE = "/dev/shm/xtables.lock"
 TOKEN_VOLUME = "istio-token"
 TOKEN_DIR = "/var/run/secrets/tokens"
 TOKEN_SECONDS = 43200
+ISTIO_META = "ISTIO_META_"
+"""proxyMetadata entries with this prefix are node metadata (without it), as Istio's agent makes them."""
 ADMIN_VOLUME = "mesh-admin"
 """The emptyDir that holds the admin socket when `InjectionConfig.admin_socket` is set."""
 DEFAULT_GRACE_SECONDS = 30
@@ -169,6 +171,7 @@ def _proxy_container(
         config.xds_ca,
         options.status_port,
         "router" if options.gateway else "sidecar",
+        tuple((k.removeprefix(ISTIO_META), v) for k, v in options.proxy_metadata if k.startswith(ISTIO_META)),
     )
     args = [
         "--config-yaml",
@@ -185,6 +188,8 @@ def _proxy_container(
     env: list[dict[str, Any]] = [{"name": k, "valueFrom": {"fieldRef": {"fieldPath": v}}} for k, v in _DOWNWARD.items()]
     if probes:
         env.append({"name": PROBES_ENV, "value": dumps({p.path: original for p, original in probes})})
+    # As Istio: proxyMetadata is the proxy's environment (its ISTIO_META_* are in the bootstrap's node too).
+    env += [{"name": k, "value": v} for k, v in options.proxy_metadata]
     uid = config.proxy_uid
     # Like Istio's pilot-agent on SIGTERM: drain inbound listeners, wait, then let the kubelet stop Envoy
     # (which exits at once on SIGTERM). Kubernetes does not expand $(VAR) here, so the path is literal.
@@ -245,6 +250,7 @@ def _bootstrap_json(
     xds_ca: str,
     status: int,
     kind: str,
+    metadata: tuple[tuple[str, str], ...] = (),
 ) -> str:
     """The sidecar's bootstrap; memoized, since the pods of one workload share every input."""
     identity = WorkloadIdentity(
@@ -255,6 +261,7 @@ def _bootstrap_json(
         labels=dict(labels),
         domain_suffix=domain_suffix,
         kind=kind,
+        metadata=dict(metadata),
     )
     ports = Ports(health=HEALTH_PORT, status=status, stats=STATS_PORT, admin_socket=admin_socket)
     credentials = XdsCredentials(f"{TOKEN_DIR}/{TOKEN_VOLUME}", ca_pem="" if _xds_is_unix(xds_address) else xds_ca)
@@ -292,6 +299,7 @@ def _init_container(config: InjectionConfig, options: ProxyOptions) -> dict[str,
         options.exclude_outbound_ports,
         "-c",
         options.exclude_interfaces,
+        *(["--redirect-dns"] if options.dns_capture else []),
     ]
     return {
         "name": INIT,

@@ -17,7 +17,7 @@ from google.protobuf import message
 
 from ..model import MeshModel, MtlsMode, Protocol, Service, Workload, by_name
 from ..resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
-from . import clusters, endpoints, listeners, routes
+from . import clusters, dns, endpoints, listeners, routes
 from .common import SECRET_DEFAULT, SECRET_ROOTCA
 
 __all__ = ["SECRET_DEFAULT", "SECRET_ROOTCA", "MeshConfig", "ProxyView", "view_of"]
@@ -33,9 +33,11 @@ class ProxyView:
     service_account: str
     inbound: InboundPorts = ()
     mtls: MtlsMode = MtlsMode.STRICT
+    dns_capture: bool = False
+    """The proxy asked for a DNS listener (its pod's DNS is captured): node metadata DNS_CAPTURE."""
 
 
-def view_of(model: MeshModel, workload: Workload) -> ProxyView:
+def view_of(model: MeshModel, workload: Workload, *, dns_capture: bool = False) -> ProxyView:
     ports: dict[int, Protocol] = {}
     for service in model.services_of(workload):
         for p in service.ports:
@@ -43,7 +45,11 @@ def view_of(model: MeshModel, workload: Workload) -> ProxyView:
             seen = ports.get(p.workload_port)
             ports[p.workload_port] = p.protocol if seen in (None, p.protocol) else Protocol.TCP
     return ProxyView(
-        workload.namespace, workload.service_account, tuple(sorted(ports.items())), model.mtls_of(workload)
+        workload.namespace,
+        workload.service_account,
+        tuple(sorted(ports.items())),
+        model.mtls_of(workload),
+        dns_capture,
     )
 
 
@@ -64,6 +70,7 @@ class MeshConfig:
         self._before = previous._built if previous is not None else {}
         # Everything a shared resource depends on beyond its own service (see `_settings`).
         self._settings = (model.trust_domain, model.domain_suffix, model.mtls, model.outbound_policy)
+        self._dns_listeners: dict[str, message.Message] = {}
 
     def _reuse(self, key: tuple[object, ...], build: Callable[[], message.Message]) -> message.Message:
         """The message for `key`: this config's, else the previous config's, else `build()`.
@@ -167,11 +174,26 @@ class MeshConfig:
             found = self._inbound_listeners[(ports, mtls)] = listeners.virtual_inbound(self.model, ports, mtls)
         return found
 
+    @functools.cached_property
+    def dns_table(self) -> bytes:
+        """The DNS names every namespace's DNS listener shares, serialized once per model."""
+        return dns.table(dns.shared_names(self.model))
+
+    def dns_listener(self, namespace: str) -> message.Message:
+        found = self._dns_listeners.get(namespace)
+        if found is None:
+            found = self._dns_listeners[namespace] = dns.dns_listener(self.model, namespace, self.dns_table)
+        return found
+
     def resources(self, view: ProxyView) -> dict[str, list[message.Message]]:
         """CDS, EDS, LDS and RDS resources for a proxy with `view` (SDS comes from the CA)."""
         return {
             CLUSTER: [*self.outbound_clusters, *(self.inbound_cluster(p) for p, _ in view.inbound)],
             ENDPOINT: self.assignments,
-            LISTENER: [*self.outbound_listeners, self.inbound_listener(view.inbound, view.mtls)],
+            LISTENER: [
+                *self.outbound_listeners,
+                self.inbound_listener(view.inbound, view.mtls),
+                *([self.dns_listener(view.namespace)] if view.dns_capture else []),
+            ],
             ROUTE: self.routes(view.namespace),
         }

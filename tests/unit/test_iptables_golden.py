@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from meshplane.bootstrap.iptables import CaptureConfig, CaptureError, apply, cleanup_rules, rules
+from meshplane.bootstrap.iptables import CaptureConfig, CaptureError, apply, cleanup_rules, nameservers, rules
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "iptables"
 
@@ -53,6 +53,9 @@ CASES: dict[str, tuple[dict[str, Any], bool]] = {
     ),
     "ipv4-loopback-cidr": ({"ipv4_loopback_cidr": "127.0.0.1/8"}, False),
     "ipv4-loopback-cidr-ipv6": ({"ipv4_loopback_cidr": "127.0.0.1/8"}, True),
+    "redirect-dns": ({"redirect_dns": True, "dns_servers": "10.96.0.10,127.0.0.53,fd00:10:96::a"}, False),
+    "redirect-dns-ipv6": ({"redirect_dns": True, "dns_servers": "10.96.0.10,127.0.0.53,fd00:10:96::a"}, True),
+    "capture-all-dns": ({"redirect_dns": "true", "capture_all_dns": "true", "proxy_gid": "1337,1338"}, False),
 }
 
 
@@ -121,6 +124,8 @@ COMMIT
         ({"ipv4_loopback_cidr": "::1/128"}, "--ipv4-loopback-cidr: '::1/128' is not an IPv4 loopback range"),
         ({"ipv4_loopback_cidr": "loopback"}, "--ipv4-loopback-cidr: 'loopback' is not an IP range"),
         ({"drop_invalid": "maybe"}, "--drop-invalid: 'maybe' is not true or false"),
+        ({"redirect_dns": "yes please"}, "--redirect-dns: 'yes please' is not true or false"),
+        ({"dns_servers": "10.0.0.1,kube-dns"}, "nameserver: 'kube-dns' is not an IP address"),
     ],
 )
 def test_bad_flags_are_rejected(flags: dict[str, str], message: str) -> None:
@@ -216,3 +221,49 @@ def test_drop_invalid_reads_and_restores_mangle_too() -> None:
     (v4,) = apply(CaptureConfig(drop_invalid=True), ipv6=False, run=host.run, add_address=host.add_address)
     assert host.done == ["iptables-save -t nat", "iptables-save -t mangle", "iptables-restore --noflush"]
     assert v4.startswith("*mangle\n") and "\n*nat\n" in v4
+
+
+def test_nameservers_of_resolv_conf() -> None:
+    text = """# Kubernetes
+search ns1.svc.cluster.local svc.cluster.local cluster.local
+nameserver 10.96.0.10
+nameserver fd00:10:96::a
+nameserver fe80::1%eth0
+nameserver 10.96.0.10
+options ndots:5
+"""
+    assert nameservers(text) == "10.96.0.10,fd00:10:96::a"
+    assert nameservers("") == ""
+
+
+@pytest.mark.parametrize(
+    ("flags", "ipv6"),
+    [
+        ({"redirect_dns": True}, False),  # no nameserver: istio-iptables captures no DNS either
+        ({"redirect_dns": True, "dns_servers": "10.96.0.10"}, True),  # none of this family
+        ({"redirect_dns": True, "dns_servers": "10.96.0.10", "exclude_outbound_ports": "53"}, False),
+        ({"capture_all_dns": True}, False),  # only with redirect_dns
+    ],
+)
+def test_no_dns_rules_without_a_nameserver_to_capture(flags: dict[str, Any], ipv6: bool) -> None:
+    base = CaptureConfig.from_flags(exclude_outbound_ports=flags.get("exclude_outbound_ports", ""))
+    assert rules(CaptureConfig.from_flags(**flags), ipv6=ipv6) == rules(base, ipv6=ipv6)
+
+
+def test_dns_capture_reads_and_restores_raw_and_cleanup_removes_it() -> None:
+    host = FakeHost()
+    config = CaptureConfig.from_flags(redirect_dns=True, dns_servers="10.96.0.10")
+    (v4,) = apply(config, ipv6=False, run=host.run, add_address=host.add_address)
+    assert host.done == ["iptables-save -t nat", "iptables-save -t raw", "iptables-restore --noflush"]
+    assert v4.startswith("*raw\n") and "\n*nat\n" in v4
+    again = rules(config, existing_jumps=frozenset(ln for ln in v4.splitlines() if ln.startswith("-A OUTPUT")))
+    assert "-A OUTPUT" not in again
+    installed = v4.replace("*raw\n", "*raw\n:OUTPUT ACCEPT [0:0]\n:PREROUTING ACCEPT [0:0]\n")
+    removal = cleanup_rules(installed)
+    assert removal is not None
+    raw = removal[removal.index("*raw") : removal.index("COMMIT\n", removal.index("*raw")) + 7]
+    assert raw == (
+        "*raw\n-D OUTPUT -p udp -j MESH_OUTPUT_DNS\n-D PREROUTING -p udp -j MESH_INBOUND_DNS\n"
+        "-F MESH_OUTPUT_DNS\n-F MESH_INBOUND_DNS\n-X MESH_OUTPUT_DNS\n-X MESH_INBOUND_DNS\nCOMMIT\n"
+    )
+    assert "-D OUTPUT -p udp -m udp --dport 53 -j MESH_OUTPUT" in removal
