@@ -90,11 +90,11 @@ class MeshConfig:
 
     def _identities(self, service: Service) -> tuple[object, ...]:
         """What a cluster reads of the endpoints: who they are and whether they take mTLS, not where."""
-        return tuple(
-            sorted(
-                {(w.namespace, w.service_account, w.sidecar, w.mtls) for w in self.model.endpoints(service)}, key=str
-            )
-        )
+        found = {
+            (w.namespace, w.service_account, w.sidecar, w.mtls.value if w.mtls else "")
+            for w in self.model.endpoints(service)
+        }
+        return tuple(sorted(found))
 
     @functools.cached_property
     def outbound_clusters(self) -> list[message.Message]:

@@ -57,16 +57,15 @@ def outbound(model: MeshModel, service: Service, port: Port) -> cluster_pb2.Clus
                 ],
             ),
         )
-    mtls = model.mtls is not MtlsMode.DISABLE or any(
-        model.mtls_of(w) is not MtlsMode.DISABLE for w in model.endpoints(service)
-    )
+    workloads = model.endpoints(service)
+    mtls = model.mtls is not MtlsMode.DISABLE or any(model.mtls_of(w) is not MtlsMode.DISABLE for w in workloads)
     cluster = cluster_pb2.Cluster()
     cluster.CopyFrom(_eds_template(port.protocol.is_http2, mtls))  # built once: copying is 10x cheaper
     cluster.name = cluster.eds_cluster_config.service_name = name
     if mtls:
         # Istio's auto-mTLS: endpoints marked tlsMode=istio (they run a sidecar) get mTLS,
         # the others plaintext, decided per endpoint by the transport socket match.
-        sans = sorted({w.spiffe_id(model.trust_domain) for w in model.endpoints(service) if w.sidecar})
+        sans = sorted({w.spiffe_id(model.trust_domain) for w in workloads if w.sidecar})
         sni = f"outbound_.{port.port}_._.{service.hostname(model.domain_suffix)}"
         alpn = ["h2"] if port.protocol.is_http2 else []
         cluster.transport_socket_matches[0].transport_socket.CopyFrom(upstream_tls(sans, model.trust_domain, sni, alpn))
