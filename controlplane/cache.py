@@ -67,20 +67,21 @@ class ConfigCache:
         previous = getattr(self, "_config", None)
         self._config = self._config_factory(model, previous)
         self._views: dict[ProxyView, dict[str, Resources]] = {}
-        self._view_of: dict[tuple[Workload, bool], ProxyView] = {}
+        self._view_of: dict[tuple[Workload, bool, bool], ProxyView] = {}
         self._packed_before: dict[int, tuple[message.Message, Resource]] = getattr(self, "_packed", {})
         self._packed: dict[int, tuple[message.Message, Resource]] = {}
 
-    def view(self, workload: Workload, *, dns_capture: bool = False) -> ProxyView:
+    def view(self, workload: Workload, *, dns_capture: bool = False, router: bool = False) -> ProxyView:
         """The view of `workload` under the current model, computed once per model and workload.
 
         Built from the model's own entry for the workload when it has one (say a mesh-file entry
         with `mtls: DISABLE` for a proxy that also connects): what clients send and what the
         proxy accepts then come from the same entry."""
-        found = self._view_of.get((workload, dns_capture))
+        found = self._view_of.get((workload, dns_capture, router))
         if found is None:
             entry = self._model.workload(workload.namespace, workload.name) or workload
-            found = self._view_of[(workload, dns_capture)] = view_of(self._model, entry, dns_capture=dns_capture)
+            found = view_of(self._model, entry, dns_capture=dns_capture, router=router)
+            self._view_of[(workload, dns_capture, router)] = found
         return found
 
     def resources(self, view: ProxyView, type_url: str) -> Resources:

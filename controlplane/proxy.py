@@ -26,6 +26,8 @@ class ProxyNode:
     id: str
     workload: Workload
     dns_capture: bool = False
+    router: bool = False
+    """A gateway (node type `router`): served no capture listeners."""
 
 
 def node_id(ip: str, name: str, namespace: str, domain_suffix: str = "cluster.local") -> str:
@@ -83,6 +85,7 @@ def from_node(node: base_pb2.Node) -> ProxyNode:
             sidecar=kind == "sidecar",
         ),
         dns_capture=_flag(meta, "DNS_CAPTURE"),
+        router=kind == "router",
     )
 
 

@@ -533,7 +533,9 @@ class XdsServer:
 
     def _source_for(self, node: ProxyNode) -> Callable[[str], Resources]:
         def source(type_url: str) -> Resources:
-            return self.cache.resources(self.cache.view(node.workload, dns_capture=node.dns_capture), type_url)
+            return self.cache.resources(
+                self.cache.view(node.workload, dns_capture=node.dns_capture, router=node.router), type_url
+            )
 
         return source
 

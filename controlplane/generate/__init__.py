@@ -35,9 +35,11 @@ class ProxyView:
     mtls: MtlsMode = MtlsMode.STRICT
     dns_capture: bool = False
     """The proxy asked for a DNS listener (its pod's DNS is captured): node metadata DNS_CAPTURE."""
+    router: bool = False
+    """A gateway (`router~` node, the gateway injection template): no capture listeners and no inbound."""
 
 
-def view_of(model: MeshModel, workload: Workload, *, dns_capture: bool = False) -> ProxyView:
+def view_of(model: MeshModel, workload: Workload, *, dns_capture: bool = False, router: bool = False) -> ProxyView:
     ports: dict[int, Protocol] = {}
     for service in model.services_of(workload):
         for p in service.ports:
@@ -50,6 +52,7 @@ def view_of(model: MeshModel, workload: Workload, *, dns_capture: bool = False) 
         tuple(sorted(ports.items())),
         model.mtls_of(workload),
         dns_capture,
+        router,
     )
 
 
@@ -186,7 +189,13 @@ class MeshConfig:
         return found
 
     def resources(self, view: ProxyView) -> dict[str, list[message.Message]]:
-        """CDS, EDS, LDS and RDS resources for a proxy with `view` (SDS comes from the CA)."""
+        """CDS, EDS, LDS and RDS resources for a proxy with `view` (SDS comes from the CA).
+
+        A gateway gets the mesh's clusters and endpoints (and its certificate) but no listener: its
+        listeners would come from Istio's Gateway and VirtualService resources, which Meshplane does
+        not read, and exposing every mesh service at an ingress by default would be a hole."""
+        if view.router:
+            return {CLUSTER: self.outbound_clusters, ENDPOINT: self.assignments, LISTENER: [], ROUTE: []}
         return {
             CLUSTER: [*self.outbound_clusters, *(self.inbound_cluster(p) for p, _ in view.inbound)],
             ENDPOINT: self.assignments,

@@ -1,6 +1,8 @@
 import datetime as dt
+import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -106,6 +108,35 @@ def write_bootstrap(
     ports = Ports(admin=admin, stats=free_port(), health=free_port(), status=free_port())
     path.write_text(render(bootstrap(identity, f"127.0.0.1:{plane.xds_tls_port}", ports, (), credentials, delta=delta)))
     return path, admin
+
+
+def localize_injected(
+    pod: dict[str, Any], plane: ControlPlane, tmp_path: Path, *, name: str, namespace: str = "demo"
+) -> tuple[Path, int, dict[str, int]]:
+    """The injected proxy's own bootstrap, runnable here: $(VAR)s expanded as the Downward API would,
+    the pod's token (a mesh token for its identity, as kubelet would write the projected one), and
+    free ports instead of the pod's. Returns the bootstrap, the admin port and each static listener's port."""
+    containers = [*pod["spec"].get("initContainers", []), *pod["spec"]["containers"]]
+    proxy = next(c for c in containers if c["name"] == "mesh-proxy")
+    text = proxy["args"][proxy["args"].index("--config-yaml") + 1]
+    doc = json.loads(text.replace("$(INSTANCE_IP)", "127.0.0.1").replace("$(POD_NAME)", name))
+    token = tmp_path / f"token-{name}"
+    account = pod["spec"].get("serviceAccountName", "default")
+    token.write_text(plane.ca.mint_token(namespace, account, dt.timedelta(hours=1)))
+    google = doc["dynamicResources"]["adsConfig"]["grpcServices"][0]["googleGrpc"]
+    google["callCredentials"][0]["fromPlugin"]["typedConfig"]["secretData"]["filename"] = str(token)
+    admin = free_port()
+    doc["admin"]["address"]["socketAddress"]["portValue"] = admin
+    for cluster in doc["staticResources"]["clusters"]:
+        if cluster["name"] == "prometheus_stats":
+            endpoint = cluster["loadAssignment"]["endpoints"][0]["lbEndpoints"][0]["endpoint"]
+            endpoint["address"]["socketAddress"]["portValue"] = admin
+    ports = {}
+    for listener in doc["staticResources"]["listeners"]:
+        ports[listener["name"]] = listener["address"]["socketAddress"]["portValue"] = free_port()
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(doc))
+    return path, admin, ports
 
 
 def call_token(plane: ControlPlane, namespace: str = "demo", sa: str = "web") -> grpc.CallCredentials:

@@ -2,8 +2,6 @@
 injected bootstrap, which also serves metrics and readiness there."""
 
 import asyncio
-import datetime as dt
-import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,6 +13,8 @@ from meshplane.controlplane.app import ControlPlane
 from meshplane.webhook.config import InjectionConfig
 from meshplane.webhook.inject import inject
 from tests.harness import Envoy, free_port, wait_until
+
+from .conftest import localize_injected
 
 
 @pytest.fixture
@@ -66,27 +66,10 @@ async def test_rewritten_probes_are_answered_by_envoy(
     }
     config = InjectionConfig(xds_address=f"127.0.0.1:{plane.xds_tls_port}", xds_ca=plane.ca.trust_bundle_pem.decode())
     out = inject(pod, "demo", config).pod
-    proxy = out["spec"]["containers"][-1]
-    text = proxy["args"][proxy["args"].index("--config-yaml") + 1]
-    # What Kubernetes' $(VAR) expansion does from the Downward API; then ports free on this host.
-    doc = json.loads(text.replace("$(INSTANCE_IP)", "127.0.0.1").replace("$(POD_NAME)", "web-0"))
-    # The pod's projected token, as kubelet would write it: here a mesh token for the pod's identity.
-    token = tmp_path / "token"
-    token.write_text(plane.ca.mint_token("demo", "default", dt.timedelta(hours=1)))
-    google = doc["dynamicResources"]["adsConfig"]["grpcServices"][0]["googleGrpc"]
-    google["callCredentials"][0]["fromPlugin"]["typedConfig"]["secretData"]["filename"] = str(token)
-    admin, status = free_port(), free_port()
-    doc["admin"]["address"]["socketAddress"]["portValue"] = admin
-    for cluster in doc["staticResources"]["clusters"]:
-        if cluster["name"] == "prometheus_stats":
-            cluster["loadAssignment"]["endpoints"][0]["lbEndpoints"][0]["endpoint"]["address"]["socketAddress"][
-                "portValue"
-            ] = admin
-    for listener in doc["staticResources"]["listeners"]:
-        listener["address"]["socketAddress"]["portValue"] = status if listener["name"] == "status" else free_port()
-    (tmp_path / "b.json").write_text(json.dumps(doc))
+    path, admin, ports = localize_injected(out, plane, tmp_path, name="web-0")
+    status = ports["status"]
 
-    async with Envoy(tmp_path / "b.json", admin, tmp_path / "envoy.log"):
+    async with Envoy(path, admin, tmp_path / "envoy.log"):
 
         async def get(path: str) -> tuple[int, str]:
             url = f"http://127.0.0.1:{status}{path}"
