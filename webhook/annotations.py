@@ -304,3 +304,37 @@ def _interfaces(a: Mapping[str, str], name: str) -> str:
 
 def dumps(value: object) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+_METRICS_INSTEAD = "Envoy's own stats are served unchanged on 15090 and 15020"
+UNSUPPORTED: dict[str, str] = {
+    "sidecar.istio.io/bootstrapOverride": "the bootstrap is generated; `meshctl bootstrap` writes one to start from",
+    "sidecar.istio.io/userVolume": "add volumes to the pod and mount them with a `mesh-proxy` container override",
+    "sidecar.istio.io/userVolumeMount": "mount volumes with a `mesh-proxy` container override",
+    "sidecar.istio.io/statsInclusionPrefixes": _METRICS_INSTEAD,
+    "sidecar.istio.io/statsInclusionSuffixes": _METRICS_INSTEAD,
+    "sidecar.istio.io/statsInclusionRegexps": _METRICS_INSTEAD,
+    "sidecar.istio.io/extraStatTags": _METRICS_INSTEAD,
+    "sidecar.istio.io/statsHistogramBuckets": _METRICS_INSTEAD,
+    "sidecar.istio.io/agentLogLevel": "there is no agent; `sidecar.istio.io/logLevel` sets Envoy's",
+    "sidecar.istio.io/discoveryAddress": "sidecars dial the injector's `xdsAddress`",
+    "sidecar.istio.io/enableCoreDump": "the proxy runs read-only and unprivileged, without core dumps",
+    "sidecar.istio.io/proxyImageType": "the image is `sidecar.istio.io/proxyImage` or the injector's",
+    "readiness.status.sidecar.istio.io/applicationPorts": "the proxy is ready when Envoy holds its config",
+    "readiness.status.sidecar.istio.io/initialDelaySeconds": "the proxy's readiness probe has fixed timing",
+    "readiness.status.sidecar.istio.io/periodSeconds": "the proxy's readiness probe has fixed timing",
+    "readiness.status.sidecar.istio.io/failureThreshold": "the proxy's readiness probe has fixed timing",
+    "prometheus.istio.io/merge-metrics": "stock Envoy cannot merge the app's metrics: the app's own "
+    "`prometheus.io/*` annotations are kept, so it is scraped as before",
+}
+"""Istio annotations Meshplane does not implement, each with what happens instead. The pod is still
+injected (these tune, they do not secure), and the webhook answers with a warning kubectl shows."""
+
+
+def unsupported(annotations: Mapping[str, str]) -> list[str]:
+    """One warning per Istio annotation of the pod that Meshplane ignores."""
+    return [
+        f"{name}: not supported by Meshplane, ignored ({UNSUPPORTED[name]})"
+        for name in sorted(annotations)
+        if name in UNSUPPORTED
+    ]

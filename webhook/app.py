@@ -170,7 +170,9 @@ def _answer(req: review.Request, config: InjectionConfig) -> tuple[dict[str, Any
     log.info("%s %s: %s", "injected" if outcome.decision.inject else "skipped", name, outcome.decision.reason)
     if not outcome.decision.inject:
         return review.allow(req.uid), "skipped"
-    return review.allow(req.uid, outcome.patch), "injected"
+    for warning in outcome.warnings:
+        log.info("%s: %s", name, warning)
+    return review.allow(req.uid, outcome.patch, outcome.warnings), "injected"
 
 
 def _name(pod: dict[str, Any]) -> str:

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .annotations import InvalidAnnotation, proxy_options
+from .annotations import InvalidAnnotation, proxy_options, unsupported
 from .config import InjectionConfig
 from .patch import diff
 from .policy import STATUS, Decision, decide, injected_by_istio
@@ -27,6 +27,8 @@ class Outcome:
     error: InvalidAnnotation | InjectionError | None = None
     """Set when the pod is to be denied: an invalid annotation (unless configured to ignore them), or
     a pod that cannot get a working sidecar."""
+    warnings: tuple[str, ...] = ()
+    """Istio annotations of an injected pod that Meshplane ignores, and what happens instead."""
 
 
 def inject(
@@ -52,4 +54,4 @@ def inject(
         mutated = render(pod, namespace, config, options)
     except ValueError as e:  # BootstrapError and malformed values the API server would have refused
         return Outcome(decision, original, [], InjectionError(str(e)))
-    return Outcome(decision, mutated, diff(original, mutated))
+    return Outcome(decision, mutated, diff(original, mutated), warnings=tuple(unsupported(annotations)))

@@ -54,6 +54,7 @@ def inject_manifests(text: str, config: InjectionConfig, source: str = "<stdin>"
             report.append(
                 f"{what}: {'injected' if outcome.decision.inject else 'not injected'} ({outcome.decision.reason})"
             )
+            report += [f"{what}: warning: {w}" for w in outcome.warnings]
             if outcome.decision.inject:
                 injected = {k: v for k, v in outcome.pod.items() if k in pod or k in ("metadata", "spec")}
                 holder[key] = injected

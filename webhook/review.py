@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,13 +170,13 @@ def _kind(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def allow(uid: str, patch: list[dict[str, Any]] | None = None, warning: str | None = None) -> dict[str, Any]:
+def allow(uid: str, patch: list[dict[str, Any]] | None = None, warnings: Sequence[str] = ()) -> dict[str, Any]:
     response: dict[str, Any] = {"uid": uid, "allowed": True}
     if patch:
         response["patchType"] = "JSONPatch"
         response["patch"] = base64.b64encode(json.dumps(patch, separators=(",", ":")).encode()).decode()
-    if warning:
-        response["warnings"] = [warning]
+    if warnings:  # shown by kubectl
+        response["warnings"] = list(warnings)
     return {"apiVersion": API_VERSION, "kind": "AdmissionReview", "response": response}
 
 

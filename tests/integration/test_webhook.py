@@ -71,8 +71,15 @@ async def test_pods_are_injected_over_https(plane: ControlPlane) -> None:
         s.get(f"https://127.0.0.1:{plane.webhook_port}/healthz", ssl=client_tls(plane)) as r,
     ):
         assert r.status == 200
+    assert "warnings" not in response
     metrics = await admin_json(plane.admin_port, "/metrics")
     assert 'meshplane_webhook_requests_total{result="injected"} 1.0' in metrics
+    # An Istio annotation Meshplane ignores: still injected, and kubectl is told (AdmissionReview warnings).
+    tuned = {**POD, "metadata": {**POD["metadata"], "annotations": {"sidecar.istio.io/extraStatTags": "a,b"}}}
+    status, answer = await post(plane, review(tuned, uid="w"))
+    assert status == 200 and answer["response"]["allowed"] is True and "patch" in answer["response"]
+    (warning,) = answer["response"]["warnings"]
+    assert warning.startswith("sidecar.istio.io/extraStatTags: not supported by Meshplane, ignored")
 
 
 async def test_decisions_not_to_inject_and_denials(plane: ControlPlane) -> None:
