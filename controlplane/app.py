@@ -59,6 +59,7 @@ class ControlPlane:
     _skipped: set[str] = field(default_factory=set, init=False, repr=False)
     _injection_for: str = field(default="", init=False, repr=False)
     _ca_synced: dict[str, bytes] = field(default_factory=dict, init=False, repr=False)
+    _pod_memo: kubemodel.PodMemo = field(default_factory=kubemodel.PodMemo, init=False, repr=False)
     _injection: InjectionConfig = field(default_factory=InjectionConfig, init=False, repr=False)
 
     async def start(self) -> None:
@@ -214,7 +215,7 @@ class ControlPlane:
         namespaces = {name: obj for (_, name), obj in stores["Namespace"].items()}
         started = time.monotonic()
         found = await asyncio.to_thread(
-            kubemodel.view, namespaces, stores["Service"], stores["EndpointSlice"], stores["Pod"]
+            kubemodel.view, namespaces, stores["Service"], stores["EndpointSlice"], stores["Pod"], self._pod_memo
         )
         for line in sorted(set(found.skipped) - self._skipped):
             log.warning("skipped %s", line)

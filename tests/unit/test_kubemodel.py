@@ -119,3 +119,29 @@ def test_a_gateway_pod_is_sent_plaintext_and_the_tls_mode_label_decides() -> Non
         "web-2": False,
         "web-3": True,
     }
+
+
+def test_a_view_with_a_memo_maps_only_replaced_pods_and_equals_one_without() -> None:
+    from meshplane.controlplane.kubemodel import PodMemo
+
+    objects = [
+        namespace("demo"),
+        service("web", "demo", ports=[("http", 80)], selector={"app": "web"}),
+        injected(pod("web-1", "demo", ip="10.1.0.5", labels={"app": "web"})),
+        injected(pod("web-2", "demo", ip="10.1.0.6", labels={"app": "web"})),
+        endpoint_slice("web-a", "demo", "web", addresses=["10.1.0.5", "10.1.0.6"], target_pods=["web-1", "web-2"]),
+    ]
+    by_kind: dict[str, dict] = {"Namespace": {}, "Service": {}, "EndpointSlice": {}, "Pod": {}}  # type: ignore[type-arg]
+    for o in objects:
+        by_kind[o["kind"]][key(o)] = o
+    namespaces = {k[1]: v for k, v in by_kind["Namespace"].items()}
+    memo = PodMemo()
+    first = view(namespaces, by_kind["Service"], by_kind["EndpointSlice"], by_kind["Pod"], memo)
+    # web-2 is replaced (as an informer does on any change): a new label; web-1 is the same object
+    changed = injected(pod("web-2", "demo", ip="10.1.0.6", labels={"app": "web", "version": "v2"}))
+    by_kind["Pod"][("demo", "web-2")] = changed
+    second = view(namespaces, by_kind["Service"], by_kind["EndpointSlice"], by_kind["Pod"], memo)
+    assert second == view(namespaces, by_kind["Service"], by_kind["EndpointSlice"], by_kind["Pod"])
+    one, two = (w for w in second.workloads)
+    assert one is first.workloads[0]  # not mapped again
+    assert dict(two.labels)["version"] == "v2" and two is not first.workloads[1]
