@@ -177,8 +177,9 @@ async def test_inbound_ipv6_and_ipv4_go_through_the_sidecar(net: Net, sidecar: E
 async def test_outbound_ipv6_goes_through_the_sidecar(net: Net, sidecar: EnvoyAdmin) -> None:
     ext = f"cluster.{EXT}.upstream_cx_total"
     passthrough = "cluster.PassthroughCluster.upstream_cx_total"
-    # A mesh service at an IPv6 address: matched by its /128 prefix, sent to its own cluster.
-    answer, grown = await counted(sidecar, net.pod, net.peer_ip6, 80, ext, passthrough)
+    # A mesh service at an IPv6 address: matched by its /128 prefix, sent to its own cluster (whose
+    # endpoint answers). Its endpoint's own address is not matched: only a headless service's are.
+    answer, grown = await counted(sidecar, net.pod, VIP6, 80, ext, passthrough)
     assert (answer, grown) == (f"80 {net.pod_ip6}", [1, 0])
     # An IPv6 destination outside the mesh: allowed (ALLOW_ANY) through the passthrough cluster.
     answer, grown = await counted(sidecar, net.pod, net.peer_ip6_2, 80, ext, passthrough)
