@@ -436,7 +436,7 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser(
         "iptables",
         help="apply (or print) the traffic-capture rules of a pod",
-        description="Install the nat rules that send a pod's TCP traffic through its sidecar, with istio-iptables' "
+        description="Install the rules that send a pod's TCP traffic through its sidecar, with istio-iptables' "
         "flags and semantics, in one atomic iptables-restore. Idempotent; --cleanup removes exactly what "
         "was added. Lists are comma-separated; '*' means all. Each flag's default comes from the environment "
         "variable istio-iptables reads for it, named in its help.",
@@ -555,6 +555,30 @@ def _parser() -> argparse.ArgumentParser:
         default=env("DROP_INVALID", env("INVALID_DROP", "")).lower() in ("1", "t", "true"),
         help="drop packets conntrack finds INVALID (mangle table) rather than let them reset "
         "connections; a later run without it keeps the drop, --cleanup removes it ($INVALID_DROP)",
+    )
+    i.add_argument(
+        "-m",
+        "--inbound-interception-mode",
+        default=env("ISTIO_INBOUND_INTERCEPTION_MODE", "") or "REDIRECT",
+        metavar="MODE",
+        help="REDIRECT (default: nat, the app sees connections from 127.0.0.6) or TPROXY (mangle and policy "
+        "routing: the app sees the client's address; the proxy needs CAP_NET_ADMIN) "
+        "($ISTIO_INBOUND_INTERCEPTION_MODE)",
+    )
+    i.add_argument(
+        "-t",
+        "--tproxy-mark",
+        default=env("ISTIO_INBOUND_TPROXY_MARK", "1337"),
+        metavar="MARK",
+        help="TPROXY: the packet mark of captured inbound traffic; the control plane configures the proxy with "
+        "1337 (1337; $ISTIO_INBOUND_TPROXY_MARK)",
+    )
+    i.add_argument(
+        "-r",
+        "--tproxy-route-table",
+        default=env("ISTIO_INBOUND_TPROXY_ROUTE_TABLE", "133"),
+        metavar="TABLE",
+        help="TPROXY: the routing table that delivers marked packets locally (133; $ISTIO_INBOUND_TPROXY_ROUTE_TABLE)",
     )
     i.add_argument(
         "--ipv6",
@@ -956,14 +980,19 @@ def _iptables(args: argparse.Namespace) -> int:
             kube_virt_interfaces=args.kube_virt_interfaces,
             ipv4_loopback_cidr=args.ipv4_loopback_cidr,
             drop_invalid=args.drop_invalid,
+            inbound_mode=args.inbound_interception_mode,
+            tproxy_mark=args.tproxy_mark,
+            tproxy_route_table=args.tproxy_route_table,
         )
         if args.dry_run:
+            for route in iptables.routes(config, ipv6=ipv6):
+                sys.stdout.write("".join(f"# {command}\n" for command in route.commands()))
             for v6 in (False, True) if ipv6 else (False,):
                 sys.stdout.write(f"# {'ip6tables' if v6 else 'iptables'}-restore --noflush\n")
                 sys.stdout.write(iptables.rules(config, ipv6=v6))
             return 0
         iptables.apply(config, ipv6=ipv6)
-        log.info("capture rules applied (%s)", "IPv4 and IPv6" if ipv6 else "IPv4")
+        log.info("capture rules applied (%s, inbound %s)", "IPv4 and IPv6" if ipv6 else "IPv4", config.inbound_mode)
         return 0
     except iptables.CaptureError as e:
         raise ConfigError(str(e)) from None
