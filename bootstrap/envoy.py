@@ -54,6 +54,8 @@ class WorkloadIdentity:
     ip: str = "$(INSTANCE_IP)"
     labels: Mapping[str, str] = field(default_factory=dict)
     domain_suffix: str = "cluster.local"
+    interception_mode: str = "REDIRECT"
+    """How the pod's traffic is captured: REDIRECT, TPROXY or NONE (Istio's INTERCEPTION_MODE metadata)."""
 
     @property
     def node_id(self) -> str:
@@ -156,6 +158,8 @@ def bootstrap(
             "WORKLOAD_NAME": identity.name,
         }
     )
+    if identity.interception_mode != "REDIRECT":  # the default: left out, so REDIRECT bootstraps stay as they were
+        metadata.update({"INTERCEPTION_MODE": identity.interception_mode})
     ads = config_source_pb2.ConfigSource(
         ads=config_source_pb2.AggregatedConfigSource(), resource_api_version=config_source_pb2.V3
     )
@@ -227,6 +231,8 @@ def _check(identity: WorkloadIdentity) -> None:
             ipaddress.ip_address(identity.ip)
         except ValueError:
             raise BootstrapError(f"IP {identity.ip!r} is not an IP address or a $(VAR) reference") from None
+    if identity.interception_mode not in ("REDIRECT", "TPROXY", "NONE"):
+        raise BootstrapError(f"interception mode {identity.interception_mode!r} is not REDIRECT, TPROXY or NONE")
 
 
 def _target(xds_address: str) -> tuple[str, bool]:

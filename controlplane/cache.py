@@ -20,7 +20,7 @@ from meshplane.bootstrap.protobuf import pack
 from .ca import IssuedCertificate
 from .generate import SECRET_DEFAULT, SECRET_ROOTCA, MeshConfig, ProxyView, view_of
 from .generate.secrets import root_secret, workload_secret
-from .model import MeshModel, Workload, spiffe_id
+from .model import InterceptionMode, MeshModel, Workload, spiffe_id
 from .resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Resource, Resources
 
 
@@ -61,19 +61,20 @@ class ConfigCache:
         self._model = model
         self._config = self._config_factory(model)
         self._views: dict[ProxyView, dict[str, Resources]] = {}
-        self._view_of: dict[Workload, ProxyView] = {}
+        self._view_of: dict[tuple[Workload, InterceptionMode], ProxyView] = {}
         self._packed: dict[int, tuple[message.Message, Resource]] = {}
 
-    def view(self, workload: Workload) -> ProxyView:
-        """The view of `workload` under the current model, computed once per model and workload.
+    def view(self, workload: Workload, interception: InterceptionMode = InterceptionMode.REDIRECT) -> ProxyView:
+        """The view of `workload` (capturing with `interception`) under the current model, computed once
+        per model, workload and mode.
 
         Built from the model's own entry for the workload when it has one (say a mesh-file entry
         with `mtls: DISABLE` for a proxy that also connects): what clients send and what the
         proxy accepts then come from the same entry."""
-        found = self._view_of.get(workload)
+        found = self._view_of.get((workload, interception))
         if found is None:
             entry = self._model.workload(workload.namespace, workload.name) or workload
-            found = self._view_of[workload] = view_of(self._model, entry)
+            found = self._view_of[(workload, interception)] = view_of(self._model, entry, interception)
         return found
 
     def resources(self, view: ProxyView, type_url: str) -> Resources:

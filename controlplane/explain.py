@@ -42,6 +42,7 @@ _CAPTURE_FLAGS = {
     "-x": "exclude_outbound_ip_ranges",
     "-o": "exclude_outbound_ports",
     "-c": "exclude_interfaces",
+    "-m": "inbound_mode",
 }
 """The init container's istio-iptables flags (`meshctl iptables`) -> CaptureConfig.from_flags arguments."""
 
@@ -192,6 +193,11 @@ def _capture_summary(c: iptables.CaptureConfig) -> list[str]:
         f"outbound TCP to {listed(c.outbound_ip_ranges, 'any address')} goes to the sidecar on {c.envoy_port}",
         f"inbound TCP to {listed(c.inbound_ports, 'every port')} goes to the sidecar on {c.inbound_capture_port}",
     ]
+    if c.tproxy:
+        out.append(
+            f"inbound is captured with TPROXY (mark {c.tproxy_mark}, table {c.tproxy_route_table}): "
+            "the app sees each client's own address"
+        )
     if c.exclude_inbound_ports:
         out.append(f"inbound ports never captured: {', '.join(map(str, c.exclude_inbound_ports))}")
     if c.exclude_outbound_ip_ranges:

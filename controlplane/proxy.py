@@ -1,7 +1,8 @@
 """A connected proxy's identity, read from its xDS node (id and metadata), Istio's way.
 
 Node id: `sidecar~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local`. Metadata keys
-(as in Istio's bootstrap): NAMESPACE, SERVICE_ACCOUNT, NAME, LABELS, INSTANCE_IPS.
+(as in Istio's bootstrap): NAMESPACE, SERVICE_ACCOUNT, NAME, LABELS, INSTANCE_IPS, and
+INTERCEPTION_MODE (REDIRECT, the default, TPROXY or NONE).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from envoy.config.core.v3 import base_pb2
 from google.protobuf import json_format
 
 from . import names
-from .model import Workload, labels
+from .model import InterceptionMode, Workload, labels
 
 
 class NodeError(ValueError):
@@ -24,6 +25,7 @@ class NodeError(ValueError):
 class ProxyNode:
     id: str
     workload: Workload
+    interception: InterceptionMode = InterceptionMode.REDIRECT
 
 
 def node_id(ip: str, name: str, namespace: str, domain_suffix: str = "cluster.local") -> str:
@@ -64,6 +66,9 @@ def from_node(node: base_pb2.Node) -> ProxyNode:
         address = str(ipaddress.ip_address(ips[0].strip()))
     except ValueError:
         raise NodeError(f"INSTANCE_IPS: {ips[0][:64]!r} is not an IP address (nor is the node id's)") from None
+    mode = _text(meta, "INTERCEPTION_MODE", InterceptionMode.REDIRECT)
+    if mode not in tuple(InterceptionMode):
+        raise NodeError(f"INTERCEPTION_MODE: {mode[:64]!r} is not one of {', '.join(InterceptionMode)}")
     return ProxyNode(
         node.id,
         Workload(
@@ -73,6 +78,7 @@ def from_node(node: base_pb2.Node) -> ProxyNode:
             address=address,
             labels=labels(_labels(meta.get("LABELS"))),
         ),
+        InterceptionMode(mode),
     )
 
 

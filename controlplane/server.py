@@ -533,7 +533,7 @@ class XdsServer:
 
     def _source_for(self, node: ProxyNode) -> Callable[[str], Resources]:
         def source(type_url: str) -> Resources:
-            return self.cache.resources(self.cache.view(node.workload), type_url)
+            return self.cache.resources(self.cache.view(node.workload, node.interception), type_url)
 
         return source
 

@@ -57,7 +57,9 @@ class ProxyOptions:
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
     """How long the proxy drains before it is stopped (ProxyConfig terminationDrainDuration)."""
     capture: bool = True
-    """`sidecar.istio.io/interceptionMode`: REDIRECT captures traffic (the init container); NONE does not."""
+    """`sidecar.istio.io/interceptionMode`: REDIRECT and TPROXY capture traffic (the init container); NONE does not."""
+    tproxy: bool = False
+    """`sidecar.istio.io/interceptionMode: TPROXY`: inbound captured with TPROXY, the app sees clients' addresses."""
     status_port: int = DEFAULT_STATUS_PORT
     """`status.sidecar.istio.io/port`: the proxy's readiness and app-health port; 0: no readiness probe."""
 
@@ -101,10 +103,8 @@ def proxy_options(annotations: Mapping[str, str], config: InjectionConfig) -> Pr
             "sidecar (Meshplane has no gateway or grpc-agent templates yet)",
         )
     mode = a.get("sidecar.istio.io/interceptionMode", "REDIRECT")
-    if mode not in ("REDIRECT", "NONE"):
-        raise InvalidAnnotation(
-            "sidecar.istio.io/interceptionMode", mode, "REDIRECT or NONE (TPROXY is not supported yet)"
-        )
+    if mode not in ("REDIRECT", "TPROXY", "NONE"):
+        raise InvalidAnnotation("sidecar.istio.io/interceptionMode", mode, "REDIRECT, TPROXY or NONE")
     for kind in ("cpu", "memory"):
         request, limit = resources.get("requests", {}).get(kind), resources.get("limits", {}).get(kind)
         if request and limit and _quantity(request) > _quantity(limit):
@@ -139,6 +139,7 @@ def proxy_options(annotations: Mapping[str, str], config: InjectionConfig) -> Pr
         exclude_interfaces=_interfaces(a, "traffic.sidecar.istio.io/excludeInterfaces"),
         drain_seconds=drain,
         capture=mode != "NONE",
+        tproxy=mode == "TPROXY",
         status_port=_status_port(a),
     )
 

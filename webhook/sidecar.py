@@ -165,6 +165,7 @@ def _proxy_container(
         config.admin_socket,
         config.xds_ca,
         options.status_port or HEALTH_PORT,
+        "TPROXY" if options.tproxy else "REDIRECT" if options.capture else "NONE",
     )
     args = [
         "--config-yaml",
@@ -205,6 +206,13 @@ def _proxy_container(
             "capabilities": {"drop": ["ALL"]},
         },
     }
+    if options.tproxy:
+        # As Istio: forwarding from clients' addresses takes IP_TRANSPARENT, so CAP_NET_ADMIN, which
+        # Kubernetes grants a container only as root (no ambient capabilities). Group 1337 still keeps
+        # the proxy's own traffic out of the capture.
+        container["securityContext"].update(
+            runAsUser=0, runAsNonRoot=False, capabilities={"add": ["NET_ADMIN"], "drop": ["ALL"]}
+        )
     if options.status_port:  # 0: no readiness probe, as Istio
         container["readinessProbe"] = _ready_probe(options.status_port, period=2, failures=30)
     mounts = [{"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True}]
@@ -240,6 +248,7 @@ def _bootstrap_json(
     admin_socket: str,
     xds_ca: str,
     health: int = HEALTH_PORT,
+    interception: str = "REDIRECT",
 ) -> str:
     """The sidecar's bootstrap; memoized, since the pods of one workload share every input."""
     identity = WorkloadIdentity(
@@ -249,6 +258,7 @@ def _bootstrap_json(
         ip="$(INSTANCE_IP)",
         labels=dict(labels),
         domain_suffix=domain_suffix,
+        interception_mode=interception,
     )
     ports = Ports(health=health, stats=STATS_PORT, admin_socket=admin_socket)
     credentials = XdsCredentials(f"{TOKEN_DIR}/{TOKEN_VOLUME}", ca_pem="" if _xds_is_unix(xds_address) else xds_ca)
@@ -286,6 +296,7 @@ def _init_container(config: InjectionConfig, options: ProxyOptions) -> dict[str,
         options.exclude_outbound_ports,
         "-c",
         options.exclude_interfaces,
+        *(["-m", "TPROXY"] if options.tproxy else []),
     ]
     return {
         "name": INIT,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from google.protobuf import message
 
-from ..model import MeshModel, MtlsMode, Protocol, Workload
+from ..model import InterceptionMode, MeshModel, MtlsMode, Protocol, Workload
 from ..resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from . import clusters, endpoints, listeners, routes
 from .common import SECRET_DEFAULT, SECRET_ROOTCA
@@ -32,9 +32,13 @@ class ProxyView:
     service_account: str
     inbound: InboundPorts = ()
     mtls: MtlsMode = MtlsMode.STRICT
+    tproxy: bool = False
+    """Its inbound capture is TPROXY: a transparent inbound listener that forwards from the client's address."""
 
 
-def view_of(model: MeshModel, workload: Workload) -> ProxyView:
+def view_of(
+    model: MeshModel, workload: Workload, interception: InterceptionMode = InterceptionMode.REDIRECT
+) -> ProxyView:
     ports: dict[int, Protocol] = {}
     for service in model.services_of(workload):
         for p in service.ports:
@@ -42,7 +46,11 @@ def view_of(model: MeshModel, workload: Workload) -> ProxyView:
             seen = ports.get(p.workload_port)
             ports[p.workload_port] = p.protocol if seen in (None, p.protocol) else Protocol.TCP
     return ProxyView(
-        workload.namespace, workload.service_account, tuple(sorted(ports.items())), model.mtls_of(workload)
+        workload.namespace,
+        workload.service_account,
+        tuple(sorted(ports.items())),
+        model.mtls_of(workload),
+        interception == InterceptionMode.TPROXY,
     )
 
 
@@ -53,7 +61,7 @@ class MeshConfig:
         self.model = model
         self._routes: dict[str, list[message.Message]] = {}
         self._inbound_clusters: dict[int, message.Message] = {}
-        self._inbound_listeners: dict[tuple[InboundPorts, MtlsMode], message.Message] = {}
+        self._inbound_listeners: dict[tuple[InboundPorts, MtlsMode, bool], message.Message] = {}
 
     @functools.cached_property
     def outbound_clusters(self) -> list[message.Message]:
@@ -86,10 +94,11 @@ class MeshConfig:
             found = self._inbound_clusters[port] = clusters.inbound(port)
         return found
 
-    def inbound_listener(self, ports: InboundPorts, mtls: MtlsMode) -> message.Message:
-        found = self._inbound_listeners.get((ports, mtls))
+    def inbound_listener(self, ports: InboundPorts, mtls: MtlsMode, tproxy: bool = False) -> message.Message:
+        key = (ports, mtls, tproxy)
+        found = self._inbound_listeners.get(key)
         if found is None:
-            found = self._inbound_listeners[(ports, mtls)] = listeners.virtual_inbound(self.model, ports, mtls)
+            found = self._inbound_listeners[key] = listeners.virtual_inbound(self.model, ports, mtls, tproxy=tproxy)
         return found
 
     def resources(self, view: ProxyView) -> dict[str, list[message.Message]]:
@@ -97,6 +106,6 @@ class MeshConfig:
         return {
             CLUSTER: [*self.outbound_clusters, *(self.inbound_cluster(p) for p, _ in view.inbound)],
             ENDPOINT: self.assignments,
-            LISTENER: [*self.outbound_listeners, self.inbound_listener(view.inbound, view.mtls)],
+            LISTENER: [*self.outbound_listeners, self.inbound_listener(view.inbound, view.mtls, view.tproxy)],
             ROUTE: self.routes(view.namespace),
         }

@@ -4,6 +4,7 @@ import pytest
 from envoy.config.core.v3 import base_pb2
 from google.protobuf import struct_pb2
 
+from meshplane.controlplane.model import InterceptionMode
 from meshplane.controlplane.proxy import NodeError, from_node
 
 
@@ -46,3 +47,11 @@ def test_an_overlong_node_id_is_refused() -> None:
     n.id = "x" * 2000
     with pytest.raises(NodeError, match="node id"):
         from_node(n)
+
+
+def test_interception_mode_from_metadata() -> None:
+    assert from_node(node()).interception == InterceptionMode.REDIRECT
+    assert from_node(node(INTERCEPTION_MODE="TPROXY")).interception == InterceptionMode.TPROXY
+    assert from_node(node(INTERCEPTION_MODE="NONE")).interception == InterceptionMode.NONE
+    with pytest.raises(NodeError, match=r"^INTERCEPTION_MODE: 'tproxy' is not one of REDIRECT, TPROXY, NONE"):
+        from_node(node(INTERCEPTION_MODE="tproxy"))
