@@ -92,13 +92,21 @@ class Net:
     peer_dev: str = ""
     procs: list[subprocess.Popen[str]] = field(default_factory=list)
 
-    def start(self, ns: str, *argv: str, uid: int | None = None, caps: Sequence[str] = ()) -> subprocess.Popen[str]:
-        """Run `argv` in `ns`, as `uid` (and gid) if given, keeping the capabilities `caps` (e.g. net_admin)
-        as ambient ones, which is how a non-root process keeps them across exec."""
-        prefix = ["setpriv", "--reuid", str(uid), "--regid", str(uid), "--clear-groups"] if uid is not None else []
+    def start(
+        self, ns: str, *argv: str, uid: int | None = None, gid: int | None = None, caps: Sequence[str] = ()
+    ) -> subprocess.Popen[str]:
+        """Run `argv` in `ns`, as `uid` and `gid` (default: the uid) if given, with the capabilities `caps`
+        (e.g. net_admin): ambient ones for a non-root uid (how it keeps them across exec); for root, the
+        only ones left, as in a container that drops ALL and adds them."""
+        prefix = []
+        if uid is not None:
+            prefix = ["setpriv", "--reuid", str(uid), "--regid", str(uid if gid is None else gid), "--clear-groups"]
         if caps:
             wanted = ",".join(f"+{c}" for c in caps)
-            prefix += ["--inh-caps", wanted, "--ambient-caps", wanted]
+            if uid == 0:
+                prefix += ["--bounding-set", f"-all,{wanted}"]
+            else:
+                prefix += ["--inh-caps", wanted, "--ambient-caps", wanted]
         proc = subprocess.Popen(
             ["ip", "netns", "exec", ns, *prefix, *argv],
             stdout=subprocess.PIPE,
@@ -163,9 +171,10 @@ async def pod_sidecar(
     *,
     listeners: Sequence[str] = ("virtualInbound",),
     caps: Sequence[str] = (),
+    user: tuple[int, int] = (1337, 1337),
 ) -> AsyncIterator[EnvoyAdmin]:
-    """A real Envoy as uid 1337 in the pod's namespace (keeping `caps`), fed over a unix socket by a
-    ControlPlane that serves `mesh`; yields its admin API once `listeners` are active."""
+    """A real Envoy as `user` (uid, gid) in the pod's namespace, with capabilities `caps`, fed over a unix
+    socket by a ControlPlane that serves `mesh`; yields its admin API once `listeners` are active."""
     runtime = Path(tempfile.mkdtemp(prefix="meshplane-pod-"))
     runtime.chmod(0o755)
     (runtime / "mesh.yaml").write_text(mesh)
@@ -191,11 +200,11 @@ async def pod_sidecar(
         await plane.start()
         envoy_dir = runtime / "envoy"
         envoy_dir.mkdir()
-        shutil.chown(envoy_dir, 1337, 1337)
+        shutil.chown(envoy_dir, *user)
         config = envoy_dir / "bootstrap.json"
         token = envoy_dir / "token"
         token.write_text(plane.ca.mint_token(identity.namespace, identity.service_account, dt.timedelta(hours=1)))
-        shutil.chown(token, 1337, 1337)
+        shutil.chown(token, *user)
         ports = Ports(admin_socket=str(envoy_dir / "admin.sock"))
         credentials = XdsCredentials(str(token))
         config.write_text(render(bootstrap(identity, f"unix:{runtime}/xds.sock", ports, (), credentials)))
@@ -203,7 +212,7 @@ async def pod_sidecar(
             net.pod,
             envoy_binary(), "-c", str(config), "--disable-hot-restart", "-l", "warning",
             "--log-path", str(envoy_dir / "envoy.log"), "--drain-time-s", "1",
-            uid=1337, caps=caps,
+            uid=user[0], gid=user[1], caps=caps,
         )  # fmt: skip
         admin = EnvoyAdmin(socket=envoy_dir / "admin.sock")
 

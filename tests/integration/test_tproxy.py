@@ -24,14 +24,26 @@ services:
     namespace: demo
     ports: [{port: 8080, name: tcp-web}]
     selector: {app: web}
+    addresses: ["10.96.0.10"]
 """
+VIP = "10.96.0.10"
 INBOUND = ("cluster.inbound|8080||.upstream_cx_total", "listener.0.0.0.0_15006.downstream_cx_total")
 PASSTHROUGH = "cluster.PassthroughCluster.upstream_cx_total"
 
 
-@pytest.fixture(params=["TPROXY", "REDIRECT"])
-def mode(request: pytest.FixtureRequest) -> str:
+# TPROXY with the proxy as uid 1337 keeping CAP_NET_ADMIN as an ambient capability, and as the injected
+# pod runs it (Istio's template): root with CAP_NET_ADMIN only, group 1337.
+USERS = {"TPROXY": (1337, 1337), "TPROXY-as-injected": (0, 1337), "REDIRECT": (1337, 1337)}
+
+
+@pytest.fixture(params=sorted(USERS))
+def variant(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+@pytest.fixture
+def mode(variant: str) -> str:
+    return variant.split("-")[0]
 
 
 @pytest.fixture
@@ -50,7 +62,7 @@ def net(mode: str) -> Iterator[Net]:
 
 
 @pytest.fixture
-async def sidecar(net: Net, mode: str) -> AsyncIterator[EnvoyAdmin]:
+async def sidecar(net: Net, mode: str, variant: str) -> AsyncIterator[EnvoyAdmin]:
     identity = WorkloadIdentity(
         name="web-1",
         namespace="demo",
@@ -60,7 +72,8 @@ async def sidecar(net: Net, mode: str) -> AsyncIterator[EnvoyAdmin]:
         interception_mode=mode,
     )
     # What Istio grants its TPROXY sidecar: CAP_NET_ADMIN, to bind clients' addresses (IP_TRANSPARENT).
-    async with pod_sidecar(net, MESH, identity, caps=("net_admin",) if mode == "TPROXY" else ()) as admin:
+    caps = ("net_admin",) if mode == "TPROXY" else ()
+    async with pod_sidecar(net, MESH, identity, caps=caps, user=USERS[variant]) as admin:
         yield admin
 
 
@@ -90,6 +103,19 @@ async def test_outbound_is_still_captured(net: Net, sidecar: EnvoyAdmin) -> None
     # The app's connection out goes through the proxy's passthrough; the peer sees the pod's address.
     for pod_ip, peer_ip in ((net.pod_ip, net.peer_ip), (net.pod_ip6, net.peer_ip6)):
         assert await counted(sidecar, net.pod, peer_ip, 80, PASSTHROUGH) == (f"80 {pod_ip}", [1])
+
+
+async def test_a_call_to_its_own_service_goes_out_and_back_in_over_mtls(
+    net: Net, mode: str, sidecar: EnvoyAdmin
+) -> None:
+    # The app calls its own service's address: the proxy's outbound sends it, with mTLS, to the one
+    # endpoint, this pod; over lo that is the proxy calling its own pod IP, which must reach inbound
+    # (TPROXY: its packets carry mark 1338), be accepted over TLS, and be forwarded to the app.
+    stats = ("cluster.outbound|8080||web.demo.svc.cluster.local.upstream_cx_total", *INBOUND)
+    stats += ("listener.0.0.0.0_15006.ssl.handshake",)
+    # The app sees the proxy's outbound connection's source: the pod's own address with TPROXY.
+    source = net.pod_ip if mode == "TPROXY" else "127.0.0.6"
+    assert await counted(sidecar, net.pod, VIP, 8080, *stats) == (f"8080 {source}", [1, 1, 1, 1])
 
 
 async def test_the_inbound_listener_is_transparent_only_with_tproxy(mode: str, sidecar: EnvoyAdmin) -> None:
