@@ -24,7 +24,7 @@ from meshplane.webhook.sidecar import INIT
 
 from .generate import MeshConfig, view_of
 from .generate.common import INBOUND_PASSTHROUGH, PASSTHROUGH, VIRTUAL_INBOUND, VIRTUAL_OUTBOUND
-from .model import MeshModel, Workload, labels
+from .model import InterceptionMode, MeshModel, Workload, labels
 from .resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, short
 
 Doc = Mapping[str, Any]
@@ -130,7 +130,9 @@ def explain_pod(
             "the pod has no IP yet (status.podIP): it is not among its own services' endpoints below"
         )
     config = MeshConfig(model)
-    view = view_of(model, workload)
+    args = report["capture"]["args"] if report["capture"] else []
+    tproxy = "-m" in args[:-1] and args[args.index("-m") + 1] == InterceptionMode.TPROXY
+    view = view_of(model, workload, InterceptionMode.TPROXY if tproxy else InterceptionMode.REDIRECT)
     resources = config.resources(view)
     as_json = {short(t): [json_format.MessageToDict(m) for m in resources[t]] for t in resources}
     mesh = sidecar_view(as_json)
