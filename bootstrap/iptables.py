@@ -58,6 +58,8 @@ DIVERT = "MESH_DIVERT"
 TPROXY = "MESH_TPROXY"
 MANGLE_CHAINS = (DROP, TPROXY_INBOUND, DIVERT, TPROXY, TPROXY_OUTPUT)
 MODES = ("REDIRECT", "TPROXY")
+TPROXY_MARK = 1337
+"""The default tproxy mark (Istio's), which the control plane also gives the proxy's forwards to the app."""
 OUTBOUND_MARK = 1338
 """Istio's mark on the proxy's own calls to its pod over lo: they go to inbound, unlike other lo traffic."""
 _RESERVED_TABLES = (0, 253, 254, 255)
@@ -106,7 +108,7 @@ class CaptureConfig:
     drop_invalid: bool = False
     inbound_mode: str = "REDIRECT"
     """REDIRECT (nat) or TPROXY (mangle and policy routing; the proxy sees the client's address)."""
-    tproxy_mark: int = 1337
+    tproxy_mark: int = TPROXY_MARK
     tproxy_route_table: int = 133
 
     @property
@@ -134,7 +136,7 @@ class CaptureConfig:
         ipv4_loopback_cidr: str = DEFAULT_IPV4_LOOPBACK,
         drop_invalid: bool | str = False,
         inbound_mode: str = "REDIRECT",
-        tproxy_mark: str = "1337",
+        tproxy_mark: str = str(TPROXY_MARK),
         tproxy_route_table: str = "133",
     ) -> CaptureConfig:
         """Validate istio-iptables style flag values (comma-separated lists) into a config."""

@@ -22,6 +22,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from google.protobuf import wrappers_pb2
 
+from meshplane.bootstrap.iptables import TPROXY_MARK
 from meshplane.bootstrap.protobuf import pack, socket_address
 
 from ..model import MeshModel, MtlsMode, OutboundPolicy, Protocol
@@ -43,9 +44,6 @@ from .common import (
 
 OUTBOUND = base_pb2.OUTBOUND
 INBOUND = base_pb2.INBOUND
-TPROXY_MARK = 1337
-"""The mark of the proxy's forwards to the app in TPROXY mode: `meshctl iptables -m TPROXY`'s default
-tproxy mark, as Istio's, so the app's replies route back to the proxy."""
 
 
 def virtual_outbound(model: MeshModel) -> listener_pb2.Listener:
@@ -135,8 +133,9 @@ def virtual_inbound(
     ]
     if tproxy:
         # The upstream connection to the app binds the client's address (IP_TRANSPARENT) and carries the
-        # mark; this overrides the inbound clusters' 127.0.0.6 source, which stays for REDIRECT. Before
-        # tls_inspector: a listener filter timeout (server-first protocols) skips the filters after it.
+        # capture's mark, so the app's replies route back here; this overrides the inbound clusters'
+        # 127.0.0.6 source, which stays for REDIRECT. Before tls_inspector: a listener filter timeout
+        # (server-first protocols) skips the filters after it.
         filters.append(
             lc.ListenerFilter(
                 name="envoy.filters.listener.original_src",
