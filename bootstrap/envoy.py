@@ -59,6 +59,8 @@ class WorkloadIdentity:
     metadata: Mapping[str, str] = field(default_factory=dict)
     """More node metadata, as Istio's agent adds a pod's `ISTIO_META_<KEY>` proxy metadata: under
     <KEY> (e.g. DNS_CAPTURE). The identity's own keys above always win."""
+    interception_mode: str = "REDIRECT"
+    """How the pod's traffic is captured: REDIRECT, TPROXY or NONE (Istio's INTERCEPTION_MODE metadata)."""
 
     @property
     def node_id(self) -> str:
@@ -166,6 +168,8 @@ def bootstrap(
             "WORKLOAD_NAME": identity.name,
         }
     )
+    if identity.interception_mode != "REDIRECT":  # the default: left out, so REDIRECT bootstraps stay as they were
+        metadata.update({"INTERCEPTION_MODE": identity.interception_mode})
     ads = config_source_pb2.ConfigSource(
         ads=config_source_pb2.AggregatedConfigSource(), resource_api_version=config_source_pb2.V3
     )
@@ -236,6 +240,8 @@ def _check(identity: WorkloadIdentity) -> None:
             raise BootstrapError(f"IP {identity.ip!r} is not an IP address or a $(VAR) reference") from None
     if identity.kind not in ("sidecar", "router"):
         raise BootstrapError(f"node type {identity.kind!r} must be sidecar or router")
+    if identity.interception_mode not in ("REDIRECT", "TPROXY", "NONE"):
+        raise BootstrapError(f"interception mode {identity.interception_mode!r} is not REDIRECT, TPROXY or NONE")
 
 
 def _target(xds_address: str) -> tuple[str, bool]:

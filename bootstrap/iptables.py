@@ -22,6 +22,14 @@ raw-table conntrack zones keep the app's redirected flow (zone 2) apart from the
 upstream (zone 1), which can share its addresses and ports. TCP DNS is left to the ordinary TCP
 capture: Envoy's DNS filter answers UDP only (see docs/istio-compatibility.md).
 
+With `-m TPROXY` (ISTIO_INBOUND_INTERCEPTION_MODE), inbound is captured in the mangle table instead:
+new connections are handed to the inbound capture port by the TPROXY target with the tproxy mark
+(1337), packets of established ones are marked and diverted, and policy routing (`ip rule fwmark
+1337 lookup 133`, `ip route add local default dev lo table 133`) delivers marked packets locally.
+The proxy then sees, and forwards from, the client's own address. Its forwards to the app carry
+the mark (Envoy's original_src filter); the connection mark restores it on the app's replies, so
+they too route back to the proxy, not out to the client. Outbound stays REDIRECT in nat.
+
 `rules()` is pure: config in, iptables-restore input out, written in the canonical form
 iptables-save prints, so a dry run reads exactly like the installed table. `apply()` and `cleanup()` run
 iptables-save/iptables-restore; both change the table in one atomic restore.
@@ -49,7 +57,20 @@ OUTPUT = "MESH_OUTPUT"
 CHAINS = (INBOUND, REDIRECT, IN_REDIRECT, OUTPUT)
 DROP = "MESH_DROP"
 """In the mangle table, only with drop_invalid."""
-MANGLE_CHAINS = (DROP,)
+TPROXY_INBOUND = "MESH_TPROXY_INBOUND"
+"""Mangle PREROUTING's chain in TPROXY mode (Istio's mangle ISTIO_INBOUND): own names in mangle keep
+the jumps from the built-in chains distinct from nat's."""
+TPROXY_OUTPUT = "MESH_TPROXY_OUTPUT"
+DIVERT = "MESH_DIVERT"
+TPROXY = "MESH_TPROXY"
+MANGLE_CHAINS = (DROP, TPROXY_INBOUND, DIVERT, TPROXY, TPROXY_OUTPUT)
+MODES = ("REDIRECT", "TPROXY")
+TPROXY_MARK = 1337
+"""The default tproxy mark (Istio's), which the control plane also gives the proxy's forwards to the app."""
+OUTBOUND_MARK = 1338
+"""Istio's mark on the proxy's own calls to its pod over lo: they go to inbound, unlike other lo traffic."""
+_RESERVED_TABLES = (0, 253, 254, 255)
+"""unspec, default, main and local: never the tproxy route table."""
 OUTPUT_DNS = "MESH_OUTPUT_DNS"
 INBOUND_DNS = "MESH_INBOUND_DNS"
 RAW_CHAINS = (OUTPUT_DNS, INBOUND_DNS)
@@ -104,6 +125,14 @@ class CaptureConfig:
     """With redirect_dns: every query to port 53, not only those to `dns_servers`."""
     dns_servers: tuple[str, ...] = ()
     """With redirect_dns: the pod's nameservers (`nameservers(resolv.conf)`), whose queries are captured."""
+    inbound_mode: str = "REDIRECT"
+    """REDIRECT (nat) or TPROXY (mangle and policy routing; the proxy sees the client's address)."""
+    tproxy_mark: int = TPROXY_MARK
+    tproxy_route_table: int = 133
+
+    @property
+    def tproxy(self) -> bool:
+        return self.inbound_mode == "TPROXY"
 
     @classmethod
     def from_flags(
@@ -128,6 +157,9 @@ class CaptureConfig:
         redirect_dns: bool | str = False,
         capture_all_dns: bool | str = False,
         dns_servers: str = "",
+        inbound_mode: str = "REDIRECT",
+        tproxy_mark: str = str(TPROXY_MARK),
+        tproxy_route_table: str = "133",
     ) -> CaptureConfig:
         """Validate istio-iptables style flag values (comma-separated lists) into a config."""
         include_groups: tuple[int, ...] | str = ALL
@@ -136,6 +168,15 @@ class CaptureConfig:
             include_groups = tuple(_group(v, flag) for v in _items(include_outbound_owner_groups))
             if len(include_groups) > MAX_OWNER_GROUPS:
                 raise CaptureError(f"{flag}: at most {MAX_OWNER_GROUPS} groups, got {len(include_groups)}")
+        mode = inbound_mode.strip()
+        if mode not in MODES:
+            raise CaptureError(f"-m/--inbound-interception-mode: {inbound_mode!r} is not REDIRECT or TPROXY")
+        mark = _number(tproxy_mark, "-t/--tproxy-mark", 1, 0xFFFFFFFF)
+        if mark == OUTBOUND_MARK:
+            raise CaptureError(f"-t/--tproxy-mark: {OUTBOUND_MARK} marks the proxy's calls to its own pod")
+        table = _number(tproxy_route_table, "-r/--tproxy-route-table", 1, 0xFFFFFFFF)
+        if table in _RESERVED_TABLES:
+            raise CaptureError(f"-r/--tproxy-route-table: {table} is a table the kernel uses (default, main, local)")
         return cls(
             envoy_port=_port(envoy_port, "-p/--envoy-port"),
             inbound_capture_port=_port(inbound_capture_port, "-z/--inbound-capture-port"),
@@ -168,12 +209,15 @@ class CaptureConfig:
             redirect_dns=_bool(redirect_dns, "--redirect-dns"),
             capture_all_dns=_bool(capture_all_dns, "--capture-all-dns"),
             dns_servers=tuple(_address(v, "nameserver") for v in _items(dns_servers)),
+            inbound_mode=mode,
+            tproxy_mark=mark,
+            tproxy_route_table=table,
         )
 
 
 def rules(config: CaptureConfig, *, ipv6: bool = False, existing_jumps: frozenset[str] = frozenset()) -> str:
-    """The iptables-restore input (nat table, mangle with drop_invalid, raw with redirect_dns) for `config`;
-    for ip6tables when `ipv6`.
+    """The iptables-restore input (nat; mangle with drop_invalid or TPROXY; raw with redirect_dns) for
+    `config`; ip6tables' when `ipv6`.
 
     Jumps from the built-in chains listed in `existing_jumps` are left out, so applying
     twice leaves one copy (our own chains are flushed and refilled by their declaration).
@@ -185,10 +229,16 @@ def rules(config: CaptureConfig, *, ipv6: bool = False, existing_jumps: frozense
     add = out.append
     if dns is not None:
         out += _dns_zones(config, dns, existing_jumps)
-    if config.drop_invalid:
-        # mangle sees every packet (nat only a connection's first): drop what conntrack cannot place.
-        out += ["*mangle", f":{DROP} - [0:0]", f"-A {DROP} -j DROP"]
-        out += _new(existing_jumps, f"-A PREROUTING -m conntrack --ctstate INVALID -j {DROP}")
+    if config.drop_invalid or config.tproxy:
+        add("*mangle")
+        out += [f":{DROP} - [0:0]"] if config.drop_invalid else []
+        out += [f":{chain} - [0:0]" for chain in (TPROXY_INBOUND, DIVERT, TPROXY, TPROXY_OUTPUT) if config.tproxy]
+        if config.drop_invalid:
+            # mangle sees every packet (nat only a connection's first): drop what conntrack cannot place.
+            add(f"-A {DROP} -j DROP")
+            out += _new(existing_jumps, f"-A PREROUTING -m conntrack --ctstate INVALID -j {DROP}")
+        if config.tproxy:
+            out += _tproxy_rules(config, loopback, passthrough_source, existing_jumps)
         add("COMMIT")
     out += ["*nat", *(f":{chain} - [0:0]" for chain in CHAINS)]
     add(f"-A {REDIRECT} -p tcp -j REDIRECT --to-ports {config.envoy_port}")
@@ -205,13 +255,15 @@ def rules(config: CaptureConfig, *, ipv6: bool = False, existing_jumps: frozense
         add(f"-A {INBOUND} -i {iface} -j RETURN")
     for iface in config.exclude_interfaces:
         add(f"-A {INBOUND} -i {iface} -j RETURN")
-    if config.inbound_ports == ALL:
+    # In TPROXY mode the inbound ports are captured in mangle instead (_tproxy_rules).
+    inbound_ports = () if config.tproxy else config.inbound_ports
+    if inbound_ports == ALL:
         for port in sorted({*ALWAYS_EXCLUDED_INBOUND, *config.exclude_inbound_ports}):
             add(f"-A {INBOUND} -p tcp -m tcp --dport {port} -j RETURN")
         add(f"-A {INBOUND} -p tcp -j {IN_REDIRECT}")
     else:
         skip = {*ALWAYS_EXCLUDED_INBOUND, *config.exclude_inbound_ports}
-        for captured in config.inbound_ports:
+        for captured in inbound_ports:
             if captured not in skip:
                 add(f"-A {INBOUND} -p tcp -m tcp --dport {captured} -j {IN_REDIRECT}")
 
@@ -220,6 +272,11 @@ def rules(config: CaptureConfig, *, ipv6: bool = False, existing_jumps: frozense
         add(f"-A {OUTPUT} -o {iface} -j RETURN")
     # The proxy's forwards to the app come from 127.0.0.6: never capture them (else they loop into 15006).
     add(f"-A {OUTPUT} -s {passthrough_source} -o lo -j RETURN")
+    if config.tproxy:
+        # TPROXY: the proxy forwards to the app from the client's address, with the tproxy mark (its
+        # original_src filter). Istio's proxy runs as uid 0 there, which the uid rules below let pass;
+        # this lets them pass whatever the proxy's uid (else they loop into the inbound port).
+        add(f"-A {OUTPUT} -o lo -m mark --mark {config.tproxy_mark:#x} -j RETURN")
     for match, ids in (("--uid-owner", config.proxy_uids), ("--gid-owner", config.proxy_gids)):
         for owner in ids:
             # The proxy calling its own pod IP over loopback is inbound traffic to this pod,
@@ -298,6 +355,54 @@ def _dns_zones(config: CaptureConfig, dns: list[str], existing: frozenset[str]) 
     return out
 
 
+def _tproxy_rules(config: CaptureConfig, loopback: str, passthrough_source: str, existing: frozenset[str]) -> list[str]:
+    """Mangle rules of TPROXY mode: inbound capture, and the marks that keep the proxy's connections local."""
+    mark, own = f"{config.tproxy_mark:#x}", f"{OUTBOUND_MARK:#x}"
+    all_bits = "--nfmask 0xffffffff --ctmask 0xffffffff"
+    on_ip = "::" if ":" in loopback else "0.0.0.0"
+    out: list[str] = []
+    add = out.append
+    # A packet of a connection the proxy already holds: mark it, so policy routing delivers it locally.
+    add(f"-A {DIVERT} -j MARK --set-xmark {mark}/0xffffffff")
+    add(f"-A {DIVERT} -j ACCEPT")
+    # A new connection: handed to the inbound capture port, its destination kept.
+    tproxy = f"--on-port {config.inbound_capture_port} --on-ip {on_ip} --tproxy-mark {mark}/0xffffffff"
+    add(f"-A {TPROXY} ! -d {loopback} -p tcp -j TPROXY {tproxy}")
+
+    for iface in (*config.exclude_interfaces, *config.kube_virt_interfaces):  # a VM's traffic is outbound (nat)
+        add(f"-A {TPROXY_INBOUND} -i {iface} -j RETURN")
+    # The proxy's forwards to the app (marked by original_src): remember the mark on the connection
+    # for the app's replies, and deliver them as they are.
+    add(f"-A {TPROXY_INBOUND} -p tcp -m mark --mark {mark} -j CONNMARK --save-mark {all_bits}")
+    add(f"-A {TPROXY_INBOUND} -p tcp -m mark --mark {mark} -j RETURN")
+    add(f"-A {TPROXY_INBOUND} -s {passthrough_source} -i lo -p tcp -j RETURN")
+    # Loopback traffic stays local, except the proxy's calls to its own pod (marked below).
+    add(f"-A {TPROXY_INBOUND} -i lo -p tcp -m mark ! --mark {own} -j RETURN")
+    established = "-m conntrack --ctstate RELATED,ESTABLISHED"
+    if config.inbound_ports == ALL:
+        for port in sorted({*ALWAYS_EXCLUDED_INBOUND, *config.exclude_inbound_ports}):
+            add(f"-A {TPROXY_INBOUND} -p tcp -m tcp --dport {port} -j RETURN")
+        add(f"-A {TPROXY_INBOUND} -p tcp {established} -j {DIVERT}")
+        add(f"-A {TPROXY_INBOUND} -p tcp -j {TPROXY}")
+    else:
+        skip = {*ALWAYS_EXCLUDED_INBOUND, *config.exclude_inbound_ports}
+        for captured in config.inbound_ports:
+            if captured not in skip:
+                add(f"-A {TPROXY_INBOUND} -p tcp -m tcp --dport {captured} {established} -j {DIVERT}")
+                add(f"-A {TPROXY_INBOUND} -p tcp -m tcp --dport {captured} -j {TPROXY}")
+
+    for iface in config.exclude_interfaces:
+        add(f"-A {TPROXY_OUTPUT} -o {iface} -j RETURN")
+    add(f"-A {TPROXY_OUTPUT} -o lo -p tcp -m mark --mark {mark} -j RETURN")
+    for match, ids in (("--uid-owner", config.proxy_uids), ("--gid-owner", config.proxy_gids)):
+        for owner in ids:
+            owned = f"-m owner {match} {owner}"
+            add(f"-A {TPROXY_OUTPUT} ! -d {loopback} -o lo -p tcp {owned} -j MARK --set-xmark {own}/0xffffffff")
+    # The app's replies on a connection the proxy made from a client's address: back to the proxy.
+    add(f"-A {TPROXY_OUTPUT} -p tcp -m connmark --mark {mark} -j CONNMARK --restore-mark {all_bits}")
+    return out + _new(existing, f"-A PREROUTING -p tcp -j {TPROXY_INBOUND}", f"-A OUTPUT -p tcp -j {TPROXY_OUTPUT}")
+
+
 def _new(existing: frozenset[str], *jumps: str) -> list[str]:
     return [j for j in jumps if j not in existing]
 
@@ -334,7 +439,9 @@ def _split_tables(saved: str) -> dict[str, str]:
 
 def _jumps(saved: str) -> frozenset[str]:
     """Rules in the built-in chains that jump into ours."""
-    ours = (f"-j {INBOUND}", f"-j {OUTPUT}", f"-j {DROP}", f"-j {OUTPUT_DNS}", f"-j {INBOUND_DNS}")
+    ours = tuple(
+        f"-j {chain}" for chain in (INBOUND, OUTPUT, DROP, TPROXY_INBOUND, TPROXY_OUTPUT, OUTPUT_DNS, INBOUND_DNS)
+    )
     return frozenset(
         line.strip()
         for line in saved.splitlines()
@@ -360,21 +467,25 @@ def apply(
     ipv6: bool,
     run: Run = run_command,
     add_address: Callable[[str], None] | None = None,
+    add_route: Callable[[Route], None] | None = None,
 ) -> list[str]:
     """Install the rules (IPv4, and IPv6 when `ipv6`); returns what was restored, per family.
 
-    The mangle table is read and written only with drop_invalid: a later run without it leaves
-    the INVALID drop in place (`cleanup` removes it); the raw table likewise only with redirect_dns.
+    The mangle table is read and written only with drop_invalid or TPROXY, the raw table only with
+    redirect_dns: a later run without them leaves their rules in place (`cleanup` removes them).
     With `ipv6`, ::6 is assigned to lo first (`add_address`, by default `add_loopback_address`),
-    so that a failure there leaves the tables untouched.
+    and in TPROXY mode the policy routing is added first too (`add_route`, by default
+    `add_policy_route`), so that a failure there leaves the tables untouched.
     """
     if ipv6:
         (add_address or add_loopback_address)(INBOUND_SOURCE6)
+    for route in routes(config, ipv6=ipv6):
+        (add_route or add_policy_route)(route)
     applied = []
     for v6 in (False, True) if ipv6 else (False,):
         tool = "ip6tables" if v6 else "iptables"
         saved = run([f"{tool}-save", "-t", "nat"], None)
-        if config.drop_invalid:
+        if config.drop_invalid or config.tproxy:
             saved += run([f"{tool}-save", "-t", "mangle"], None)
         if config.redirect_dns:
             saved += run([f"{tool}-save", "-t", "raw"], None)
@@ -387,7 +498,8 @@ def apply(
 def cleanup(*, ipv6: bool, run: Run = run_command) -> list[str]:
     """Remove exactly the rules `apply` added; a no-op where nothing is installed.
 
-    ::6 stays on lo (as with Istio): harmless, and a running proxy may still be using it.
+    ::6 stays on lo (as with Istio), and so does TPROXY's policy routing: harmless without the
+    marks, and a running proxy may still be using them.
     """
     removed = []
     for v6 in (False, True) if ipv6 else (False,):
@@ -403,11 +515,43 @@ def cleanup(*, ipv6: bool, run: Run = run_command) -> list[str]:
     return removed
 
 
-_RTM_NEWADDR = 20
+@dataclass(frozen=True, slots=True)
+class Route:
+    """TPROXY's policy routing for one family: packets with `mark` look up `table`, whose one
+    route delivers everything locally (over lo)."""
+
+    ipv6: bool
+    mark: int
+    table: int
+
+    def commands(self) -> tuple[str, str]:
+        """The same as `ip` commands, for --dry-run."""
+        family = "-6" if self.ipv6 else "-4"
+        return (
+            f"ip {family} rule add fwmark {self.mark:#x} lookup {self.table} priority {RULE_PRIORITY}",
+            f"ip {family} route replace local default dev lo table {self.table}",
+        )
+
+
+def routes(config: CaptureConfig, *, ipv6: bool) -> list[Route]:
+    """The policy routing that TPROXY mode needs (none in REDIRECT mode), IPv4 and with `ipv6` IPv6."""
+    if not config.tproxy:
+        return []
+    return [Route(v6, config.tproxy_mark, config.tproxy_route_table) for v6 in ((False, True) if ipv6 else (False,))]
+
+
+RULE_PRIORITY = 32765
+"""The fwmark rule's priority, before `main` (32766), where `ip rule add` puts a first rule. Fixed, so
+that the kernel finds the rule of an earlier run and a second run adds no copy."""
+_RTM_NEWADDR, _RTM_NEWROUTE, _RTM_NEWRULE = 20, 24, 32
 _NLMSG_ERROR = 2
-_NLM_F_REQUEST, _NLM_F_ACK, _NLM_F_EXCL, _NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
+_NLM_F_REQUEST, _NLM_F_ACK, _NLM_F_REPLACE, _NLM_F_EXCL, _NLM_F_CREATE = 0x1, 0x4, 0x100, 0x200, 0x400
 _IFA_ADDRESS, _IFA_LOCAL = 1, 2
 _IFA_F_NODAD = 0x2
+_RTA_OIF, _RTA_TABLE = 4, 15
+_FRA_PRIORITY, _FRA_FWMARK, _FRA_TABLE = 6, 10, 15
+_FR_ACT_TO_TBL = 1
+_RTPROT_BOOT, _RT_SCOPE_HOST, _RTN_LOCAL = 3, 254, 2
 
 
 def add_loopback_address(address: str) -> None:
@@ -416,24 +560,59 @@ def add_loopback_address(address: str) -> None:
     Stdlib only, so the init image needs no iproute2. Needs CAP_NET_ADMIN, like iptables.
     """
     packed = ipaddress.IPv6Address(address).packed
+    what = f"cannot assign {address}/128 to lo"
+    body = struct.pack("=BBBBI", socket.AF_INET6, 128, _IFA_F_NODAD, 0, _loopback_index(what))
+    for kind in (_IFA_LOCAL, _IFA_ADDRESS):
+        body += struct.pack("=HH", 4 + len(packed), kind) + packed
+    code = _netlink(_RTM_NEWADDR, _NLM_F_CREATE | _NLM_F_EXCL, body, what)
+    if code and code != errno.EEXIST:
+        hint = " (is IPv6 disabled on lo? sysctl net.ipv6.conf.lo.disable_ipv6)" if code == errno.EACCES else ""
+        raise CaptureError(f"{what}: {os.strerror(code)}{hint}")
+
+
+def add_policy_route(route: Route) -> None:
+    """`ip rule add fwmark M lookup T priority 32765` (unless that rule is there) and `ip route replace
+    local default dev lo table T`, over rtnetlink like `add_loopback_address`."""
+    family = socket.AF_INET6 if route.ipv6 else socket.AF_INET
+    what = f"cannot add the TPROXY policy routing ({'; '.join(route.commands())})"
+    table = route.table if route.table < 256 else 0  # the header's byte; RTA_TABLE/FRA_TABLE carry any table
+    rule = struct.pack("=BBBBBBBBI", family, 0, 0, 0, table, 0, 0, _FR_ACT_TO_TBL, 0)
+    rule += _u32_attr(_FRA_PRIORITY, RULE_PRIORITY) + _u32_attr(_FRA_FWMARK, route.mark)
+    rule += _u32_attr(_FRA_TABLE, route.table)
+    code = _netlink(_RTM_NEWRULE, _NLM_F_CREATE | _NLM_F_EXCL, rule, what)  # EXCL: no second copy
+    if code and code != errno.EEXIST:
+        raise CaptureError(f"{what}: {os.strerror(code)}")
+    local = struct.pack("=BBBBBBBBI", family, 0, 0, 0, table, _RTPROT_BOOT, _RT_SCOPE_HOST, _RTN_LOCAL, 0)
+    local += _u32_attr(_RTA_TABLE, route.table) + _u32_attr(_RTA_OIF, _loopback_index(what))
+    code = _netlink(_RTM_NEWROUTE, _NLM_F_CREATE | _NLM_F_REPLACE, local, what)
+    if code:
+        raise CaptureError(f"{what}: {os.strerror(code)}")
+
+
+def _u32_attr(kind: int, value: int) -> bytes:
+    return struct.pack("=HHI", 8, kind, value)
+
+
+def _loopback_index(what: str) -> int:
     try:
-        lo = socket.if_nametoindex("lo")
-        body = struct.pack("=BBBBI", socket.AF_INET6, 128, _IFA_F_NODAD, 0, lo)
-        for kind in (_IFA_LOCAL, _IFA_ADDRESS):
-            body += struct.pack("=HH", 4 + len(packed), kind) + packed
-        flags = _NLM_F_REQUEST | _NLM_F_ACK | _NLM_F_CREATE | _NLM_F_EXCL
-        request = struct.pack("=IHHII", 16 + len(body), _RTM_NEWADDR, flags, 1, 0) + body
+        return socket.if_nametoindex("lo")
+    except OSError as e:
+        raise CaptureError(f"{what}: {e}") from None
+
+
+def _netlink(kind: int, flags: int, body: bytes, what: str) -> int:
+    """Send one rtnetlink request and return the kernel's answer: 0, or an errno."""
+    flags |= _NLM_F_REQUEST | _NLM_F_ACK
+    request = struct.pack("=IHHII", 16 + len(body), kind, flags, 1, 0) + body
+    try:
         with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as nl:
             nl.settimeout(5)
             nl.sendto(request, (0, 0))
             reply = nl.recv(65536)
     except OSError as e:
-        raise CaptureError(f"cannot assign {address}/128 to lo: {e}") from None
-    _, kind, _, _, _ = struct.unpack_from("=IHHII", reply)
-    code = -struct.unpack_from("=i", reply, 16)[0] if kind == _NLMSG_ERROR else 0
-    if code and code != errno.EEXIST:
-        hint = " (is IPv6 disabled on lo? sysctl net.ipv6.conf.lo.disable_ipv6)" if code == errno.EACCES else ""
-        raise CaptureError(f"cannot assign {address}/128 to lo: {os.strerror(code)}{hint}")
+        raise CaptureError(f"{what}: {e}") from None
+    _, answer, _, _, _ = struct.unpack_from("=IHHII", reply)
+    return -struct.unpack_from("=i", reply, 16)[0] if answer == _NLMSG_ERROR else 0
 
 
 def has_ipv6(if_inet6: Path = Path("/proc/net/if_inet6")) -> bool:
@@ -508,6 +687,17 @@ def _bool(value: bool | str, flag: str) -> bool:
     if value.strip().lower() in ("", "0", "f", "false"):
         return False
     raise CaptureError(f"{flag}: {value!r} is not true or false")
+
+
+def _number(text: str, flag: str, low: int, high: int) -> int:
+    """A number as istio-iptables takes marks and tables: decimal, or hex with 0x."""
+    try:
+        value = int(text.strip(), 0)
+    except ValueError:
+        value = -1
+    if not low <= value <= high:
+        raise CaptureError(f"{flag}: {text!r} is not a number from {low} to {high:#x}")
+    return value
 
 
 def _group(text: str, flag: str) -> int:

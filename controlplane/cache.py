@@ -20,7 +20,7 @@ from meshplane.bootstrap.protobuf import pack
 from .ca import IssuedCertificate
 from .generate import SECRET_DEFAULT, SECRET_ROOTCA, MeshConfig, ProxyView, view_of
 from .generate.secrets import root_secret, workload_secret
-from .model import MeshModel, Workload, spiffe_id
+from .model import InterceptionMode, MeshModel, Workload, spiffe_id
 from .resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Resource, Resources
 
 
@@ -67,21 +67,30 @@ class ConfigCache:
         previous = getattr(self, "_config", None)
         self._config = self._config_factory(model, previous)
         self._views: dict[ProxyView, dict[str, Resources]] = {}
-        self._view_of: dict[tuple[Workload, bool, bool], ProxyView] = {}
+        self._view_of: dict[tuple[Workload, InterceptionMode, bool, bool], ProxyView] = {}
         self._packed_before: dict[int, tuple[message.Message, Resource]] = getattr(self, "_packed", {})
         self._packed: dict[int, tuple[message.Message, Resource]] = {}
 
-    def view(self, workload: Workload, *, dns_capture: bool = False, router: bool = False) -> ProxyView:
-        """The view of `workload` under the current model, computed once per model and workload.
+    def view(
+        self,
+        workload: Workload,
+        *,
+        interception: InterceptionMode = InterceptionMode.REDIRECT,
+        dns_capture: bool = False,
+        router: bool = False,
+    ) -> ProxyView:
+        """The view of `workload` under the current model, computed once per model, workload and what
+        its node asks for (interception mode, DNS listener, gateway).
 
         Built from the model's own entry for the workload when it has one (say a mesh-file entry
         with `mtls: DISABLE` for a proxy that also connects): what clients send and what the
         proxy accepts then come from the same entry."""
-        found = self._view_of.get((workload, dns_capture, router))
+        key = (workload, interception, dns_capture, router)
+        found = self._view_of.get(key)
         if found is None:
             entry = self._model.workload(workload.namespace, workload.name) or workload
-            found = view_of(self._model, entry, dns_capture=dns_capture, router=router)
-            self._view_of[(workload, dns_capture, router)] = found
+            found = view_of(self._model, entry, interception=interception, dns_capture=dns_capture, router=router)
+            self._view_of[key] = found
         return found
 
     def resources(self, view: ProxyView, type_url: str) -> Resources:

@@ -436,7 +436,7 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser(
         "iptables",
         help="apply (or print) the traffic-capture rules of a pod",
-        description="Install the nat rules that send a pod's TCP traffic through its sidecar, with istio-iptables' "
+        description="Install the rules that send a pod's TCP traffic through its sidecar, with istio-iptables' "
         "flags and semantics, in one atomic iptables-restore. Idempotent; --cleanup removes exactly what "
         "was added. Lists are comma-separated; '*' means all. Each flag's default comes from the environment "
         "variable istio-iptables reads for it, named in its help.",
@@ -570,6 +570,30 @@ def _parser() -> argparse.ArgumentParser:
         default=_env_bool(env("CAPTURE_ALL_DNS", "")),
         help="with --redirect-dns: capture every query to port 53, not only those to the pod's nameservers "
         "($CAPTURE_ALL_DNS)",
+    )
+    i.add_argument(
+        "-m",
+        "--inbound-interception-mode",
+        default=env("ISTIO_INBOUND_INTERCEPTION_MODE", "") or "REDIRECT",
+        metavar="MODE",
+        help="REDIRECT (default: nat, the app sees connections from 127.0.0.6) or TPROXY (mangle and policy "
+        "routing: the app sees the client's address; the proxy needs CAP_NET_ADMIN) "
+        "($ISTIO_INBOUND_INTERCEPTION_MODE)",
+    )
+    i.add_argument(
+        "-t",
+        "--tproxy-mark",
+        default=env("ISTIO_INBOUND_TPROXY_MARK", "1337"),
+        metavar="MARK",
+        help="TPROXY: the packet mark of captured inbound traffic; the control plane configures the proxy with "
+        "1337 (1337; $ISTIO_INBOUND_TPROXY_MARK)",
+    )
+    i.add_argument(
+        "-r",
+        "--tproxy-route-table",
+        default=env("ISTIO_INBOUND_TPROXY_ROUTE_TABLE", "133"),
+        metavar="TABLE",
+        help="TPROXY: the routing table that delivers marked packets locally (133; $ISTIO_INBOUND_TPROXY_ROUTE_TABLE)",
     )
     i.add_argument(
         "--ipv6",
@@ -974,16 +998,21 @@ def _iptables(args: argparse.Namespace) -> int:
             redirect_dns=args.redirect_dns,
             capture_all_dns=args.capture_all_dns,
             dns_servers=_resolv_conf_nameservers() if args.redirect_dns and not args.capture_all_dns else "",
+            inbound_mode=args.inbound_interception_mode,
+            tproxy_mark=args.tproxy_mark,
+            tproxy_route_table=args.tproxy_route_table,
         )
         if args.redirect_dns and not args.capture_all_dns and not config.dns_servers:
             log.warning("--redirect-dns: /etc/resolv.conf names no nameserver, so no DNS is captured")
         if args.dry_run:
+            for route in iptables.routes(config, ipv6=ipv6):
+                sys.stdout.write("".join(f"# {command}\n" for command in route.commands()))
             for v6 in (False, True) if ipv6 else (False,):
                 sys.stdout.write(f"# {'ip6tables' if v6 else 'iptables'}-restore --noflush\n")
                 sys.stdout.write(iptables.rules(config, ipv6=v6))
             return 0
         iptables.apply(config, ipv6=ipv6)
-        log.info("capture rules applied (%s)", "IPv4 and IPv6" if ipv6 else "IPv4")
+        log.info("capture rules applied (%s, inbound %s)", "IPv4 and IPv6" if ipv6 else "IPv4", config.inbound_mode)
         return 0
     except iptables.CaptureError as e:
         raise ConfigError(str(e)) from None

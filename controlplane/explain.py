@@ -24,7 +24,7 @@ from meshplane.webhook.sidecar import INIT
 
 from .generate import MeshConfig, view_of
 from .generate.common import INBOUND_PASSTHROUGH, PASSTHROUGH, VIRTUAL_INBOUND, VIRTUAL_OUTBOUND
-from .model import MeshModel, Workload, labels
+from .model import InterceptionMode, MeshModel, Workload, labels
 from .resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, short
 
 Doc = Mapping[str, Any]
@@ -42,6 +42,7 @@ _CAPTURE_FLAGS = {
     "-x": "exclude_outbound_ip_ranges",
     "-o": "exclude_outbound_ports",
     "-c": "exclude_interfaces",
+    "-m": "inbound_mode",
 }
 """The init container's istio-iptables flags (`meshctl iptables`) -> CaptureConfig.from_flags arguments."""
 _CAPTURE_SWITCHES = {"--redirect-dns": "redirect_dns", "--capture-all-dns": "capture_all_dns"}
@@ -131,7 +132,9 @@ def explain_pod(
             "the pod has no IP yet (status.podIP): it is not among its own services' endpoints below"
         )
     config = MeshConfig(model)
-    view = view_of(model, workload)
+    args = report["capture"]["args"] if report["capture"] else []
+    tproxy = "-m" in args[:-1] and args[args.index("-m") + 1] == InterceptionMode.TPROXY
+    view = view_of(model, workload, interception=InterceptionMode.TPROXY if tproxy else InterceptionMode.REDIRECT)
     resources = config.resources(view)
     as_json = {short(t): [json_format.MessageToDict(m) for m in resources[t]] for t in resources}
     mesh = sidecar_view(as_json)
@@ -196,6 +199,11 @@ def _capture_summary(c: iptables.CaptureConfig) -> list[str]:
         f"outbound TCP to {listed(c.outbound_ip_ranges, 'any address')} goes to the sidecar on {c.envoy_port}",
         f"inbound TCP to {listed(c.inbound_ports, 'every port')} goes to the sidecar on {c.inbound_capture_port}",
     ]
+    if c.tproxy:
+        out.append(
+            f"inbound is captured with TPROXY (mark {c.tproxy_mark}, table {c.tproxy_route_table}): "
+            "the app sees each client's own address"
+        )
     if c.exclude_inbound_ports:
         out.append(f"inbound ports never captured: {', '.join(map(str, c.exclude_inbound_ports))}")
     if c.exclude_outbound_ip_ranges:

@@ -38,6 +38,17 @@ class MtlsMode(enum.StrEnum):
     DISABLE = "DISABLE"
 
 
+class InterceptionMode(enum.StrEnum):
+    """How a proxy's inbound traffic is captured (Istio's INTERCEPTION_MODE node metadata)."""
+
+    REDIRECT = "REDIRECT"
+    """nat REDIRECT: the proxy forwards to the app from 127.0.0.6 (::6)."""
+    TPROXY = "TPROXY"
+    """mangle TPROXY: transparent listeners; the proxy forwards from the client's own address."""
+    NONE = "NONE"
+    """No capture; generated like REDIRECT (the listeners just receive nothing)."""
+
+
 class OutboundPolicy(enum.StrEnum):
     ALLOW_ANY = "ALLOW_ANY"
     REGISTRY_ONLY = "REGISTRY_ONLY"

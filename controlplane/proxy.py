@@ -1,8 +1,9 @@
 """A connected proxy's identity, read from its xDS node (id and metadata), Istio's way.
 
 Node id: `sidecar~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local` (`router~...` for a gateway).
-Metadata keys (as in Istio's bootstrap): NAMESPACE, SERVICE_ACCOUNT, NAME, LABELS, INSTANCE_IPS; and
-DNS_CAPTURE (Istio's ISTIO_META_DNS_CAPTURE): the pod's DNS is captured, so the proxy wants a DNS listener.
+Metadata keys (as in Istio's bootstrap): NAMESPACE, SERVICE_ACCOUNT, NAME, LABELS, INSTANCE_IPS;
+DNS_CAPTURE (Istio's ISTIO_META_DNS_CAPTURE): the pod's DNS is captured, so the proxy wants a DNS
+listener; and INTERCEPTION_MODE (REDIRECT, the default, TPROXY or NONE).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from envoy.config.core.v3 import base_pb2
 from google.protobuf import json_format
 
 from . import names
-from .model import Workload, labels
+from .model import InterceptionMode, Workload, labels
 
 
 class NodeError(ValueError):
@@ -28,6 +29,7 @@ class ProxyNode:
     dns_capture: bool = False
     router: bool = False
     """A gateway (node type `router`): served no capture listeners."""
+    interception: InterceptionMode = InterceptionMode.REDIRECT
 
 
 def node_id(ip: str, name: str, namespace: str, domain_suffix: str = "cluster.local") -> str:
@@ -73,6 +75,9 @@ def from_node(node: base_pb2.Node) -> ProxyNode:
         address = str(ipaddress.ip_address(ips[0].strip()))
     except ValueError:
         raise NodeError(f"INSTANCE_IPS: {ips[0][:64]!r} is not an IP address (nor is the node id's)") from None
+    mode = _text(meta, "INTERCEPTION_MODE", InterceptionMode.REDIRECT)
+    if mode not in tuple(InterceptionMode):
+        raise NodeError(f"INTERCEPTION_MODE: {mode[:64]!r} is not one of {', '.join(InterceptionMode)}")
     return ProxyNode(
         node.id,
         Workload(
@@ -86,6 +91,7 @@ def from_node(node: base_pb2.Node) -> ProxyNode:
         ),
         dns_capture=_flag(meta, "DNS_CAPTURE"),
         router=kind == "router",
+        interception=InterceptionMode(mode),
     )
 
 

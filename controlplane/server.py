@@ -533,9 +533,10 @@ class XdsServer:
 
     def _source_for(self, node: ProxyNode) -> Callable[[str], Resources]:
         def source(type_url: str) -> Resources:
-            return self.cache.resources(
-                self.cache.view(node.workload, dns_capture=node.dns_capture, router=node.router), type_url
+            view = self.cache.view(
+                node.workload, interception=node.interception, dns_capture=node.dns_capture, router=node.router
             )
+            return self.cache.resources(view, type_url)
 
         return source
 

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import os
 import shutil
 import subprocess
+import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
+
+from meshplane.bootstrap.envoy import Ports, WorkloadIdentity, XdsCredentials, bootstrap, render
+from meshplane.controlplane.app import ControlPlane
+from meshplane.controlplane.settings import Settings
+from tests.harness import EnvoyAdmin, envoy_binary, wait_until
 
 
 def require_netns() -> None:
@@ -35,6 +44,34 @@ def sh(*argv: str, ns: str | None = None, check: bool = True, timeout: float = 1
     return done.stdout
 
 
+# A dual-stack TCP server: on every connection it replies '<port> <client address>' and closes.
+ADDRESS_SERVER = """
+import selectors, socket, sys, time
+sel = selectors.DefaultSelector()
+for port in map(int, sys.argv[1:]):
+    s = socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=True)
+    sel.register(s, selectors.EVENT_READ, port)
+print("ready", flush=True)
+deadline = time.monotonic() + 90
+while time.monotonic() < deadline:
+    for key, _ in sel.select(0.5):
+        conn, peer = key.fileobj.accept()
+        with conn:
+            conn.sendall(f"{key.data} {peer[0].removeprefix('::ffff:')}\\n".encode())
+"""
+_CLIENT = """
+import socket, sys
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3) as s:
+    s.settimeout(3)
+    print(s.makefile().readline().strip())
+"""
+
+
+def ask(ns: str, ip: str, port: int) -> str:
+    """Connect from `ns` (as root: an app, captured) and return the server's answer, '' if none."""
+    return sh("/usr/bin/python3", "-c", _CLIENT, ip, str(port), ns=ns, timeout=10, check=False).strip()
+
+
 @dataclass
 class Net:
     """Two hosts joined by a veth pair: `pod` (10.250.0.2) and `peer` (10.250.0.1, also 10.250.1.1).
@@ -55,8 +92,21 @@ class Net:
     peer_dev: str = ""
     procs: list[subprocess.Popen[str]] = field(default_factory=list)
 
-    def start(self, ns: str, *argv: str, uid: int | None = None) -> subprocess.Popen[str]:
-        prefix = ["setpriv", "--reuid", str(uid), "--regid", str(uid), "--clear-groups"] if uid is not None else []
+    def start(
+        self, ns: str, *argv: str, uid: int | None = None, gid: int | None = None, caps: Sequence[str] = ()
+    ) -> subprocess.Popen[str]:
+        """Run `argv` in `ns`, as `uid` and `gid` (default: the uid) if given, with the capabilities `caps`
+        (e.g. net_admin): ambient ones for a non-root uid (how it keeps them across exec); for root, the
+        only ones left, as in a container that drops ALL and adds them."""
+        prefix = []
+        if uid is not None:
+            prefix = ["setpriv", "--reuid", str(uid), "--regid", str(uid if gid is None else gid), "--clear-groups"]
+        if caps:
+            wanted = ",".join(f"+{c}" for c in caps)
+            if uid == 0:
+                prefix += ["--bounding-set", f"-all,{wanted}"]
+            else:
+                prefix += ["--inh-caps", wanted, "--ambient-caps", wanted]
         proc = subprocess.Popen(
             ["ip", "netns", "exec", ns, *prefix, *argv],
             stdout=subprocess.PIPE,
@@ -111,3 +161,75 @@ def two_hosts(*, ipv6: bool = False) -> Iterator[Net]:
             proc.wait(5)
         for ns in (net.pod, net.peer):
             sh("ip", "netns", "del", ns, check=False)
+
+
+@contextlib.asynccontextmanager
+async def pod_sidecar(
+    net: Net,
+    mesh: str,
+    identity: WorkloadIdentity,
+    *,
+    listeners: Sequence[str] = ("virtualInbound",),
+    caps: Sequence[str] = (),
+    user: tuple[int, int] = (1337, 1337),
+) -> AsyncIterator[EnvoyAdmin]:
+    """A real Envoy as `user` (uid, gid) in the pod's namespace, with capabilities `caps`, fed over a unix
+    socket by a ControlPlane that serves `mesh`; yields its admin API once `listeners` are active."""
+    runtime = Path(tempfile.mkdtemp(prefix="meshplane-pod-"))
+    runtime.chmod(0o755)
+    (runtime / "mesh.yaml").write_text(mesh)
+    plane = ControlPlane(
+        Settings(
+            mesh_file=runtime / "mesh.yaml",
+            bind="127.0.0.1",
+            xds_tls_port=0,
+            admin_port=0,
+            webhook_port=0,
+            xds_socket=runtime / "xds.sock",
+            xds_socket_group=1337,
+            ca_dir=runtime / "ca",
+            debounce=0.05,
+            proxy_grace=0.5,
+            poll_interval=0.1,
+            shutdown_delay=0,
+            shutdown_grace=1,
+        )
+    )
+    envoy = None
+    try:
+        await plane.start()
+        envoy_dir = runtime / "envoy"
+        envoy_dir.mkdir()
+        shutil.chown(envoy_dir, *user)
+        config = envoy_dir / "bootstrap.json"
+        token = envoy_dir / "token"
+        token.write_text(plane.ca.mint_token(identity.namespace, identity.service_account, dt.timedelta(hours=1)))
+        shutil.chown(token, *user)
+        ports = Ports(admin_socket=str(envoy_dir / "admin.sock"))
+        credentials = XdsCredentials(str(token))
+        config.write_text(render(bootstrap(identity, f"unix:{runtime}/xds.sock", ports, (), credentials)))
+        envoy = net.start(
+            net.pod,
+            envoy_binary(), "-c", str(config), "--disable-hot-restart", "-l", "warning",
+            "--log-path", str(envoy_dir / "envoy.log"), "--drain-time-s", "1",
+            uid=user[0], gid=user[1], caps=caps,
+        )  # fmt: skip
+        admin = EnvoyAdmin(socket=envoy_dir / "admin.sock")
+
+        async def ready() -> bool:
+            if not admin.socket or not admin.socket.exists() or (await admin.get("/ready")).strip() != "LIVE":
+                return False
+            active = await admin.get("/listeners")
+            return all(name in active for name in listeners) and not await admin.warming()
+
+        try:
+            await wait_until(ready, timeout=20, what="the sidecar's listeners")
+        except AssertionError:
+            log = envoy_dir / "envoy.log"
+            raise AssertionError(log.read_text()[-3000:] if log.exists() else "no Envoy log") from None
+        yield admin
+    finally:
+        if envoy is not None and envoy.poll() is None:
+            os.killpg(envoy.pid, 9)  # first, or the plane waits for its stream to end
+        await plane.stop()
+        shutil.rmtree(runtime, ignore_errors=True)

@@ -61,7 +61,9 @@ class ProxyOptions:
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
     """How long the proxy drains before it is stopped (ProxyConfig terminationDrainDuration)."""
     capture: bool = True
-    """`sidecar.istio.io/interceptionMode`: REDIRECT captures traffic (the init container); NONE does not."""
+    """`sidecar.istio.io/interceptionMode`: REDIRECT and TPROXY capture traffic (the init container); NONE does not."""
+    tproxy: bool = False
+    """`sidecar.istio.io/interceptionMode: TPROXY`: inbound captured with TPROXY, the app sees clients' addresses."""
     gateway: bool = False
     """`inject.istio.io/templates: gateway`: the proxy is the pod's main container (no capture, no probe
     rewriting, no tlsMode label), as Istio's gateway template."""
@@ -117,10 +119,8 @@ def proxy_options(annotations: Mapping[str, str], config: InjectionConfig) -> Pr
             "sidecar or gateway (Meshplane has no grpc-agent or grpc-simple template, and templates do not combine)",
         )
     mode = a.get("sidecar.istio.io/interceptionMode", "REDIRECT")
-    if mode not in ("REDIRECT", "NONE"):
-        raise InvalidAnnotation(
-            "sidecar.istio.io/interceptionMode", mode, "REDIRECT or NONE (TPROXY is not supported yet)"
-        )
+    if mode not in ("REDIRECT", "TPROXY", "NONE"):
+        raise InvalidAnnotation("sidecar.istio.io/interceptionMode", mode, "REDIRECT, TPROXY or NONE")
     for kind in ("cpu", "memory"):
         request, limit = resources.get("requests", {}).get(kind), resources.get("limits", {}).get(kind)
         if request and limit and _quantity(request) > _quantity(limit):
@@ -159,6 +159,7 @@ def proxy_options(annotations: Mapping[str, str], config: InjectionConfig) -> Pr
         drain_seconds=drain,
         capture=mode != "NONE" and not gateway,
         gateway=gateway,
+        tproxy=mode == "TPROXY" and not gateway,
         status_port=_status_port(a),
         proxy_metadata=tuple(sorted(metadata.items())),
     )

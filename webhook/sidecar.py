@@ -172,6 +172,7 @@ def _proxy_container(
         options.status_port,
         "router" if options.gateway else "sidecar",
         tuple((k.removeprefix(ISTIO_META), v) for k, v in options.proxy_metadata if k.startswith(ISTIO_META)),
+        "TPROXY" if options.tproxy else "REDIRECT" if options.capture else "NONE",
     )
     args = [
         "--config-yaml",
@@ -214,6 +215,13 @@ def _proxy_container(
             "capabilities": {"drop": ["ALL"]},
         },
     }
+    if options.tproxy:
+        # As Istio: forwarding from clients' addresses takes IP_TRANSPARENT, so CAP_NET_ADMIN, which
+        # Kubernetes grants a container only as root (no ambient capabilities). Group 1337 still keeps
+        # the proxy's own traffic out of the capture.
+        container["securityContext"].update(
+            runAsUser=0, runAsNonRoot=False, capabilities={"add": ["NET_ADMIN"], "drop": ["ALL"]}
+        )
     if options.status_port:  # 0: no readiness probe, as Istio
         container["readinessProbe"] = _ready_probe(HEALTH_PORT, period=2, failures=30)
     mounts = [{"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True}]
@@ -250,7 +258,8 @@ def _bootstrap_json(
     xds_ca: str,
     status: int,
     kind: str,
-    metadata: tuple[tuple[str, str], ...] = (),
+    metadata: tuple[tuple[str, str], ...],
+    interception: str,
 ) -> str:
     """The sidecar's bootstrap; memoized, since the pods of one workload share every input."""
     identity = WorkloadIdentity(
@@ -262,6 +271,7 @@ def _bootstrap_json(
         domain_suffix=domain_suffix,
         kind=kind,
         metadata=dict(metadata),
+        interception_mode=interception,
     )
     ports = Ports(health=HEALTH_PORT, status=status, stats=STATS_PORT, admin_socket=admin_socket)
     credentials = XdsCredentials(f"{TOKEN_DIR}/{TOKEN_VOLUME}", ca_pem="" if _xds_is_unix(xds_address) else xds_ca)
@@ -300,6 +310,7 @@ def _init_container(config: InjectionConfig, options: ProxyOptions) -> dict[str,
         "-c",
         options.exclude_interfaces,
         *(["--redirect-dns"] if options.dns_capture else []),
+        *(["-m", "TPROXY"] if options.tproxy else []),
     ]
     return {
         "name": INIT,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from google.protobuf import message
 
-from ..model import MeshModel, MtlsMode, Protocol, Service, Workload, by_name
+from ..model import InterceptionMode, MeshModel, MtlsMode, Protocol, Service, Workload, by_name
 from ..resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from . import clusters, dns, endpoints, listeners, routes
 from .common import SECRET_DEFAULT, SECRET_ROOTCA
@@ -37,9 +37,18 @@ class ProxyView:
     """The proxy asked for a DNS listener (its pod's DNS is captured): node metadata DNS_CAPTURE."""
     router: bool = False
     """A gateway (`router~` node, the gateway injection template): no capture listeners and no inbound."""
+    tproxy: bool = False
+    """Its inbound capture is TPROXY: a transparent inbound listener that forwards from the client's address."""
 
 
-def view_of(model: MeshModel, workload: Workload, *, dns_capture: bool = False, router: bool = False) -> ProxyView:
+def view_of(
+    model: MeshModel,
+    workload: Workload,
+    *,
+    interception: InterceptionMode = InterceptionMode.REDIRECT,
+    dns_capture: bool = False,
+    router: bool = False,
+) -> ProxyView:
     ports: dict[int, Protocol] = {}
     for service in model.services_of(workload):
         for p in service.ports:
@@ -51,8 +60,9 @@ def view_of(model: MeshModel, workload: Workload, *, dns_capture: bool = False, 
         workload.service_account,
         tuple(sorted(ports.items())),
         model.mtls_of(workload),
-        dns_capture,
-        router,
+        dns_capture=dns_capture,
+        router=router,
+        tproxy=interception == InterceptionMode.TPROXY,
     )
 
 
@@ -68,7 +78,7 @@ class MeshConfig:
         self.model = model
         self._routes: dict[str, list[message.Message]] = {}
         self._inbound_clusters: dict[int, message.Message] = {}
-        self._inbound_listeners: dict[tuple[InboundPorts, MtlsMode], message.Message] = {}
+        self._inbound_listeners: dict[tuple[InboundPorts, MtlsMode, bool], message.Message] = {}
         self._built: dict[tuple[object, ...], message.Message] = {}
         self._before = previous._built if previous is not None else {}
         # Everything a shared resource depends on beyond its own service (see `_settings`).
@@ -171,10 +181,11 @@ class MeshConfig:
             found = self._inbound_clusters[port] = clusters.inbound(port)
         return found
 
-    def inbound_listener(self, ports: InboundPorts, mtls: MtlsMode) -> message.Message:
-        found = self._inbound_listeners.get((ports, mtls))
+    def inbound_listener(self, ports: InboundPorts, mtls: MtlsMode, tproxy: bool = False) -> message.Message:
+        key = (ports, mtls, tproxy)
+        found = self._inbound_listeners.get(key)
         if found is None:
-            found = self._inbound_listeners[(ports, mtls)] = listeners.virtual_inbound(self.model, ports, mtls)
+            found = self._inbound_listeners[key] = listeners.virtual_inbound(self.model, ports, mtls, tproxy=tproxy)
         return found
 
     @functools.cached_property
@@ -201,7 +212,7 @@ class MeshConfig:
             ENDPOINT: self.assignments,
             LISTENER: [
                 *self.outbound_listeners,
-                self.inbound_listener(view.inbound, view.mtls),
+                self.inbound_listener(view.inbound, view.mtls, view.tproxy),
                 *([self.dns_listener(view.namespace)] if view.dns_capture else []),
             ],
             ROUTE: self.routes(view.namespace),

@@ -16,6 +16,7 @@ from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
+from envoy.extensions.filters.listener.original_src.v3 import original_src_pb2
 from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
@@ -23,6 +24,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from google.protobuf import wrappers_pb2
 
+from meshplane.bootstrap.iptables import TPROXY_MARK
 from meshplane.bootstrap.protobuf import pack, socket_address
 
 from ..model import MeshModel, MtlsMode, OutboundPolicy, Protocol, Service, by_name
@@ -107,11 +109,15 @@ def outbound_port(model: MeshModel, port: int, services: Sequence[Service] | Non
     )
 
 
-def virtual_inbound(model: MeshModel, ports: tuple[tuple[int, Protocol], ...], mtls: MtlsMode) -> listener_pb2.Listener:
+def virtual_inbound(
+    model: MeshModel, ports: tuple[tuple[int, Protocol], ...], mtls: MtlsMode, *, tproxy: bool = False
+) -> listener_pb2.Listener:
     """Receives captured inbound connections; TLS or plaintext per the workload's mTLS mode.
 
     STRICT accepts only mTLS: a plaintext connection matches no chain and is closed.
     PERMISSIVE accepts both; DISABLE only plaintext. Ports no service declares pass through.
+    With `tproxy` (TPROXY capture) the listener is transparent, to accept connections to any
+    address, and forwards to the app from the client's own address, as Istio does (original_src).
     """
     chains: list[lc.FilterChain] = []
     for port, protocol in ports:
@@ -128,19 +134,33 @@ def virtual_inbound(model: MeshModel, ports: tuple[tuple[int, Protocol], ...], m
                 f"virtualInbound-catchall{'-mtls' if tls else ''}", model, tls, _tcp_proxy(INBOUND_PASSTHROUGH), None
             )
         )
+    filters = [
+        lc.ListenerFilter(name="envoy.filters.listener.original_dst", typed_config=pack(original_dst_pb2.OriginalDst()))
+    ]
+    if tproxy:
+        # The upstream connection to the app binds the client's address (IP_TRANSPARENT) and carries the
+        # capture's mark, so the app's replies route back here; this overrides the inbound clusters'
+        # 127.0.0.6 source, which stays for REDIRECT. Before tls_inspector: a listener filter timeout
+        # (server-first protocols) skips the filters after it.
+        filters.append(
+            lc.ListenerFilter(
+                name="envoy.filters.listener.original_src",
+                typed_config=pack(original_src_pb2.OriginalSrc(mark=TPROXY_MARK)),
+            )
+        )
+    filters.append(
+        lc.ListenerFilter(
+            name="envoy.filters.listener.tls_inspector", typed_config=pack(tls_inspector_pb2.TlsInspector())
+        )
+    )
     return listener_pb2.Listener(
         name=VIRTUAL_INBOUND,
         address=socket_address(ANY, INBOUND_CAPTURE_PORT),
         additional_addresses=_ipv6_wildcard(INBOUND_CAPTURE_PORT),
         traffic_direction=INBOUND,
-        listener_filters=[
-            lc.ListenerFilter(
-                name="envoy.filters.listener.original_dst", typed_config=pack(original_dst_pb2.OriginalDst())
-            ),
-            lc.ListenerFilter(
-                name="envoy.filters.listener.tls_inspector", typed_config=pack(tls_inspector_pb2.TlsInspector())
-            ),
-        ],
+        # TPROXY hands the listener connections to any address: it must be transparent to accept them.
+        transparent=wrappers_pb2.BoolValue(value=True) if tproxy else None,
+        listener_filters=filters,
         # Server-first protocols send nothing for tls_inspector to read: go on after a second.
         listener_filters_timeout={"seconds": 1},
         continue_on_listener_filters_timeout=True,

@@ -66,6 +66,19 @@ async def test_http_call_is_intercepted_and_mutually_authenticated(mesh: Mesh) -
     assert b["cluster.inbound|9080||.upstream_cx_total"] >= 1
 
 
+async def test_a_tproxy_pod_sees_its_caller_s_own_address_over_mtls(mesh: Mesh) -> None:
+    # Injected as the webhook does for interceptionMode TPROXY: mesh-init with -m TPROXY, the proxy as
+    # root with only NET_ADMIN, group 1337. The caller is the frontend pod itself, not 127.0.0.6.
+    tproxy = {"sidecar.istio.io/interceptionMode": "TPROXY"}
+    backend = await mesh.pod("backend-1", "backend", "backend", http=(9080,), annotations=tproxy)
+    frontend = await mesh.pod("frontend-1", "frontend", "frontend", http=(8080,))
+    answer = await get(mesh, frontend, "http://backend:9080/hello")
+    assert answer["pod"] == "backend-1" and answer["peer"] == frontend.ip
+    assert f"URI={FRONTEND_ID}" in answer["headers"]["x-forwarded-client-cert"]  # type: ignore[index]
+    b = await mesh.admin(backend).stats()
+    assert b["listener.0.0.0.0_15006.ssl.handshake"] >= 1 and b["cluster.inbound|9080||.upstream_cx_total"] >= 1
+
+
 async def test_strict_rejects_plaintext_and_permissive_admits_it(mesh: Mesh) -> None:
     frontend, backend = await two_pods(mesh)
     outsider = await mesh.pod("outsider", "outsider", "default", http=(8080,), sidecar=False)

@@ -113,6 +113,21 @@ def test_the_injected_pod_becomes_containers_field_by_field(runner: Any, tmp_pat
     }
 
 
+def test_a_tproxy_pod_keeps_the_proxy_s_capability_and_user(runner: Any) -> None:
+    run, started, _ = runner
+    annotations = {"sidecar.istio.io/interceptionMode": "TPROXY"}
+    pod = run.start(app_pod("web", http=(8080,), annotations=annotations), wait=False)
+    _, init_args, _ = started["mesh-init"]
+    assert init_args is not None and init_args[init_args.index("-m") + 1] == "TPROXY"
+    _, proxy_args, proxy = started["mesh-proxy"]
+    # Root with NET_ADMIN only (IP_TRANSPARENT), group 1337 so its own traffic stays uncaptured.
+    assert (proxy["user"], proxy["cap_add"], proxy["cap_drop"]) == ("0:1337", ["NET_ADMIN"], ["ALL"])
+    assert proxy_args is not None and pod.injected
+    assert json.loads(proxy_args[proxy_args.index("--config-yaml") + 1])["node"]["metadata"]["INTERCEPTION_MODE"] == (
+        "TPROXY"
+    )
+
+
 def test_termination_runs_pre_stop_hooks_then_sigterm_within_the_grace_period(runner: Any) -> None:
     run, _, events = runner
     pod = run.start(app_pod("web", http=(8080,)), wait=False)

@@ -257,3 +257,29 @@ def test_drop_invalid(net: Net) -> None:
     capture(net, "--cleanup")
     strip = [ln for ln in sh("iptables-save", "-t", "mangle", ns=net.pod).splitlines() if not ln.startswith("#")]
     assert strip == [ln for ln in before.splitlines() if not ln.startswith("#")]
+
+
+def mangle_table(ns: str) -> list[str]:
+    return [ln for ln in sh("iptables-save", "-t", "mangle", ns=ns).splitlines() if not ln.startswith("#")]
+
+
+def test_tproxy_installs_once_keeps_redirect_semantics_elsewhere_and_cleans_up(net: Net) -> None:
+    before_nat, before_mangle = nat_table(net.pod), mangle_table(net.pod)
+    printed = capture(net, "-m", "TPROXY", "-d", "8080", "--ipv6", "off", "--dry-run")
+    # As istio-iptables does, the mode may come from the environment; a second run adds no copy.
+    sh("env", "ISTIO_INBOUND_INTERCEPTION_MODE=TPROXY", *MESHCTL, "-d", "8080", "--ipv6", "off", ns=net.pod)
+    capture(net, "-m", "TPROXY", "-d", "8080", "--ipv6", "off")
+    installed = {ln for ln in [*nat_table(net.pod), *mangle_table(net.pod)] if ln.startswith("-A ")}
+    assert {ln for ln in printed.splitlines() if ln.startswith("-A ")} == installed
+    mangle = "\n".join(mangle_table(net.pod))
+    assert mangle.count("-A PREROUTING -p tcp -j MESH_TPROXY_INBOUND") == 1
+    assert "--on-port 15006" in mangle and "--dport 15006" not in "\n".join(nat_table(net.pod))
+    rules = sh("ip", "rule", ns=net.pod)
+    assert rules.count("fwmark 0x539 lookup 133") == 1 and "# ip -4 rule add fwmark 0x539 lookup 133" in printed
+    assert sh("ip", "route", "show", "table", "133", ns=net.pod).strip() == "local default dev lo scope host"
+    # Excluded inbound ports and outbound are as in REDIRECT mode.
+    assert call(net, net.peer, net.pod_ip, 8080) == f"8080 {net.pod_ip}:8080"
+    assert call(net, net.pod, net.peer_ip, 80) == f"15001 {net.peer_ip}:80"
+    assert call(net, net.pod, net.peer_ip, 80, uid=1337) == f"80 {net.peer_ip}:80"
+    capture(net, "--cleanup")
+    assert (nat_table(net.pod), mangle_table(net.pod)) == (before_nat, before_mangle)

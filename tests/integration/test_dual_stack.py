@@ -4,21 +4,16 @@ that gets its config from a ControlPlane over a unix socket. Assertions are on w
 the peer saw, and on Envoy's own /stats."""
 
 import asyncio
-import datetime as dt
-import os
 import shutil
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 
-from meshplane.bootstrap.envoy import Ports, WorkloadIdentity, XdsCredentials, bootstrap, render
-from meshplane.controlplane.app import ControlPlane
-from meshplane.controlplane.settings import Settings
-from tests.harness import EnvoyAdmin, envoy_binary, wait_until
-from tests.netns import Net, require_netns, sh, two_hosts
+from meshplane.bootstrap.envoy import WorkloadIdentity
+from tests.harness import EnvoyAdmin
+from tests.netns import ADDRESS_SERVER, Net, ask, pod_sidecar, require_netns, sh, two_hosts
 
 MESHCTL = [sys.executable, "-m", "meshplane.controlplane.cli", "iptables"]
 EXT = "outbound|80||ext.demo.svc.cluster.local"
@@ -41,39 +36,11 @@ workloads:
   - {name: ext-1, namespace: demo, serviceAccount: ext, labels: {app: ext}, address: "fd00:250::1", mtls: DISABLE}
 """
 
-# A dual-stack TCP server: on every connection it replies '<port> <client address>' and closes.
-SERVER = """
-import selectors, socket, sys, time
-sel = selectors.DefaultSelector()
-for port in map(int, sys.argv[1:]):
-    s = socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=True)
-    sel.register(s, selectors.EVENT_READ, port)
-print("ready", flush=True)
-deadline = time.monotonic() + 90
-while time.monotonic() < deadline:
-    for key, _ in sel.select(0.5):
-        conn, peer = key.fileobj.accept()
-        with conn:
-            conn.sendall(f"{key.data} {peer[0].removeprefix('::ffff:')}\\n".encode())
-"""
-CLIENT = """
-import socket, sys
-with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3) as s:
-    s.settimeout(3)
-    print(s.makefile().readline().strip())
-"""
-
-
 HTTP_GET = """
 import sys, urllib.request
 with urllib.request.urlopen(sys.argv[1], timeout=3) as r:
     print(r.status, r.headers.get("x-envoy-upstream-service-time") is not None)
 """
-
-
-def call(ns: str, ip: str, port: int) -> str:
-    """Connect from `ns` (as root: an app, captured) and return the server's answer, '' if none."""
-    return sh("/usr/bin/python3", "-c", CLIENT, ip, str(port), ns=ns, timeout=10, check=False).strip()
 
 
 @pytest.fixture
@@ -85,7 +52,7 @@ def net() -> Iterator[Net]:
         # The pod's app on 8080; the peer's servers on 80 (fd00:250::1 is the mesh service ext,
         # fd00:251::1 is outside the mesh).
         for ns, port in ((net.pod, "8080"), (net.peer, "80")):
-            proc = net.start(ns, "/usr/bin/python3", "-c", SERVER, port)
+            proc = net.start(ns, "/usr/bin/python3", "-c", ADDRESS_SERVER, port)
             assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         net.start(net.peer, "/usr/bin/python3", "-m", "http.server", "--bind", "::", "--directory", empty, "9080")
         # The init container's step: `auto` sees the pod's global IPv6 address and captures both families.
@@ -95,73 +62,17 @@ def net() -> Iterator[Net]:
 
 @pytest.fixture
 async def sidecar(net: Net) -> AsyncIterator[EnvoyAdmin]:
-    runtime = Path(tempfile.mkdtemp(prefix="meshplane-dual-"))
-    runtime.chmod(0o755)
-    (runtime / "mesh.yaml").write_text(MESH)
-    plane = ControlPlane(
-        Settings(
-            mesh_file=runtime / "mesh.yaml",
-            bind="127.0.0.1",
-            xds_tls_port=0,
-            admin_port=0,
-            webhook_port=0,
-            xds_socket=runtime / "xds.sock",
-            xds_socket_group=1337,
-            ca_dir=runtime / "ca",
-            debounce=0.05,
-            proxy_grace=0.5,
-            poll_interval=0.1,
-            shutdown_delay=0,
-            shutdown_grace=1,
-        )
+    identity = WorkloadIdentity(
+        name="web-1", namespace="demo", service_account="web", ip=net.pod_ip6, labels={"app": "web"}
     )
-    envoy = None
-    try:
-        await plane.start()
-        envoy_dir = runtime / "envoy"
-        envoy_dir.mkdir()
-        shutil.chown(envoy_dir, 1337, 1337)
-        identity = WorkloadIdentity(
-            name="web-1", namespace="demo", service_account="web", ip=net.pod_ip6, labels={"app": "web"}
-        )
-        config = envoy_dir / "bootstrap.json"
-        token = envoy_dir / "token"
-        token.write_text(plane.ca.mint_token("demo", "web", dt.timedelta(hours=1)))
-        shutil.chown(token, 1337, 1337)
-        ports = Ports(admin_socket=str(envoy_dir / "admin.sock"))
-        credentials = XdsCredentials(str(token))
-        config.write_text(render(bootstrap(identity, f"unix:{runtime}/xds.sock", ports, (), credentials)))
-        envoy = net.start(
-            net.pod,
-            envoy_binary(), "-c", str(config), "--disable-hot-restart", "-l", "warning",
-            "--log-path", str(envoy_dir / "envoy.log"), "--drain-time-s", "1",
-            uid=1337,
-        )  # fmt: skip
-        admin = EnvoyAdmin(socket=envoy_dir / "admin.sock")
-
-        async def ready() -> bool:
-            if not admin.socket or not admin.socket.exists() or (await admin.get("/ready")).strip() != "LIVE":
-                return False
-            listeners = await admin.get("/listeners")
-            return "virtualInbound" in listeners and "0.0.0.0_80" in listeners and not await admin.warming()
-
-        try:
-            await wait_until(ready, timeout=20, what="the sidecar's listeners")
-        except AssertionError:
-            log = envoy_dir / "envoy.log"
-            raise AssertionError(log.read_text()[-3000:] if log.exists() else "no Envoy log") from None
+    async with pod_sidecar(net, MESH, identity, listeners=("virtualInbound", "0.0.0.0_80")) as admin:
         yield admin
-    finally:
-        if envoy is not None and envoy.poll() is None:
-            os.killpg(envoy.pid, 9)  # first, or the plane waits for its stream to end
-        await plane.stop()
-        shutil.rmtree(runtime, ignore_errors=True)
 
 
 async def counted(admin: EnvoyAdmin, ns: str, ip: str, port: int, *stats: str) -> tuple[str, list[int]]:
     """Make one connection; return the answer and how much each of `stats` grew meanwhile."""
     before = await admin.stats()
-    answer = await asyncio.to_thread(call, ns, ip, port)
+    answer = await asyncio.to_thread(ask, ns, ip, port)
     after = await admin.stats()
     return answer, [after.get(s, 0) - before.get(s, 0) for s in stats]
 

@@ -66,6 +66,19 @@ def test_an_annotation_narrows_capture() -> None:
     assert "--dport 8080 -j MESH_IN_REDIRECT" in cap["iptables"]
 
 
+def test_tproxy_capture_is_explained() -> None:
+    meta = CORPUS["everything-already-there"]["metadata"]
+    annotations = {**meta.get("annotations", {}), "sidecar.istio.io/interceptionMode": "TPROXY"}
+    pod = report(metadata={**meta, "annotations": annotations})
+    cap = pod["capture"]
+    assert cap["args"][-2:] == ["-m", "TPROXY"] and "-j TPROXY --on-port 15006" in cap["iptables"]
+    assert (
+        "inbound is captured with TPROXY (mark 1337, table 133): the app sees each client's own address"
+        in (cap["summary"])
+    )
+    assert pod["mesh"]["inbound"] == report()["mesh"]["inbound"]
+
+
 def test_identity_inbound_and_outbound() -> None:
     mesh = report()["mesh"]
     assert mesh["identity"] == "spiffe://example.org/ns/shop/sa/web"

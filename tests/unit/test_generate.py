@@ -6,7 +6,7 @@ from google.protobuf import json_format, message
 from meshplane.controlplane import meshfile
 from meshplane.controlplane.cache import check_consistent
 from meshplane.controlplane.generate import MeshConfig, ProxyView, view_of
-from meshplane.controlplane.model import MtlsMode, Protocol
+from meshplane.controlplane.model import InterceptionMode, MtlsMode, Protocol
 from meshplane.controlplane.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 MESH = """
@@ -275,3 +275,23 @@ def test_a_rebuild_reuses_every_message_whose_inputs_did_not_change(config: Mesh
     assert [c.name for c in rebuilt if c.name.startswith("outbound|") and not any(c is o for o in before[CLUSTER])] == [
         "outbound|5432||db.bookinfo.svc.cluster.local"
     ]
+
+
+def test_tproxy_view_gets_a_transparent_inbound_listener_and_shares_everything_else(config: MeshConfig) -> None:
+    workload = config.model.workloads[0]
+    redirect = config.resources(view_of(config.model, workload))
+    tproxy_view = view_of(config.model, workload, interception=InterceptionMode.TPROXY)
+    assert tproxy_view.tproxy and not reviews_view(config).tproxy
+    tproxy = config.resources(tproxy_view)
+    inbound = as_dicts(tproxy[LISTENER])["virtualInbound"]
+    assert inbound["transparent"] is True
+    # original_src before tls_inspector: a listener filter timeout skips the filters after it.
+    assert [(f["name"], f["typedConfig"].get("mark")) for f in inbound["listenerFilters"]] == [
+        ("envoy.filters.listener.original_dst", None),
+        ("envoy.filters.listener.original_src", 1337),
+        ("envoy.filters.listener.tls_inspector", None),
+    ]
+    # The same chains; REDIRECT's listener untouched; clusters (127.0.0.6 kept, as Istio) shared.
+    assert inbound["filterChains"] == as_dicts(redirect[LISTENER])["virtualInbound"]["filterChains"]
+    assert "transparent" not in as_dicts(redirect[LISTENER])["virtualInbound"]
+    assert tproxy[CLUSTER] == redirect[CLUSTER] and tproxy[LISTENER][:-1] == redirect[LISTENER][:-1]

@@ -429,7 +429,7 @@ def test_bad_reviews(body: bytes, message: str) -> None:
         parse(body)
 
 
-def test_interception_mode_none_has_no_capture_and_tproxy_is_a_clear_deny() -> None:
+def test_interception_mode_none_has_no_capture() -> None:
     pod = make(
         "n", {"containers": [{"name": "app", "image": "a"}]}, annotations={"sidecar.istio.io/interceptionMode": "NONE"}
     )
@@ -437,13 +437,43 @@ def test_interception_mode_none_has_no_capture_and_tproxy_is_a_clear_deny() -> N
     kubernetes_validate.validate(out, K8S, strict=True)
     assert "initContainers" not in out["spec"] and _proxy(out)
     assert not json.loads(out["metadata"]["annotations"]["sidecar.istio.io/status"]).get("initContainers")
-    tproxy = make(
-        "t",
-        {"containers": [{"name": "app", "image": "a"}]},
-        annotations={"sidecar.istio.io/interceptionMode": "TPROXY"},
+    bogus = make("b", {"containers": [{"name": "app", "image": "a"}]}, annotations={INTERCEPTION: "tproxy"})
+    error = inject(bogus, "shop", InjectionConfig(xds_ca=MESH_ROOT)).error
+    assert error is not None and "REDIRECT, TPROXY or NONE" in str(error)
+
+
+INTERCEPTION = "sidecar.istio.io/interceptionMode"
+
+
+def test_interception_mode_tproxy_captures_with_tproxy_and_lets_the_proxy_bind_clients_addresses() -> None:
+    spec = {"containers": [{"name": "app", "image": "a", "ports": [{"containerPort": 8080}]}]}
+    out = inject(make("t", spec, annotations={INTERCEPTION: "TPROXY"}), "shop", InjectionConfig(xds_ca=MESH_ROOT)).pod
+    kubernetes_validate.validate(out, K8S, strict=True)
+    init = out["spec"]["initContainers"][0]
+    args = init["args"]
+    assert args[args.index("-m") + 1] == "TPROXY" and args[args.index("-u") + 1] == "1337"
+    proxy = _proxy(out)
+    # As Istio's template: root for the capability to take effect, group 1337 to stay uncaptured.
+    assert proxy["securityContext"] == {
+        "runAsUser": 0,
+        "runAsGroup": 1337,
+        "runAsNonRoot": False,
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "capabilities": {"add": ["NET_ADMIN"], "drop": ["ALL"]},
+    }
+    bootstrap = json.loads(proxy["args"][proxy["args"].index("--config-yaml") + 1])
+    assert bootstrap["node"]["metadata"]["INTERCEPTION_MODE"] == "TPROXY"
+    # REDIRECT pods are as before: no -m, no capability, no metadata key.
+    plain = _proxy(inject(make("r", spec), "shop", InjectionConfig(xds_ca=MESH_ROOT)).pod)
+    assert plain["securityContext"]["runAsUser"] == 1337 and plain["securityContext"]["capabilities"] == {
+        "drop": ["ALL"]
+    }
+    assert (
+        "INTERCEPTION_MODE"
+        not in json.loads(plain["args"][plain["args"].index("--config-yaml") + 1])["node"]["metadata"]
     )
-    error = inject(tproxy, "shop", InjectionConfig(xds_ca=MESH_ROOT)).error
-    assert error is not None and "TPROXY is not supported" in str(error)
 
 
 @pytest.mark.parametrize("templates", ["grpc-agent", "grpc-simple", "sidecar,grpc-agent", "sidecar,gateway", "custom"])

@@ -7,7 +7,16 @@ from typing import Any
 
 import pytest
 
-from meshplane.bootstrap.iptables import CaptureConfig, CaptureError, apply, cleanup_rules, nameservers, rules
+from meshplane.bootstrap.iptables import (
+    CaptureConfig,
+    CaptureError,
+    Route,
+    apply,
+    cleanup_rules,
+    nameservers,
+    routes,
+    rules,
+)
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "iptables"
 
@@ -56,6 +65,20 @@ CASES: dict[str, tuple[dict[str, Any], bool]] = {
     "redirect-dns": ({"redirect_dns": True, "dns_servers": "10.96.0.10,127.0.0.53,fd00:10:96::a"}, False),
     "redirect-dns-ipv6": ({"redirect_dns": True, "dns_servers": "10.96.0.10,127.0.0.53,fd00:10:96::a"}, True),
     "capture-all-dns": ({"redirect_dns": "true", "capture_all_dns": "true", "proxy_gid": "1337,1338"}, False),
+    "tproxy": ({"inbound_mode": "TPROXY"}, False),
+    "tproxy-ipv6": ({"inbound_mode": "TPROXY"}, True),
+    "tproxy-inbound-ports": (
+        {
+            "inbound_mode": "TPROXY",
+            "inbound_ports": "8080,9090,15021",
+            "exclude_inbound_ports": "9090",
+            "tproxy_mark": "0x100",
+            "exclude_interfaces": "eth1",
+            "kube_virt_interfaces": "net2",
+        },
+        False,
+    ),
+    "tproxy-drop-invalid": ({"inbound_mode": "TPROXY", "drop_invalid": True, "exclude_inbound_ports": "22"}, False),
 }
 
 
@@ -126,6 +149,11 @@ COMMIT
         ({"drop_invalid": "maybe"}, "--drop-invalid: 'maybe' is not true or false"),
         ({"redirect_dns": "yes please"}, "--redirect-dns: 'yes please' is not true or false"),
         ({"dns_servers": "10.0.0.1,kube-dns"}, "nameserver: 'kube-dns' is not an IP address"),
+        ({"inbound_mode": "tproxy"}, "-m/--inbound-interception-mode: 'tproxy' is not REDIRECT or TPROXY"),
+        ({"tproxy_mark": "0"}, "-t/--tproxy-mark: '0' is not a number from 1 to 0xffffffff"),
+        ({"tproxy_mark": "1338"}, "-t/--tproxy-mark: 1338 marks the proxy's calls to its own pod"),
+        ({"tproxy_route_table": "main"}, "-r/--tproxy-route-table: 'main' is not a number"),
+        ({"tproxy_route_table": "254"}, "-r/--tproxy-route-table: 254 is a table the kernel uses"),
     ],
 )
 def test_bad_flags_are_rejected(flags: dict[str, str], message: str) -> None:
@@ -267,3 +295,76 @@ def test_dns_capture_reads_and_restores_raw_and_cleanup_removes_it() -> None:
         "-F MESH_OUTPUT_DNS\n-F MESH_INBOUND_DNS\n-X MESH_OUTPUT_DNS\n-X MESH_INBOUND_DNS\nCOMMIT\n"
     )
     assert "-D OUTPUT -p udp -m udp --dport 53 -j MESH_OUTPUT" in removal
+
+
+def test_tproxy_adds_its_policy_routing_first_then_restores_mangle_and_nat() -> None:
+    host = FakeHost()
+    added: list[Route] = []
+    v4, v6 = apply(
+        CaptureConfig.from_flags(inbound_mode="TPROXY", tproxy_route_table="0x85"),
+        ipv6=True,
+        run=host.run,
+        add_address=host.add_address,
+        add_route=added.append,
+    )
+    assert added == [Route(False, 1337, 133), Route(True, 1337, 133)]
+    assert added[1].commands() == (
+        "ip -6 rule add fwmark 0x539 lookup 133 priority 32765",
+        "ip -6 route replace local default dev lo table 133",
+    )
+    assert host.done == [
+        "lo += ::6/128",
+        "iptables-save -t nat",
+        "iptables-save -t mangle",
+        "iptables-restore --noflush",
+        "ip6tables-save -t nat",
+        "ip6tables-save -t mangle",
+        "ip6tables-restore --noflush",
+    ]
+    assert v4.startswith("*mangle\n") and "--on-ip 0.0.0.0" in v4 and "--on-ip ::" in v6
+
+
+def test_redirect_mode_has_no_policy_routing_and_no_mangle() -> None:
+    assert routes(CaptureConfig(), ipv6=True) == []
+    assert "*mangle" not in rules(CaptureConfig(), ipv6=True)
+
+
+def test_policy_routing_is_not_tried_when_6_cannot_be_assigned() -> None:
+    host = FakeHost(address_error="cannot assign ::6/128 to lo: Permission denied")
+    added: list[Route] = []
+    with pytest.raises(CaptureError):
+        apply(
+            CaptureConfig(inbound_mode="TPROXY"),
+            ipv6=True,
+            run=host.run,
+            add_address=host.add_address,
+            add_route=added.append,
+        )
+    assert added == [] and host.done == []
+
+
+def test_tproxy_jumps_are_kept_once_and_cleaned_up_exactly() -> None:
+    config = CaptureConfig(inbound_mode="TPROXY")
+    jumps = frozenset({"-A PREROUTING -p tcp -j MESH_TPROXY_INBOUND", "-A OUTPUT -p tcp -j MESH_TPROXY_OUTPUT"})
+    again = rules(config, existing_jumps=jumps)
+    # Only mangle's: the same jumps in nat are other rules, still added.
+    mangle, nat = again.split("*nat\n")
+    assert "-A PREROUTING" not in mangle and "-A OUTPUT" not in mangle
+    assert "-A PREROUTING -p tcp -j MESH_INBOUND" in nat and "-A OUTPUT -p tcp -j MESH_OUTPUT" in nat
+    saved = """*mangle
+:PREROUTING ACCEPT [0:0]
+:OTHER - [0:0]
+:MESH_DIVERT - [0:0]
+:MESH_TPROXY - [0:0]
+:MESH_TPROXY_INBOUND - [0:0]
+:MESH_TPROXY_OUTPUT - [0:0]
+-A PREROUTING -p tcp -j MESH_TPROXY_INBOUND
+-A PREROUTING -j OTHER
+-A OUTPUT -p tcp -j MESH_TPROXY_OUTPUT
+COMMIT
+"""
+    assert cleanup_rules(saved) == (
+        "*mangle\n-D OUTPUT -p tcp -j MESH_TPROXY_OUTPUT\n-D PREROUTING -p tcp -j MESH_TPROXY_INBOUND\n"
+        "-F MESH_TPROXY_INBOUND\n-F MESH_DIVERT\n-F MESH_TPROXY\n-F MESH_TPROXY_OUTPUT\n"
+        "-X MESH_TPROXY_INBOUND\n-X MESH_DIVERT\n-X MESH_TPROXY\n-X MESH_TPROXY_OUTPUT\nCOMMIT\n"
+    )

@@ -4,6 +4,7 @@ import pytest
 from envoy.config.core.v3 import base_pb2
 from google.protobuf import struct_pb2
 
+from meshplane.controlplane.model import InterceptionMode
 from meshplane.controlplane.proxy import NodeError, from_node
 
 
@@ -56,3 +57,11 @@ def test_a_gateway_node_is_not_sent_mesh_mtls_and_unknown_node_types_are_refused
     n.id = "waypoint~10.0.0.1~w.default~default.svc.cluster.local"
     with pytest.raises(NodeError, match="node id: type 'waypoint'"):
         from_node(n)
+
+
+def test_interception_mode_from_metadata() -> None:
+    assert from_node(node()).interception == InterceptionMode.REDIRECT
+    assert from_node(node(INTERCEPTION_MODE="TPROXY")).interception == InterceptionMode.TPROXY
+    assert from_node(node(INTERCEPTION_MODE="NONE")).interception == InterceptionMode.NONE
+    with pytest.raises(NodeError, match=r"^INTERCEPTION_MODE: 'tproxy' is not one of REDIRECT, TPROXY, NONE"):
+        from_node(node(INTERCEPTION_MODE="tproxy"))
