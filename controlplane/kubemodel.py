@@ -11,6 +11,8 @@
 - A headless Service routes to its pods' IPs; `type: ExternalName` becomes a DNS cluster.
 - mTLS mode: the annotation `security.meshplane.io/mtls` (STRICT | PERMISSIVE | DISABLE) on a Pod,
   else on its Namespace, else the mesh-wide mode.
+- Sidecar scope: the annotation `sidecar.meshplane.io/egressHosts` (Istio Sidecar egress hosts,
+  e.g. `./*, istio-system/*`) on a Pod, else on its Namespace, else the mesh file's `sidecars`.
 
 An object that makes no sense is skipped, with one message naming it; the rest maps as usual.
 """
@@ -22,8 +24,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from . import names
-from .model import Endpoint, MtlsMode, Port, Protocol, Service, Workload, labels
+from . import names, scope
+from .model import Egress, Endpoint, MtlsMode, Port, Protocol, Service, Workload, labels
 
 Obj = Mapping[str, Any]
 Key = tuple[str, str]
@@ -64,10 +66,11 @@ def view(
 ) -> KubeView:
     skipped: list[str] = []
     ns_modes = {name: _mtls(ns, f"Namespace {name}", skipped) for name, ns in namespaces.items()}
+    ns_egress = {name: _egress(ns, f"Namespace {name}", skipped) for name, ns in namespaces.items()}
     workloads: dict[Key, Workload] = {}
     for key, pod in pods.items():
         try:
-            if (w := pod_workload(pod, ns_modes.get(key[0]), skipped)) is not None:
+            if (w := pod_workload(pod, ns_modes.get(key[0]), skipped, ns_egress.get(key[0]))) is not None:
                 workloads[key] = w
         except Skip as e:
             skipped.append(f"Pod {key[0]}/{key[1]}: {e}")
@@ -85,7 +88,12 @@ def view(
     return KubeView(tuple(out), tuple(workloads[k] for k in sorted(workloads)), tuple(skipped))
 
 
-def pod_workload(pod: Obj, namespace_mode: MtlsMode | None = None, notes: list[str] | None = None) -> Workload | None:
+def pod_workload(
+    pod: Obj,
+    namespace_mode: MtlsMode | None = None,
+    notes: list[str] | None = None,
+    namespace_egress: Egress | None = None,
+) -> Workload | None:
     """The workload a pod is, once it has an IP (None before). A bad annotation is noted in `notes`
     and ignored; labels or a service account that cannot be valid skip the pod (`Skip`)."""
     meta, spec, status = pod.get("metadata") or {}, pod.get("spec") or {}, pod.get("status") or {}
@@ -103,15 +111,17 @@ def pod_workload(pod: Obj, namespace_mode: MtlsMode | None = None, notes: list[s
         raise Skip(f"service account {str(account)[:64]!r} is not a Kubernetes name")
     annotations = meta.get("annotations") or {}
     sidecar = INJECTED_ANNOTATION in annotations or pod_labels.get(TLS_MODE_LABEL) == "istio"
+    notes = notes if notes is not None else []
+    what = f"Pod {meta.get('namespace')}/{meta.get('name')}"
     return Workload(
         name=str(meta.get("name")),
         namespace=str(meta.get("namespace")),
         service_account=str(account),
         address=_ip(ip),
         labels=labels(pod_labels),
-        mtls=_mtls(pod, f"Pod {meta.get('namespace')}/{meta.get('name')}", notes if notes is not None else [])
-        or namespace_mode,
+        mtls=_mtls(pod, what, notes) or namespace_mode,
         sidecar=sidecar,
+        egress=_egress(pod, what, notes) or namespace_egress,
     )
 
 
@@ -198,6 +208,18 @@ def _mtls(obj: Obj, what: str, skipped: list[str]) -> MtlsMode | None:
         return MtlsMode(str(value).upper())
     except ValueError:
         skipped.append(f"{what}: annotation {MTLS_ANNOTATION}={str(value)[:32]!r} is not STRICT, PERMISSIVE or DISABLE")
+        return None
+
+
+def _egress(obj: Obj, what: str, skipped: list[str]) -> Egress | None:
+    value = ((obj.get("metadata") or {}).get("annotations") or {}).get(scope.ANNOTATION)
+    if value is None:
+        return None
+    try:
+        return scope.parse_hosts(str(value))
+    except ValueError as e:
+        # Left unscoped: a sidecar that is sent too much still works; one sent too little does not.
+        skipped.append(f"{what}: annotation {scope.ANNOTATION}: {str(e)[:128]}; the sidecar is not scoped")
         return None
 
 

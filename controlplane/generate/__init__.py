@@ -5,16 +5,22 @@ proxy shares (outbound clusters, endpoints, outbound listeners) are built once
 per model; parts that depend on the proxy (routes per namespace, the inbound
 listener per port set and mTLS mode) once per distinct value, then reused, so
 proxies with the same view get the very same message objects.
+
+A proxy with a sidecar scope (`ProxyView.egress`) gets the config of a model that holds only the
+services in scope: clusters and endpoints are the same objects as the full mesh's, listeners and
+routes are built once per distinct scope.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
 from google.protobuf import message
 
-from ..model import MeshModel, MtlsMode, Protocol, Workload
+from .. import scope
+from ..model import Egress, MeshModel, MtlsMode, Port, Protocol, Service, Workload
 from ..resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from . import clusters, endpoints, listeners, routes
 from .common import SECRET_DEFAULT, SECRET_ROOTCA
@@ -32,6 +38,8 @@ class ProxyView:
     service_account: str
     inbound: InboundPorts = ()
     mtls: MtlsMode = MtlsMode.STRICT
+    egress: Egress | None = None
+    """The services in its scope (resolved: see `scope.resolve`); None: every service."""
 
 
 def view_of(model: MeshModel, workload: Workload) -> ProxyView:
@@ -42,8 +50,16 @@ def view_of(model: MeshModel, workload: Workload) -> ProxyView:
             seen = ports.get(p.workload_port)
             ports[p.workload_port] = p.protocol if seen in (None, p.protocol) else Protocol.TCP
     return ProxyView(
-        workload.namespace, workload.service_account, tuple(sorted(ports.items())), model.mtls_of(workload)
+        workload.namespace,
+        workload.service_account,
+        tuple(sorted(ports.items())),
+        model.mtls_of(workload),
+        scope.resolve(model.egress_of(workload), workload.namespace),
     )
+
+
+PortKey = tuple[str, str, int]
+"""(namespace, service name, port): one outbound cluster and its endpoints within a model."""
 
 
 class MeshConfig:
@@ -54,17 +70,43 @@ class MeshConfig:
         self._routes: dict[str, list[message.Message]] = {}
         self._inbound_clusters: dict[int, message.Message] = {}
         self._inbound_listeners: dict[tuple[InboundPorts, MtlsMode], message.Message] = {}
+        # Shared with the scoped configs: a cluster or its endpoints depend on the service and the
+        # mesh-wide settings, never on which other services a proxy sees.
+        self._clusters: dict[PortKey, message.Message] = {}
+        self._assignments: dict[PortKey, message.Message] = {}
+        self._scoped: dict[Egress, MeshConfig] = {}
+
+    def scoped(self, egress: Egress) -> MeshConfig:
+        """The config of a proxy that reaches only the services in resolved `egress`."""
+        found = self._scoped.get(egress)
+        if found is None:
+            found = MeshConfig(dataclasses.replace(self.model, services=scope.in_scope(self.model, egress)))
+            found._clusters, found._assignments = self._clusters, self._assignments
+            self._scoped[egress] = found
+        return found
+
+    def _cluster(self, service: Service, port: Port) -> message.Message:
+        key = (service.namespace, service.name, port.port)
+        found = self._clusters.get(key)
+        if found is None:
+            found = self._clusters[key] = clusters.outbound(self.model, service, port)
+        return found
+
+    def _assignment(self, service: Service, port: Port) -> message.Message:
+        key = (service.namespace, service.name, port.port)
+        found = self._assignments.get(key)
+        if found is None:
+            found = self._assignments[key] = endpoints.assignment(self.model, service, port)
+        return found
 
     @functools.cached_property
     def outbound_clusters(self) -> list[message.Message]:
-        m = self.model
-        out: list[message.Message] = [clusters.outbound(m, s, p) for s in m.services for p in s.ports]
+        out = [self._cluster(s, p) for s in self.model.services for p in s.ports]
         return [*out, clusters.passthrough(), clusters.inbound_passthrough(), clusters.blackhole()]
 
     @functools.cached_property
     def assignments(self) -> list[message.Message]:
-        m = self.model
-        return [endpoints.assignment(m, s, p) for s in m.services if not s.external_name for p in s.ports]
+        return [self._assignment(s, p) for s in self.model.services if not s.external_name for p in s.ports]
 
     @functools.cached_property
     def outbound_listeners(self) -> list[message.Message]:
@@ -93,10 +135,12 @@ class MeshConfig:
         return found
 
     def resources(self, view: ProxyView) -> dict[str, list[message.Message]]:
-        """CDS, EDS, LDS and RDS resources for a proxy with `view` (SDS comes from the CA)."""
+        """CDS, EDS, LDS and RDS resources for a proxy with `view` (SDS comes from the CA).
+        Its scope narrows what it reaches; its own inbound side is the same either way."""
+        out = self if view.egress is None else self.scoped(view.egress)
         return {
-            CLUSTER: [*self.outbound_clusters, *(self.inbound_cluster(p) for p, _ in view.inbound)],
-            ENDPOINT: self.assignments,
-            LISTENER: [*self.outbound_listeners, self.inbound_listener(view.inbound, view.mtls)],
-            ROUTE: self.routes(view.namespace),
+            CLUSTER: [*out.outbound_clusters, *(self.inbound_cluster(p) for p, _ in view.inbound)],
+            ENDPOINT: out.assignments,
+            LISTENER: [*out.outbound_listeners, self.inbound_listener(view.inbound, view.mtls)],
+            ROUTE: out.routes(view.namespace),
         }
