@@ -6,6 +6,7 @@ versions with what they last sent. A new model drops every memo at once.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Callable
 from typing import Protocol
@@ -73,7 +74,10 @@ class ConfigCache:
         found = self._view_of.get(workload)
         if found is None:
             entry = self._model.workload(workload.namespace, workload.name) or workload
-            found = self._view_of[workload] = view_of(self._model, entry)
+            found = view_of(self._model, entry)
+            if workload.on_demand_clusters != found.on_demand:  # the proxy's bootstrap decides, not an entry
+                found = dataclasses.replace(found, on_demand=workload.on_demand_clusters)
+            self._view_of[workload] = found
         return found
 
     def resources(self, view: ProxyView, type_url: str) -> Resources:

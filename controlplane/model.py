@@ -112,6 +112,8 @@ class Workload:
     egress: Egress | None = None
     """The services its sidecar may reach, set on the workload itself (a pod annotation); wins over
     the mesh's `sidecars`. None: not set here."""
+    on_demand_clusters: bool = False
+    """Its sidecar asks for each cluster when it first needs it (its node metadata says so)."""
 
     def spiffe_id(self, trust_domain: str) -> str:
         return spiffe_id(trust_domain, self.namespace, self.service_account)

@@ -1,7 +1,8 @@
 """A connected proxy's identity, read from its xDS node (id and metadata), Istio's way.
 
 Node id: `sidecar~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local`. Metadata keys
-(as in Istio's bootstrap): NAMESPACE, SERVICE_ACCOUNT, NAME, LABELS, INSTANCE_IPS.
+(as in Istio's bootstrap): NAMESPACE, SERVICE_ACCOUNT, NAME, LABELS, INSTANCE_IPS; and Meshplane's
+ON_DEMAND_CLUSTERS ("true": the sidecar subscribes to no clusters and asks for each on demand).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 
 from envoy.config.core.v3 import base_pb2
 from google.protobuf import json_format
+
+from meshplane.bootstrap.envoy import ON_DEMAND_CLUSTERS
 
 from . import names
 from .model import Workload, labels
@@ -72,6 +75,7 @@ def from_node(node: base_pb2.Node) -> ProxyNode:
             service_account=service_account,
             address=address,
             labels=labels(_labels(meta.get("LABELS"))),
+            on_demand_clusters=_text(meta, ON_DEMAND_CLUSTERS, "false").lower() == "true",
         ),
     )
 

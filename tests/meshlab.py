@@ -704,6 +704,7 @@ class MeshLab:
         xds: Sequence[ControlPlane] = (),
         token: str | None = None,
         xds_authority: str | None = None,
+        on_demand_clusters: bool = False,
     ) -> Pod:
         """A pod: namespace on the bridge, capture rules, the app, and (unless not `sidecar`) its
         sidecar, not yet waited for. Processes must be started from the main thread (see below).
@@ -712,7 +713,8 @@ class MeshLab:
         `xds`, it dials those replicas over TLS instead (one `--xds-address` each, in that order,
         the trust bundle of the first one's CA) and sends `token` (e.g. one registered with FakeKube);
         `xds_authority` sets the channel's `grpc.default_authority`, the name gRPC sends as :authority
-        and checks the replicas' certificates against."""
+        and checks the replicas' certificates against. `on_demand_clusters`: a sidecar that asks for
+        each cluster when it first needs it (`meshctl bootstrap --on-demand-clusters`)."""
         with self._lock:
             n, self._next_ip = self._next_ip, self._next_ip + 1
         ns, ip = f"ml-{self.tag}-{n}", f"{SUBNET}.{n}"
@@ -728,7 +730,7 @@ class MeshLab:
         sh("ip", "link", "set", pod_dev, "up", ns=ns)
         sh("ip", "route", "add", "default", "via", GATEWAY, ns=ns)
         sh(*MESHCTL, "iptables", ns=ns)  # the init container's step
-        self._write_bootstrap(pod, keepalive_ms, xds, token, xds_authority)
+        self._write_bootstrap(pod, keepalive_ms, xds, token, xds_authority, on_demand_clusters)
         self.pods[name] = pod
         if sidecar:
             self.start_sidecar(pod)
@@ -741,6 +743,7 @@ class MeshLab:
         xds: Sequence[ControlPlane] = (),
         token_text: str | None = None,
         xds_authority: str | None = None,
+        on_demand_clusters: bool = False,
     ) -> None:
         token = pod.dir / "token"
         if token_text is not None:
@@ -761,7 +764,8 @@ class MeshLab:
         config = pod.dir / "bootstrap.json"
         sh(*MESHCTL, "bootstrap", *where, "--name", pod.name,
            "--namespace", "demo", "--service-account", pod.service_account, "--ip", pod.ip, *labels,
-           "--token-file", str(token), "-o", str(config))  # fmt: skip
+           "--token-file", str(token), "-o", str(config),
+           *(["--on-demand-clusters"] if on_demand_clusters else []))  # fmt: skip
         doc = json.loads(config.read_text())
         # Admin on a unix socket, so the test (outside the pod) can reach it.
         doc["admin"]["address"] = {"pipe": {"path": str(pod.admin.path)}}

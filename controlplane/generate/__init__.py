@@ -9,6 +9,9 @@ proxies with the same view get the very same message objects.
 A proxy with a sidecar scope (`ProxyView.egress`) gets the config of a model that holds only the
 services in scope: clusters and endpoints are the same objects as the full mesh's, listeners and
 routes are built once per distinct scope.
+
+A proxy that asks for its clusters on demand (`ProxyView.on_demand`) is offered the same clusters
+(it gets only those it asks for) and listeners that fetch a missing cluster (`ondemand`).
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 
+from envoy.config.listener.v3 import listener_pb2
 from google.protobuf import message
 
 from .. import scope
 from ..model import Egress, MeshModel, MtlsMode, Port, Protocol, Service, Workload
 from ..resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
-from . import clusters, endpoints, listeners, routes
+from . import clusters, endpoints, listeners, ondemand, routes
 from .common import SECRET_DEFAULT, SECRET_ROOTCA
 
 __all__ = ["SECRET_DEFAULT", "SECRET_ROOTCA", "MeshConfig", "ProxyView", "view_of"]
@@ -40,6 +44,8 @@ class ProxyView:
     mtls: MtlsMode = MtlsMode.STRICT
     egress: Egress | None = None
     """The services in its scope (resolved: see `scope.resolve`); None: every service."""
+    on_demand: bool = False
+    """It asks for each cluster when it first needs it, and subscribes to none."""
 
 
 def view_of(model: MeshModel, workload: Workload) -> ProxyView:
@@ -55,6 +61,7 @@ def view_of(model: MeshModel, workload: Workload) -> ProxyView:
         tuple(sorted(ports.items())),
         model.mtls_of(workload),
         scope.resolve(model.egress_of(workload), workload.namespace),
+        workload.on_demand_clusters,
     )
 
 
@@ -75,6 +82,7 @@ class MeshConfig:
         self._clusters: dict[PortKey, message.Message] = {}
         self._assignments: dict[PortKey, message.Message] = {}
         self._scoped: dict[Egress, MeshConfig] = {}
+        self._on_demand: dict[int, tuple[message.Message, message.Message]] = {}
 
     def scoped(self, egress: Egress) -> MeshConfig:
         """The config of a proxy that reaches only the services in resolved `egress`."""
@@ -134,13 +142,25 @@ class MeshConfig:
             found = self._inbound_listeners[(ports, mtls)] = listeners.virtual_inbound(self.model, ports, mtls)
         return found
 
+    def on_demand_listener(self, original: message.Message) -> message.Message:
+        """`original`, fetching its clusters on demand; once per listener object, so views that
+        share a listener share its on-demand form."""
+        hit = self._on_demand.get(id(original))
+        if hit is None or hit[0] is not original:
+            assert isinstance(original, listener_pb2.Listener)
+            hit = self._on_demand[id(original)] = (original, ondemand.listener(original))
+        return hit[1]
+
     def resources(self, view: ProxyView) -> dict[str, list[message.Message]]:
         """CDS, EDS, LDS and RDS resources for a proxy with `view` (SDS comes from the CA).
         Its scope narrows what it reaches; its own inbound side is the same either way."""
         out = self if view.egress is None else self.scoped(view.egress)
+        listeners = [*out.outbound_listeners, self.inbound_listener(view.inbound, view.mtls)]
+        if view.on_demand:
+            listeners = [self.on_demand_listener(lst) for lst in listeners]
         return {
             CLUSTER: [*out.outbound_clusters, *(self.inbound_cluster(p) for p, _ in view.inbound)],
             ENDPOINT: out.assignments,
-            LISTENER: [*out.outbound_listeners, self.inbound_listener(view.inbound, view.mtls)],
+            LISTENER: listeners,
             ROUTE: out.routes(view.namespace),
         }

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.meshlab import BACKEND_CLUSTER, Pod, mesh_text, standard_lab, wait_for
+from tests.meshlab import BACKEND_CLUSTER, FRONTEND_VIP, MeshLab, Pod, mesh_text, standard_lab, wait_for
 
 pytestmark = [pytest.mark.envoy, pytest.mark.root]
 
@@ -70,3 +70,36 @@ def test_scoped_sidecar_holds_only_its_scope_reaches_it_and_follows_edits() -> N
         wait_for(lambda: outbound(front) == (set(), {"virtualOutbound", "virtualInbound"}), timeout=10, what="no scope")
         assert front.admin.stat("cluster_manager.cds.update_rejected") == 0
         assert front.admin.stat("listener_manager.lds.update_rejected") == 0
+
+
+def test_a_sidecar_with_on_demand_clusters_fetches_what_it_calls() -> None:
+    """No cluster at start; the first request to a service (HTTP out) or to the pod (inbound) fetches
+    its cluster and waits for it; nothing else is ever sent."""
+    with MeshLab(mesh=mesh_text(extra=FAR)) as lab:
+        lab.plane.start()
+        back = lab.add_pod("backend-1", {"app": "backend"}, service_account="backend")
+        front = lab.add_pod(
+            "frontend", {"app": "frontend"}, service_account="frontend", app_port=8080, on_demand_clusters=True
+        )
+        for pod in (back, front):
+            lab.wait_sidecar(pod)
+        wait_for(
+            lambda: back.admin.healthy_endpoints(FRONTEND_CLUSTER) == [f"{front.ip}:8080"],
+            timeout=15,
+            what="the frontend as the backend's endpoint",
+        )
+        assert outbound(front)[0] == set()
+        assert "outbound|9080||backend.demo.svc.cluster.local" not in front.admin.get("/clusters")
+
+        result = lab.traffic(20, rate=20).result()
+        print(f"\non-demand frontend -> backend: {result.summary()}")
+        result.assert_clean()
+        inbound = lab.traffic(10, rate=20, source="backend-1", url=f"http://{FRONTEND_VIP}:8080/").result()
+        print(f"backend -> on-demand frontend: {inbound.summary()}")
+        inbound.assert_clean()
+
+        dump = front.admin.config_dump()["ClustersConfigDump"]
+        held = {c["cluster"]["name"] for c in dump.get("dynamic_active_clusters", [])}
+        assert held == {BACKEND_CLUSTER, "inbound|8080||"}, held
+        assert front.admin.stat(f"cluster.{BACKEND_CLUSTER}.ssl.handshake") >= 1
+        assert front.admin.stat("cluster_manager.cds.update_rejected") == 0

@@ -1,16 +1,27 @@
-"""Sidecar scope: Istio's egress hosts, the mesh file's `sidecars`, the pod annotation, scoped config."""
+"""Sidecar scope: Istio's egress hosts, the mesh file's `sidecars`, the pod annotation, scoped config;
+and sidecars that fetch their clusters on demand."""
+
+import dataclasses
+from typing import TypeVar
 
 import pytest
+from envoy.config.listener.v3 import listener_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from google.protobuf import message
 
+from meshplane.bootstrap.envoy import BootstrapError, WorkloadIdentity, bootstrap
 from meshplane.controlplane import meshfile, scope
 from meshplane.controlplane.cache import check_consistent, resource
 from meshplane.controlplane.errors import MeshFileError
 from meshplane.controlplane.generate import MeshConfig, view_of
 from meshplane.controlplane.kubemodel import view
 from meshplane.controlplane.model import EgressHost, MeshModel
+from meshplane.controlplane.proxy import from_node
 from meshplane.controlplane.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from tests.fakekube import namespace, pod
+
+M = TypeVar("M", bound=message.Message)
 
 MESH = """
 services:
@@ -197,3 +208,48 @@ def test_bad_sidecars_say_where_and_what(text: str, message: str) -> None:
     with pytest.raises(MeshFileError) as e:
         meshfile.parse(text, "m.yaml")
     assert message in str(e.value)
+
+
+def filters(listeners: list[message.Message], kind: type[M]) -> list[M]:
+    """The typed configs of `kind` in the listeners' filter chains."""
+    out = []
+    for lst in listeners:
+        assert isinstance(lst, listener_pb2.Listener)
+        for chain in lst.filter_chains:
+            for f in chain.filters:
+                if f.typed_config.Is(kind.DESCRIPTOR):
+                    config = kind()
+                    f.typed_config.Unpack(config)
+                    out.append(config)
+    return out
+
+
+def test_on_demand_sidecar_gets_listeners_that_fetch_every_cluster() -> None:
+    m = model("")
+    config = MeshConfig(m)
+    plain = config.resources(view_of(m, m.workloads[0]))
+    fetching = config.resources(view_of(m, dataclasses.replace(m.workloads[0], on_demand_clusters=True)))
+    assert names(fetching[CLUSTER]) == names(plain[CLUSTER])  # offered alike; it gets what it asks for
+    managers = filters(fetching[LISTENER], hcm.HttpConnectionManager)
+    assert managers and all(
+        [h.name for h in mgr.http_filters][-2:] == ["envoy.filters.http.on_demand", "envoy.filters.http.router"]
+        for mgr in managers
+    )
+    proxies = filters(fetching[LISTENER], tcp_proxy_pb2.TcpProxy)
+    assert proxies and all(p.on_demand.odcds_config.HasField("ads") for p in proxies)
+    assert {p.cluster for p in proxies} >= {"outbound|5432||ledger.bank.svc.cluster.local", "PassthroughCluster"}
+    # The plain view's listeners are untouched, and one on-demand form is built per listener.
+    assert not any(p.HasField("on_demand") for p in filters(plain[LISTENER], tcp_proxy_pb2.TcpProxy))
+    again = config.resources(view_of(m, dataclasses.replace(m.workloads[1], on_demand_clusters=True)))
+    assert again[LISTENER][0] is fetching[LISTENER][0]
+
+
+def test_on_demand_comes_from_the_node_and_the_bootstrap_subscribes_to_no_clusters() -> None:
+    identity = WorkloadIdentity(name="web-1", namespace="shop", ip="10.0.0.1")
+    config = bootstrap(identity, "127.0.0.1:15010", on_demand_clusters=True)
+    assert not config.dynamic_resources.HasField("cds_config") and config.dynamic_resources.HasField("lds_config")
+    assert from_node(config.node).workload.on_demand_clusters
+    plain = bootstrap(identity, "127.0.0.1:15010")
+    assert plain.dynamic_resources.HasField("cds_config") and not from_node(plain.node).workload.on_demand_clusters
+    with pytest.raises(BootstrapError, match="need incremental"):
+        bootstrap(identity, "127.0.0.1:15010", on_demand_clusters=True, delta=False)
