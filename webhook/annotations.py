@@ -21,6 +21,7 @@ _DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 DEFAULT_STATUS_PORT = 15021
 STATUS_PORT = "status.sidecar.istio.io/port"
+ON_DEMAND_CLUSTERS = "sidecar.meshplane.io/onDemandClusters"
 RESERVED_PORTS = frozenset({15000, 15001, 15006, 15090})
 """The proxy's own listeners (admin, outbound, inbound, stats): never its status port."""
 LOG_LEVELS = ("trace", "debug", "info", "warning", "warn", "error", "critical", "off")
@@ -60,6 +61,8 @@ class ProxyOptions:
     """`sidecar.istio.io/interceptionMode`: REDIRECT captures traffic (the init container); NONE does not."""
     status_port: int = DEFAULT_STATUS_PORT
     """`status.sidecar.istio.io/port`: the proxy's readiness and app-health port; 0: no readiness probe."""
+    on_demand_clusters: bool = False
+    """`sidecar.meshplane.io/onDemandClusters`: the proxy fetches each cluster when a call first needs it."""
 
 
 def proxy_options(annotations: Mapping[str, str], config: InjectionConfig) -> ProxyOptions:
@@ -138,6 +141,7 @@ def proxy_options(annotations: Mapping[str, str], config: InjectionConfig) -> Pr
         exclude_outbound_ports=_ports(a, "traffic.sidecar.istio.io/excludeOutboundPorts") or "",
         exclude_interfaces=_interfaces(a, "traffic.sidecar.istio.io/excludeInterfaces"),
         drain_seconds=drain,
+        on_demand_clusters=_flag(a, ON_DEMAND_CLUSTERS, False),
         capture=mode != "NONE",
         status_port=_status_port(a),
     )

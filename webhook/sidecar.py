@@ -165,6 +165,7 @@ def _proxy_container(
         config.admin_socket,
         config.xds_ca,
         options.status_port or HEALTH_PORT,
+        options.on_demand_clusters,
     )
     args = [
         "--config-yaml",
@@ -240,6 +241,7 @@ def _bootstrap_json(
     admin_socket: str,
     xds_ca: str,
     health: int = HEALTH_PORT,
+    on_demand_clusters: bool = False,
 ) -> str:
     """The sidecar's bootstrap; memoized, since the pods of one workload share every input."""
     identity = WorkloadIdentity(
@@ -252,7 +254,9 @@ def _bootstrap_json(
     )
     ports = Ports(health=health, stats=STATS_PORT, admin_socket=admin_socket)
     credentials = XdsCredentials(f"{TOKEN_DIR}/{TOKEN_VOLUME}", ca_pem="" if _xds_is_unix(xds_address) else xds_ca)
-    return render_compact(bootstrap(identity, xds_address, ports, probes, credentials))
+    return render_compact(
+        bootstrap(identity, xds_address, ports, probes, credentials, on_demand_clusters=on_demand_clusters)
+    )
 
 
 def _init_container(config: InjectionConfig, options: ProxyOptions) -> dict[str, Any]:
