@@ -16,6 +16,12 @@ FAR = """\
     ports: [{port: 7070, name: http}]
     addresses: [10.96.0.70]
 """
+LATE = """\
+  - name: late
+    namespace: demo
+    ports: [{port: 7071, name: tcp-late}]
+    addresses: [10.96.0.71]
+"""
 SCOPE = """\
 sidecars:
   - namespace: demo
@@ -102,4 +108,8 @@ def test_a_sidecar_with_on_demand_clusters_fetches_what_it_calls() -> None:
         held = {c["cluster"]["name"] for c in dump.get("dynamic_active_clusters", [])}
         assert held == {BACKEND_CLUSTER, "inbound|8080||"}, held
         assert front.admin.stat(f"cluster.{BACKEND_CLUSTER}.ssl.handshake") >= 1
-        assert front.admin.stat("cluster_manager.cds.update_rejected") == 0
+        # A new service reaches it as a listener; its cluster still waits for a call.
+        lab.edit_mesh(mesh_text(extra=FAR + LATE))
+        wait_for(lambda: "0.0.0.0_7071" in outbound(front)[1], timeout=10, what="the new service's listener")
+        assert outbound(front)[0] == {BACKEND_CLUSTER}
+        assert front.admin.stat("listener_manager.lds.update_rejected") == 0
