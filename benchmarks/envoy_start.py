@@ -34,9 +34,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import http.client
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,10 +45,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from serve import OtherLoad, free_port, meshctl_serve
+from serve import TOP, OtherLoad, free_port, meshctl_serve
 
 from meshplane.bootstrap.envoy import Ports, WorkloadIdentity, XdsCredentials, bootstrap, render
 from meshplane.sandbox.engine import envoy_binary
+
+sys.path.insert(0, str(TOP))  # tests.meshlab lives in the checkout, not in the installed package
+from tests.meshlab import Admin
 
 MESHCTL = [sys.executable, "-m", "meshplane.controlplane.cli"]
 SCOPED, UNSCOPED, NOTHING, ON_DEMAND = "ns-0", "ns-1", "ns-2", "ns-3"
@@ -78,28 +81,6 @@ def mesh(services: int, per_namespace: int, endpoints: int) -> str:
     return "\n".join(lines + workloads) + "\n" + scope
 
 
-def admin_get(path: Path, what: str, timeout: float = 2.0) -> tuple[int, str]:
-    """GET `what` from Envoy's admin API on the unix socket `path` (status, body)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(str(path))
-        s.sendall(f"GET {what} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body.decode(errors="replace")
-
-
-def stats(path: Path) -> dict[str, int]:
-    out = {}
-    for line in admin_get(path, "/stats", timeout=15)[1].splitlines():  # a busy Envoy answers late
-        name, _, value = line.partition(": ")
-        if value.strip().isdigit():
-            out[name] = int(value)
-    return out
-
-
 def memory_mib(pid: int) -> dict[str, float]:
     """VmRSS, and its anonymous (heap, stacks) and file-backed (the binary's pages, shared by every
     Envoy of a node that runs the same binary) parts, from /proc."""
@@ -109,17 +90,17 @@ def memory_mib(pid: int) -> dict[str, float]:
     }
 
 
-def write_bootstrap(work: Path, xds_socket: Path, ca_dir: Path, namespace: str, run: int) -> tuple[Path, Path]:
+def write_bootstrap(work: Path, xds_socket: Path, ca_dir: Path, namespace: str, run: int) -> tuple[Path, Admin]:
     """The sidecar's bootstrap (admin on a unix socket) and its token, as `meshctl` writes them."""
     token = work / f"token-{namespace}"
     if not token.exists():
         subprocess.run([*MESHCTL, "token", "--ca-dir", str(ca_dir), "--namespace", namespace,
                         "--service-account", "client", "--ttl", "1h", "-o", str(token)], check=True)  # fmt: skip
-    admin = work / f"admin-{namespace}-{run}.sock"
+    admin = Admin(work / f"admin-{namespace}-{run}.sock")
     identity = WorkloadIdentity(
         name="client", namespace=namespace, service_account="client", ip="10.255.0.1", labels={"app": "client"}
     )
-    ports = Ports(stats=free_port(), health=free_port(), admin_socket=str(admin))
+    ports = Ports(stats=free_port(), health=free_port(), admin_socket=str(admin.path))
     path = work / f"bootstrap-{namespace}-{run}.json"
     credentials = XdsCredentials(str(token))
     on_demand = namespace == ON_DEMAND
@@ -147,15 +128,15 @@ def one_run(work: Path, xds_socket: Path, ca_dir: Path, namespace: str, run: int
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"Envoy exited with {proc.returncode}; see {log}")
-            with contextlib.suppress(OSError):
-                if admin_get(admin, "/ready")[0] == 200:
-                    break
+            with contextlib.suppress(OSError, http.client.HTTPException):  # not listening, or not 200, yet
+                admin.get("/ready", timeout=2)
+                break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"Envoy not ready within 60 s; see {log}")
             time.sleep(0.01)
         ready = time.monotonic() - t0
         time.sleep(args.settle)
-        s = stats(admin)
+        s = admin.stats()
         return {
             "ready_s": round(ready, 3),
             **memory_mib(proc.pid),
