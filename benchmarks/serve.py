@@ -40,8 +40,9 @@ def free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def meshctl_serve(mesh: str) -> AsyncIterator[Server]:
-    """Start `meshctl serve` on loopback with `mesh` as its mesh file; stop it (by process group) after."""
+async def meshctl_serve(mesh: str, *extra: str) -> AsyncIterator[Server]:
+    """Start `meshctl serve` on loopback with `mesh` as its mesh file and `extra` flags; stop it (by
+    process group) after."""
     work = Path(tempfile.mkdtemp(prefix="meshplane-bench-"))
     mesh_file = work / "mesh.yaml"
     mesh_file.write_text(mesh)
@@ -66,6 +67,7 @@ async def meshctl_serve(mesh: str) -> AsyncIterator[Server]:
     ]
     for name, port in ports.items():
         argv += [f"--{name}-port", str(port)]
+    argv += extra
     process = subprocess.Popen(argv, cwd=TOP, start_new_session=True)
     try:
         deadline = time.monotonic() + 30

@@ -38,6 +38,8 @@ from .protobuf import socket_address as _address
 XDS_CLUSTER = "xds-grpc"
 FILE_BASED_METADATA = "envoy.grpc_credentials.file_based_metadata"
 ADMIN_CLUSTER = "prometheus_stats"
+ON_DEMAND_CLUSTERS = "ON_DEMAND_CLUSTERS"
+"""Node metadata key: "true" when the sidecar asks for its clusters on demand (no CDS subscription)."""
 _VAR = re.compile(r"^\$\([A-Z_][A-Z0-9_]*\)$")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 
@@ -135,11 +137,16 @@ def bootstrap(
     credentials: XdsCredentials | None = None,
     *,
     delta: bool = True,
+    on_demand_clusters: bool = False,
 ) -> bootstrap_pb2.Bootstrap:
     """The bootstrap for a sidecar of `identity` that gets its config over ADS from `xds_address`,
     authenticated with `credentials` (without them, plaintext to a server that trusts node metadata);
-    incremental (delta) xDS unless `delta` is False (state of the world)."""
+    incremental (delta) xDS unless `delta` is False (state of the world). With `on_demand_clusters`
+    the sidecar subscribes to no clusters: it asks for each when a connection first needs it (Envoy's
+    on-demand CDS, delta only), and says so in its node metadata (`ON_DEMAND_CLUSTERS`)."""
     _check(identity)
+    if on_demand_clusters and not delta:
+        raise BootstrapError("on-demand clusters need incremental (delta) xDS")
     if credentials is not None:
         service = _authenticated_xds(xds_address, credentials)
         xds_clusters = []
@@ -170,6 +177,8 @@ def bootstrap(
     )
     if identity.interception_mode != "REDIRECT":  # the default: left out, so REDIRECT bootstraps stay as they were
         metadata.update({"INTERCEPTION_MODE": identity.interception_mode})
+    if on_demand_clusters:
+        metadata.update({ON_DEMAND_CLUSTERS: "true"})
     ads = config_source_pb2.ConfigSource(
         ads=config_source_pb2.AggregatedConfigSource(), resource_api_version=config_source_pb2.V3
     )
@@ -189,7 +198,7 @@ def bootstrap(
                 set_node_on_first_message_only=True,
                 grpc_services=[service],
             ),
-            cds_config=ads,
+            cds_config=None if on_demand_clusters else ads,
             lds_config=ads,
         ),
         admin=bootstrap_pb2.Admin(address=_admin_address(ports)),

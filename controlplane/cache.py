@@ -6,6 +6,7 @@ versions with what they last sent. A new model drops every memo at once.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Callable
 from typing import Protocol
@@ -90,6 +91,8 @@ class ConfigCache:
         if found is None:
             entry = self._model.workload(workload.namespace, workload.name) or workload
             found = view_of(self._model, entry, interception=interception, dns_capture=dns_capture, router=router)
+            if workload.on_demand_clusters != found.on_demand:  # the proxy's bootstrap decides, not an entry
+                found = dataclasses.replace(found, on_demand=workload.on_demand_clusters)
             self._view_of[key] = found
         return found
 

@@ -274,6 +274,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="state-of-the-world xDS instead of incremental (delta) xDS, the default",
     )
+    b.add_argument(
+        "--on-demand-clusters",
+        action="store_true",
+        help="subscribe to no clusters: ask for each when a connection first needs it (Envoy's on-demand CDS; "
+        "starts fast at any mesh size, the first call to each service waits one round trip to the control plane)",
+    )
     b.add_argument("--format", choices=["json", "yaml"], default="json", help="output format (default: json)")
     b.add_argument("-o", "--output", type=Path, metavar="FILE", help="write here instead of standard output")
     b.set_defaults(run=_bootstrap)
@@ -960,7 +966,15 @@ def _bootstrap(args: argparse.Namespace) -> int:
             else None
         )
         address = ",".join(args.xds_address)
-        config = bootstrap(identity, address, Ports(admin=args.admin_port), (), credentials, delta=not args.sotw)
+        config = bootstrap(
+            identity,
+            address,
+            Ports(admin=args.admin_port),
+            (),
+            credentials,
+            delta=not args.sotw,
+            on_demand_clusters=args.on_demand_clusters,
+        )
         text = render(config, args.format)
     except ValueError as e:
         raise ConfigError(str(e)) from None

@@ -11,6 +11,7 @@ pod and a live proxy are explained by the same code from the same kind of data.
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -22,6 +23,7 @@ from meshplane.webhook.config import InjectionConfig
 from meshplane.webhook.inject import inject
 from meshplane.webhook.sidecar import INIT
 
+from . import scope
 from .generate import MeshConfig, view_of
 from .generate.common import INBOUND_PASSTHROUGH, PASSTHROUGH, VIRTUAL_INBOUND, VIRTUAL_OUTBOUND
 from .model import InterceptionMode, MeshModel, Workload, labels
@@ -95,6 +97,12 @@ def explain_pod(
         address=str((pod.get("status") or {}).get("podIP") or ""),
         labels=labels({str(k): str(v) for k, v in (meta.get("labels") or {}).items()}),
     )
+    scope_note = ""
+    if (hosts := (meta.get("annotations") or {}).get(scope.ANNOTATION)) is not None:
+        try:
+            workload = dataclasses.replace(workload, egress=scope.parse_hosts(str(hosts)))
+        except ValueError as e:
+            scope_note = f"annotation {scope.ANNOTATION}: {e}; the sidecar is not scoped by it"
     outcome = inject(pod, namespace, injection)
     report: dict[str, Any] = {
         "pod": {
@@ -111,7 +119,7 @@ def explain_pod(
         },
         "capture": None,
         "mesh": None,
-        "notes": [],
+        "notes": [scope_note] if scope_note else [],
     }
     if not report["injection"]["inject"]:
         report["notes"].append(
@@ -141,6 +149,7 @@ def explain_pod(
     mesh["identity"] = workload.spiffe_id(model.trust_domain)
     mesh["services"] = [f"{s.hostname(model.domain_suffix)}" for s in model.services_of(workload)]
     mesh["source"] = "mesh file"
+    mesh["scope"] = None if view.egress is None else [str(h) for h in view.egress]
     report["mesh"] = mesh
     return report
 
@@ -402,8 +411,11 @@ def render(report: Doc) -> str:
             rows.append([port, r["protocol"], r["mtls"], r["cluster"], ", ".join(r["peers"]) or "any (plaintext)"])
         lines += _indent(_table(rows))
         lines += ["", "Outbound (virtualOutbound, port 15001)"]
+        if "scope" in mesh:
+            hosts = mesh["scope"]
+            lines.append("  scope: " + ("every service" if hosts is None else ", ".join(hosts) or "no service (~/*)"))
         if not mesh["outbound"]:
-            lines.append("  no services in the mesh")
+            lines.append("  no services in the mesh" if mesh.get("scope") is None else "  no service in its scope")
         rows = [["HOST:PORT", "PROTOCOL", "CLUSTER", "ENDPOINTS", "MTLS: ACCEPTED SERVER IDENTITIES"]]
         for r in mesh["outbound"]:
             eps = ", ".join(e["address"] + ("" if e["mtls"] else " (plaintext)") for e in r["endpoints"]) or "none"

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import scope
 from .errors import ConfigError
 from .tokens import Identity, TokenError, identity_of_subject
 
@@ -92,7 +93,9 @@ def slim(kind: Kind, obj: Obj) -> Obj:
         annotations = meta.get("annotations") or {}
         # Only the annotations the mapping reads: pods carry large ones (last-applied configurations).
         out["metadata"]["annotations"] = {
-            k: v for k, v in annotations.items() if k.startswith(("sidecar.istio.io/status", "security.meshplane.io/"))
+            k: v
+            for k, v in annotations.items()
+            if k.startswith(("sidecar.istio.io/status", "security.meshplane.io/", scope.ANNOTATION))
         }
     elif kind is SERVICES:
         out["spec"] = obj.get("spec") or {}

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from . import names
+from . import names, scope
 from .errors import MeshFileError
 from .model import (
     MeshModel,
@@ -19,6 +19,7 @@ from .model import (
     Port,
     Protocol,
     Service,
+    SidecarScope,
     Workload,
     labels,
 )
@@ -223,6 +224,7 @@ class _Parser:
                 "outboundTrafficPolicy",
                 "services",
                 "workloads",
+                "sidecars",
             },
         )
         trust_domain = self.string(
@@ -240,8 +242,10 @@ class _Parser:
         workloads = self.items(
             top, "workloads", self.workload, {"name", "namespace", "serviceAccount", "labels", "address", "mtls"}
         )
+        sidecars = self.items(top, "sidecars", self.sidecar, {"namespace", "workloadSelector", "egress"})
         self.unique(top, "services", [(s.namespace, s.name) for s in services], "service")
         self.unique(top, "workloads", [(w.namespace, w.name) for w in workloads], "workload")
+        self.one_default_per_namespace(top, sidecars)
         assert mtls is not None and policy is not None
         return MeshModel(
             trust_domain=trust_domain,
@@ -250,6 +254,7 @@ class _Parser:
             outbound_policy=policy,
             services=tuple(services),
             workloads=tuple(workloads),
+            sidecars=tuple(sidecars),
         )
 
     def unique(self, top: _Map, key: str, names: list[tuple[str, str]], what: str) -> None:
@@ -260,6 +265,53 @@ class _Parser:
                     f"{key}[{i}]", f"duplicate {what} {name[1]!r} in namespace {name[0]!r}", top[key].lines[i]
                 )
             seen.add(name)
+
+    def one_default_per_namespace(self, top: _Map, sidecars: list[SidecarScope]) -> None:
+        """Istio leaves two selector-less Sidecars of one namespace undefined; here it is an error."""
+        seen: set[str] = set()
+        for i, sidecar in enumerate(sidecars):
+            if not sidecar.selector:
+                if sidecar.namespace in seen:
+                    raise self.fail(
+                        f"sidecars[{i}]",
+                        f"a second entry without workloadSelector for namespace {sidecar.namespace!r}",
+                        top["sidecars"].lines[i],
+                    )
+                seen.add(sidecar.namespace)
+
+    def sidecar(self, m: _Map, where: str) -> SidecarScope:
+        """Istio's Sidecar, egress hosts only: `{namespace, workloadSelector: {labels}, egress: [{hosts}]}`."""
+        namespace = m.get("namespace")
+        if namespace != "*":
+            namespace = self.string(m, "namespace", where, pattern=_DNS_LABEL, what="a namespace or '*'")
+        selector: dict[str, str] = {}
+        if "workloadSelector" in m:
+            if namespace == "*":
+                raise self.fail(
+                    f"{where}workloadSelector",
+                    "the mesh-wide default (namespace '*') selects every workload; give a namespace",
+                    m.lines["workloadSelector"],
+                )
+            ws = self.map(m["workloadSelector"], f"{where}workloadSelector", m.lines["workloadSelector"], {"labels"})
+            selector = self.label_map(ws, "labels", f"{where}workloadSelector.")
+        listeners = self.seq(m, "egress", where)
+        if not listeners:
+            raise self.fail(f"{where}egress", "needs at least one entry with hosts", m.lines.get("egress", m.line))
+        hosts = []
+        for i, item in enumerate(listeners):
+            lw = f"{where}egress[{i}]."
+            listener = self.map(item, lw[:-1], listeners.lines[i], {"hosts"})
+            seq = self.seq(listener, "hosts", lw)
+            if not seq:
+                raise self.fail(f"{lw}hosts", "needs at least one host", listener.lines.get("hosts", listener.line))
+            for j, host in enumerate(seq):
+                if not isinstance(host, str):
+                    raise self.fail(f"{lw}hosts[{j}]", f"must be a string, got {_kind(host)}", seq.lines[j])
+                try:
+                    hosts.append(scope.parse_host(host))
+                except ValueError as e:
+                    raise self.fail(f"{lw}hosts[{j}]", str(e), seq.lines[j]) from None
+        return SidecarScope(namespace=namespace, egress=tuple(hosts), selector=labels(selector))
 
     def service(self, m: _Map, where: str) -> Service:
         name = self.string(m, "name", where, pattern=_DNS_LABEL, what="a DNS label")

@@ -159,6 +159,11 @@ class Workload:
     draining: bool = False
     """Its proxy disconnected and may be gone: still an endpoint (it may be reconnecting), but clients
     send it nothing new while another endpoint is healthy."""
+    egress: Egress | None = None
+    """The services its sidecar may reach, set on the workload itself (a pod annotation); wins over
+    the mesh's `sidecars`. None: not set here."""
+    on_demand_clusters: bool = False
+    """Its sidecar asks for each cluster when it first needs it (its node metadata says so)."""
     _hash: int = field(default=0, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -169,6 +174,50 @@ class Workload:
 
     def spiffe_id(self, trust_domain: str) -> str:
         return spiffe_id(trust_domain, self.namespace, self.service_account)
+
+
+@dataclass(frozen=True, slots=True)
+class EgressHost:
+    """One entry of an Istio Sidecar's `egress.hosts`: `namespace/dnsName`.
+
+    `namespace`: a namespace, `*` (any), `.` (the proxy's own) or `~` (none). `dns_name`: a service's
+    full host name, `*` (every service of the namespace) or `*.<suffix>` (host names ending so)."""
+
+    namespace: str
+    dns_name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.dns_name}"
+
+    def matches(self, service: Service, domain_suffix: str) -> bool:
+        """Whether `service` is in this entry (`.` already replaced by the proxy's namespace)."""
+        if self.namespace not in ("*", service.namespace):
+            return False
+        if self.dns_name == "*":
+            return True
+        host = service.hostname(domain_suffix)
+        if self.dns_name.startswith("*."):
+            return host.endswith(self.dns_name[1:])
+        return host == self.dns_name
+
+
+Egress = tuple[EgressHost, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarScope:
+    """What Istio's `Sidecar` resource says of egress: the workloads of `namespace` (`*`: every
+    namespace, the mesh-wide default) that `selector` picks (empty: all of them) reach only `egress`."""
+
+    namespace: str
+    egress: Egress
+    selector: Labels = ()
+
+    def selects(self, workload: Workload) -> bool:
+        if self.namespace not in ("*", workload.namespace):
+            return False
+        have = dict(workload.labels)
+        return all(have.get(k) == v for k, v in self.selector)
 
 
 def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
@@ -183,6 +232,7 @@ class MeshModel:
     outbound_policy: OutboundPolicy = OutboundPolicy.ALLOW_ANY
     services: tuple[Service, ...] = ()
     workloads: tuple[Workload, ...] = ()
+    sidecars: tuple[SidecarScope, ...] = ()
     _endpoints: dict[tuple[str, str], tuple[Endpoint, ...]] = field(
         default_factory=dict, init=False, repr=False, compare=False, hash=False
     )
@@ -212,6 +262,7 @@ class MeshModel:
             outbound_policy=self.outbound_policy,
             services=self.services,
             workloads=static + added,
+            sidecars=self.sidecars,
         )
 
     def workload(self, namespace: str, name: str) -> Workload | None:
@@ -254,3 +305,15 @@ class MeshModel:
 
     def mtls_of(self, workload: Workload) -> MtlsMode:
         return workload.mtls or self.mtls
+
+    def egress_of(self, workload: Workload) -> Egress | None:
+        """The services `workload`'s sidecar may reach, as Istio picks a Sidecar: the workload's own
+        setting, else a scope of its namespace whose selector picks it, else its namespace's scope
+        without a selector, else the mesh-wide one (`*`). None: every service (no scope applies)."""
+        if workload.egress is not None:
+            return workload.egress
+        ranked = sorted(
+            (s for s in self.sidecars if s.selects(workload)),
+            key=lambda s: (s.namespace == "*", not s.selector),
+        )  # stable: the first of equal rank in the mesh file wins
+        return ranked[0].egress if ranked else None

@@ -3,7 +3,8 @@
 Node id: `sidecar~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local` (`router~...` for a gateway).
 Metadata keys (as in Istio's bootstrap): NAMESPACE, SERVICE_ACCOUNT, NAME, LABELS, INSTANCE_IPS;
 DNS_CAPTURE (Istio's ISTIO_META_DNS_CAPTURE): the pod's DNS is captured, so the proxy wants a DNS
-listener; and INTERCEPTION_MODE (REDIRECT, the default, TPROXY or NONE).
+listener; INTERCEPTION_MODE (REDIRECT, the default, TPROXY or NONE); and Meshplane's
+ON_DEMAND_CLUSTERS ("true": the sidecar subscribes to no clusters and asks for each on demand).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 
 from envoy.config.core.v3 import base_pb2
 from google.protobuf import json_format
+
+from meshplane.bootstrap.envoy import ON_DEMAND_CLUSTERS
 
 from . import names
 from .model import InterceptionMode, Workload, labels
@@ -88,6 +91,7 @@ def from_node(node: base_pb2.Node) -> ProxyNode:
             labels=labels(_labels(meta.get("LABELS"))),
             # A gateway (`router`) terminates no mesh mTLS on its own ports: clients send it plaintext.
             sidecar=kind == "sidecar",
+            on_demand_clusters=_text(meta, ON_DEMAND_CLUSTERS, "false").lower() == "true",
         ),
         dns_capture=_flag(meta, "DNS_CAPTURE"),
         router=kind == "router",

@@ -705,6 +705,7 @@ class MeshLab:
         token: str | None = None,
         xds_authority: str | None = None,
         capture: bool = True,
+        on_demand_clusters: bool = False,
     ) -> Pod:
         """A pod: namespace on the bridge, capture rules, the app, and (unless not `sidecar`) its
         sidecar, not yet waited for. Processes must be started from the main thread (see below).
@@ -714,7 +715,8 @@ class MeshLab:
         `xds`, it dials those replicas over TLS instead (one `--xds-address` each, in that order,
         the trust bundle of the first one's CA) and sends `token` (e.g. one registered with FakeKube);
         `xds_authority` sets the channel's `grpc.default_authority`, the name gRPC sends as :authority
-        and checks the replicas' certificates against."""
+        and checks the replicas' certificates against. `on_demand_clusters`: a sidecar that asks for
+        each cluster when it first needs it (`meshctl bootstrap --on-demand-clusters`)."""
         with self._lock:
             n, self._next_ip = self._next_ip, self._next_ip + 1
         ns, ip = f"ml-{self.tag}-{n}", f"{SUBNET}.{n}"
@@ -735,7 +737,7 @@ class MeshLab:
                 self.start_app(pod)
             return pod
         sh(*MESHCTL, "iptables", ns=ns)  # the init container's step
-        self._write_bootstrap(pod, keepalive_ms, xds, token, xds_authority)
+        self._write_bootstrap(pod, keepalive_ms, xds, token, xds_authority, on_demand_clusters)
         if sidecar:
             self.start_sidecar(pod)
         return pod
@@ -747,6 +749,7 @@ class MeshLab:
         xds: Sequence[ControlPlane] = (),
         token_text: str | None = None,
         xds_authority: str | None = None,
+        on_demand_clusters: bool = False,
     ) -> None:
         token = pod.dir / "token"
         if token_text is not None:
@@ -767,7 +770,8 @@ class MeshLab:
         config = pod.dir / "bootstrap.json"
         sh(*MESHCTL, "bootstrap", *where, "--name", pod.name,
            "--namespace", "demo", "--service-account", pod.service_account, "--ip", pod.ip, *labels,
-           "--token-file", str(token), "-o", str(config))  # fmt: skip
+           "--token-file", str(token), "-o", str(config),
+           *(["--on-demand-clusters"] if on_demand_clusters else []))  # fmt: skip
         doc = json.loads(config.read_text())
         # Admin on a unix socket, so the test (outside the pod) can reach it.
         doc["admin"]["address"] = {"pipe": {"path": str(pod.admin.path)}}

@@ -21,6 +21,7 @@ _DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 DEFAULT_STATUS_PORT = 15020
 STATUS_PORT = "status.sidecar.istio.io/port"
+ON_DEMAND_CLUSTERS = "sidecar.meshplane.io/onDemandClusters"
 RESERVED_PORTS = frozenset({15000, 15001, 15006, 15021, 15090})
 """The proxy's own listeners (admin, outbound, inbound, stats): never its status port."""
 LOG_LEVELS = ("trace", "debug", "info", "warning", "warn", "error", "critical", "off")
@@ -78,6 +79,9 @@ class ProxyOptions:
     def dns_capture(self) -> bool:
         """`ISTIO_META_DNS_CAPTURE`: the pod's DNS goes to the sidecar's DNS listener."""
         return dict(self.proxy_metadata).get(DNS_CAPTURE, "").strip().lower() in ("true", "1")
+
+    on_demand_clusters: bool = False
+    """`sidecar.meshplane.io/onDemandClusters`: the proxy fetches each cluster when a call first needs it."""
 
 
 def proxy_options(annotations: Mapping[str, str], config: InjectionConfig) -> ProxyOptions:
@@ -157,6 +161,7 @@ def proxy_options(annotations: Mapping[str, str], config: InjectionConfig) -> Pr
         exclude_outbound_ports=_ports(a, "traffic.sidecar.istio.io/excludeOutboundPorts") or "",
         exclude_interfaces=_interfaces(a, "traffic.sidecar.istio.io/excludeInterfaces"),
         drain_seconds=drain,
+        on_demand_clusters=_flag(a, ON_DEMAND_CLUSTERS, False),
         capture=mode != "NONE" and not gateway,
         gateway=gateway,
         tproxy=mode == "TPROXY" and not gateway,

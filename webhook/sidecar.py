@@ -173,6 +173,7 @@ def _proxy_container(
         "router" if options.gateway else "sidecar",
         tuple((k.removeprefix(ISTIO_META), v) for k, v in options.proxy_metadata if k.startswith(ISTIO_META)),
         "TPROXY" if options.tproxy else "REDIRECT" if options.capture else "NONE",
+        options.on_demand_clusters,
     )
     args = [
         "--config-yaml",
@@ -260,6 +261,7 @@ def _bootstrap_json(
     kind: str,
     metadata: tuple[tuple[str, str], ...],
     interception: str,
+    on_demand_clusters: bool,
 ) -> str:
     """The sidecar's bootstrap; memoized, since the pods of one workload share every input."""
     identity = WorkloadIdentity(
@@ -275,7 +277,9 @@ def _bootstrap_json(
     )
     ports = Ports(health=HEALTH_PORT, status=status, stats=STATS_PORT, admin_socket=admin_socket)
     credentials = XdsCredentials(f"{TOKEN_DIR}/{TOKEN_VOLUME}", ca_pem="" if _xds_is_unix(xds_address) else xds_ca)
-    return render_compact(bootstrap(identity, xds_address, ports, probes, credentials))
+    return render_compact(
+        bootstrap(identity, xds_address, ports, probes, credentials, on_demand_clusters=on_demand_clusters)
+    )
 
 
 def _init_container(config: InjectionConfig, options: ProxyOptions) -> dict[str, Any]:

@@ -5,19 +5,29 @@ proxy shares (outbound clusters, endpoints, outbound listeners) are built once
 per model; parts that depend on the proxy (routes per namespace, the inbound
 listener per port set and mTLS mode) once per distinct value, then reused, so
 proxies with the same view get the very same message objects.
+
+A proxy with a sidecar scope (`ProxyView.egress`) gets the config of a model that holds only the
+services in scope: clusters and endpoints are the same objects as the full mesh's, listeners and
+routes are built once per distinct scope.
+
+A proxy that asks for its clusters on demand (`ProxyView.on_demand`) is offered the same clusters
+(it gets only those it asks for) and listeners that fetch a missing cluster (`ondemand`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from envoy.config.listener.v3 import listener_pb2
 from google.protobuf import message
 
-from ..model import InterceptionMode, MeshModel, MtlsMode, Protocol, Service, Workload, by_name
+from .. import scope
+from ..model import Egress, InterceptionMode, MeshModel, MtlsMode, Protocol, Service, Workload, by_name
 from ..resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
-from . import clusters, dns, endpoints, listeners, routes
+from . import clusters, dns, endpoints, listeners, ondemand, routes
 from .common import SECRET_DEFAULT, SECRET_ROOTCA
 
 __all__ = ["SECRET_DEFAULT", "SECRET_ROOTCA", "MeshConfig", "ProxyView", "view_of"]
@@ -39,6 +49,10 @@ class ProxyView:
     """A gateway (`router~` node, the gateway injection template): no capture listeners and no inbound."""
     tproxy: bool = False
     """Its inbound capture is TPROXY: a transparent inbound listener that forwards from the client's address."""
+    egress: Egress | None = None
+    """The services in its scope (resolved: see `scope.resolve`); None: every service."""
+    on_demand: bool = False
+    """It asks for each cluster when it first needs it, and subscribes to none."""
 
 
 def view_of(
@@ -60,6 +74,8 @@ def view_of(
         workload.service_account,
         tuple(sorted(ports.items())),
         model.mtls_of(workload),
+        egress=scope.resolve(model.egress_of(workload), workload.namespace),
+        on_demand=workload.on_demand_clusters,
         dns_capture=dns_capture,
         router=router,
         tproxy=interception == InterceptionMode.TPROXY,
@@ -84,6 +100,20 @@ class MeshConfig:
         # Everything a shared resource depends on beyond its own service (see `_settings`).
         self._settings = (model.trust_domain, model.domain_suffix, model.mtls, model.outbound_policy)
         self._dns_listeners: dict[str, message.Message] = {}
+
+        self._scoped: dict[Egress, MeshConfig] = {}
+        self._on_demand: dict[int, tuple[message.Message, message.Message]] = {}
+
+    def scoped(self, egress: Egress) -> MeshConfig:
+        """The config of a proxy that reaches only the services in resolved `egress`."""
+        found = self._scoped.get(egress)
+        if found is None:
+            found = MeshConfig(dataclasses.replace(self.model, services=scope.in_scope(self.model, egress)))
+            # A memo key holds every input of its message and never which other services a proxy
+            # sees: every scope shares the full config's memo (clusters and endpoints are built once).
+            found._built, found._before = self._built, self._before
+            self._scoped[egress] = found
+        return found
 
     def _reuse(self, key: tuple[object, ...], build: Callable[[], message.Message]) -> message.Message:
         """The message for `key`: this config's, else the previous config's, else `build()`.
@@ -199,21 +229,33 @@ class MeshConfig:
             found = self._dns_listeners[namespace] = dns.dns_listener(self.model, namespace, self.dns_table)
         return found
 
+    def on_demand_listener(self, original: message.Message) -> message.Message:
+        """`original`, fetching its clusters on demand; once per listener object, so views that
+        share a listener share its on-demand form."""
+        hit = self._on_demand.get(id(original))
+        if hit is None or hit[0] is not original:
+            assert isinstance(original, listener_pb2.Listener)
+            hit = self._on_demand[id(original)] = (original, ondemand.listener(original))
+        return hit[1]
+
     def resources(self, view: ProxyView) -> dict[str, list[message.Message]]:
         """CDS, EDS, LDS and RDS resources for a proxy with `view` (SDS comes from the CA).
 
-        A gateway gets the mesh's clusters and endpoints (and its certificate) but no listener: its
-        listeners would come from Istio's Gateway and VirtualService resources, which Meshplane does
-        not read, and exposing every mesh service at an ingress by default would be a hole."""
+        Its scope narrows what it reaches; its own inbound side is the same either way. A gateway gets
+        the mesh's clusters and endpoints (and its certificate) but no listener: its listeners would
+        come from Istio's Gateway and VirtualService resources, which Meshplane does not read, and
+        exposing every mesh service at an ingress by default would be a hole."""
+        out = self if view.egress is None else self.scoped(view.egress)
         if view.router:
-            return {CLUSTER: self.outbound_clusters, ENDPOINT: self.assignments, LISTENER: [], ROUTE: []}
+            return {CLUSTER: out.outbound_clusters, ENDPOINT: out.assignments, LISTENER: [], ROUTE: []}
+        listeners = [*out.outbound_listeners, self.inbound_listener(view.inbound, view.mtls, view.tproxy)]
+        if view.on_demand:
+            listeners = [self.on_demand_listener(lst) for lst in listeners]
+        if view.dns_capture:  # every mesh name resolves, in scope or not (an on-demand call needs its address)
+            listeners.append(self.dns_listener(view.namespace))
         return {
-            CLUSTER: [*self.outbound_clusters, *(self.inbound_cluster(p) for p, _ in view.inbound)],
-            ENDPOINT: self.assignments,
-            LISTENER: [
-                *self.outbound_listeners,
-                self.inbound_listener(view.inbound, view.mtls, view.tproxy),
-                *([self.dns_listener(view.namespace)] if view.dns_capture else []),
-            ],
-            ROUTE: self.routes(view.namespace),
+            CLUSTER: [*out.outbound_clusters, *(self.inbound_cluster(p) for p, _ in view.inbound)],
+            ENDPOINT: out.assignments,
+            LISTENER: listeners,
+            ROUTE: out.routes(view.namespace),
         }

@@ -142,6 +142,23 @@ async def test_a_410_and_relist_loses_nothing(kube: FakeKube, plane: ControlPlan
     await wait_until(relisted, timeout=15, what="a relist after 410 Gone, and its result in Envoy")
 
 
+async def test_a_pod_annotation_scopes_its_sidecar(kube: FakeKube, plane: ControlPlane, envoy: Envoy) -> None:
+    far = "outbound|81||far.other.svc.cluster.local"
+    kube.create(namespace("other"))
+    kube.create(service("far", "other", ports=[("http", 81)], selector={"app": "far"}, cluster_ip="10.96.0.8"))
+
+    async def holds(want: set[str]) -> bool:
+        return {n for n in await envoy.clusters() if n.startswith("outbound|")} == want
+
+    await wait_until(lambda: holds({WEB, far}), timeout=15, what="both services, unscoped")
+    for hosts, want in (("./*", {WEB}), ("~/*", set()), ("other/far.other.svc.cluster.local", {far})):
+        kube.update(
+            pod("backend-1", "demo", ip="127.0.0.1", service_account="backend", labels={"app": "backend"},
+                annotations={"sidecar.meshplane.io/egressHosts": hosts})
+        )  # fmt: skip
+        await wait_until(lambda want=want: holds(want), timeout=10, what=f"{hosts}: {sorted(want)} only")
+
+
 async def test_not_ready_and_nothing_served_until_every_kind_is_listed(kube: FakeKube, tmp_path: Path) -> None:
     kube.fail("/apis/discovery.k8s.io/v1/endpointslices", status=500, times=2, watch=False)
     plane = await start_plane(kube, tmp_path)

@@ -110,6 +110,23 @@ def test_identity_inbound_and_outbound() -> None:
     assert mesh["unknown_destinations"] == "PassthroughCluster"
 
 
+def test_scope_from_the_annotation_or_the_mesh_file() -> None:
+    assert report()["mesh"]["scope"] is None  # unscoped: every service
+    annotated = CORPUS["everything-already-there"]
+    meta = {
+        **annotated["metadata"],
+        "annotations": {"sidecar.meshplane.io/egressHosts": "shop/db.shop.svc.cluster.local"},
+    }
+    scoped = report(metadata=meta)
+    assert scoped["mesh"]["scope"] == ["shop/db.shop.svc.cluster.local"]
+    assert [o["host"] for o in scoped["mesh"]["outbound"]] == ["db.shop.svc.cluster.local"]
+    assert "  scope: shop/db.shop.svc.cluster.local" in explain.render(scoped)
+    nothing = report(mesh=MESH + "sidecars:\n  - {namespace: shop, egress: [{hosts: ['~/*']}]}\n")
+    assert nothing["mesh"]["outbound"] == [] and "  scope: no service (~/*)" in explain.render(nothing)
+    meta["annotations"] = {"sidecar.meshplane.io/egressHosts": "db"}
+    assert any("not namespace/dnsName" in n for n in report(metadata=meta)["notes"])
+
+
 def test_permissive_and_disabled_modes() -> None:
     assert report(mesh=MESH.replace("mtls: STRICT", "mtls: PERMISSIVE"))["mesh"]["inbound"][0]["mtls"] == "PERMISSIVE"
     off = report(mesh=MESH.replace("mtls: STRICT", "mtls: DISABLE"))["mesh"]

@@ -329,6 +329,23 @@ def test_admin_socket_option_puts_the_admin_api_in_an_empty_dir() -> None:
     }
 
 
+def test_an_annotation_makes_the_proxy_fetch_clusters_on_demand() -> None:
+    def bootstrap_of(pod: dict[str, Any]) -> dict[str, Any]:
+        proxy = _proxy(inject(pod, "shop", InjectionConfig(xds_ca=MESH_ROOT)).pod)
+        return dict(json.loads(proxy["args"][proxy["args"].index("--config-yaml") + 1]))
+
+    annotated = copy.deepcopy(CORPUS["bare"])
+    annotated["metadata"].setdefault("annotations", {})["sidecar.meshplane.io/onDemandClusters"] = "true"
+    on_demand = bootstrap_of(annotated)
+    assert "cdsConfig" not in on_demand["dynamicResources"] and "ldsConfig" in on_demand["dynamicResources"]
+    assert on_demand["node"]["metadata"]["ON_DEMAND_CLUSTERS"] == "true"
+    plain = bootstrap_of(CORPUS["bare"])
+    assert "cdsConfig" in plain["dynamicResources"] and "ON_DEMAND_CLUSTERS" not in plain["node"]["metadata"]
+    annotated["metadata"]["annotations"]["sidecar.meshplane.io/onDemandClusters"] = "sometimes"
+    with pytest.raises(InvalidAnnotation, match="onDemandClusters"):
+        proxy_options(annotated["metadata"]["annotations"], InjectionConfig(xds_ca=MESH_ROOT))
+
+
 @pytest.mark.parametrize("xds", ["meshplane.mesh-system.svc:15012", "unix:/x.sock"])
 def test_the_proxy_proves_its_identity_with_a_projected_token(xds: str) -> None:
     """Stock Envoy sends the pod's projected service-account token on every xDS connection (over TLS
