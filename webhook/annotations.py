@@ -14,6 +14,10 @@ import yaml
 from .config import InjectionConfig, metadata_text
 
 _QUANTITY = re.compile(r"^([0-9]+(\.[0-9]+)?|\.[0-9]+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+DEFAULT_CONCURRENCY = 2
+"""Istio's default for sidecars: two workers whatever the node's cores (each worker holds its own
+connection pools and copies of thread-local state, so memory grows with them)."""
+MAX_CONCURRENCY = 64
 DEFAULT_DRAIN_SECONDS = 5.0
 """Istio's default terminationDrainDuration."""
 MAX_DRAIN_SECONDS = 3600.0
@@ -60,6 +64,8 @@ class ProxyOptions:
     exclude_outbound_ports: str
     exclude_interfaces: str
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
+    concurrency: int = 2
+    """Envoy's worker threads (ProxyConfig `concurrency`, Istio's default 2; 0: one per core)."""
     """How long the proxy drains before it is stopped (ProxyConfig terminationDrainDuration)."""
     capture: bool = True
     """`sidecar.istio.io/interceptionMode`: REDIRECT and TPROXY capture traffic (the init container); NONE does not."""
@@ -136,6 +142,7 @@ def proxy_options(annotations: Mapping[str, str], config: InjectionConfig) -> Pr
             )
     hold = config.hold_application_until_proxy_starts
     drain = DEFAULT_DRAIN_SECONDS
+    concurrency = DEFAULT_CONCURRENCY
     metadata = dict(config.proxy_metadata)
     proxy_config = a.get("proxy.istio.io/config")
     if proxy_config is not None:
@@ -145,6 +152,8 @@ def proxy_options(annotations: Mapping[str, str], config: InjectionConfig) -> Pr
             hold = _bool(str(doc["holdApplicationUntilProxyStarts"]).lower(), "proxy.istio.io/config")
         if "terminationDrainDuration" in doc:
             drain = _drain_duration(doc["terminationDrainDuration"])
+        if "concurrency" in doc:
+            concurrency = _concurrency(doc["concurrency"])
     gateway = templates == ["gateway"]  # the proxy is the workload: nothing of a sidecar's applies
     return ProxyOptions(
         image=a.get("sidecar.istio.io/proxyImage", config.proxy_image),
@@ -161,6 +170,7 @@ def proxy_options(annotations: Mapping[str, str], config: InjectionConfig) -> Pr
         exclude_outbound_ports=_ports(a, "traffic.sidecar.istio.io/excludeOutboundPorts") or "",
         exclude_interfaces=_interfaces(a, "traffic.sidecar.istio.io/excludeInterfaces"),
         drain_seconds=drain,
+        concurrency=concurrency,
         on_demand_clusters=_flag(a, ON_DEMAND_CLUSTERS, False),
         capture=mode != "NONE" and not gateway,
         gateway=gateway,
@@ -224,6 +234,18 @@ def _proxy_metadata(value: object, text: str) -> dict[str, str]:
             'e.g. {ISTIO_META_DNS_CAPTURE: "true"}',
         )
     return {k: metadata_text(v) for k, v in value.items()}
+
+
+def _concurrency(value: object) -> int:
+    """ProxyConfig `concurrency`: Envoy's worker threads, 0 for one per core."""
+    text = str(value).strip()
+    if not text.isdigit() or int(text) > MAX_CONCURRENCY:
+        raise InvalidAnnotation(
+            "proxy.istio.io/config",
+            f"concurrency: {value}",
+            f"concurrency as a number of worker threads from 0 (one per core) to {MAX_CONCURRENCY}",
+        )
+    return int(text)
 
 
 def _drain_duration(value: object) -> float:

@@ -181,6 +181,8 @@ def _proxy_container(
         "--log-level",
         options.log_level,
         "--disable-hot-restart",
+        # 0: left to Envoy, which runs one worker per core.
+        *(["--concurrency", str(options.concurrency)] if options.concurrency else []),
         # The graceful drain that `meshctl drain` starts lasts this long (Envoy's drain manager).
         "--drain-time-s",
         str(max(1, math.ceil(options.drain_seconds))),

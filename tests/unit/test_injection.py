@@ -1039,3 +1039,22 @@ def test_the_gateway_template_makes_the_users_istio_proxy_container_the_gateway(
     assert (status["initContainers"], status["containers"]) == ([], ["mesh-proxy"])
     again = inject(out, "ingress", InjectionConfig(xds_ca=MESH_ROOT))
     assert not again.decision.inject and again.patch == []
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [(None, ["--concurrency", "2"]), ("concurrency: 4", ["--concurrency", "4"]), ("concurrency: 0", [])],
+)
+def test_proxy_concurrency_is_istios_two_workers_unless_proxy_config_says(
+    config: str | None, expected: list[str]
+) -> None:
+    annotations = {"proxy.istio.io/config": config} if config else {}
+    pod = make("c", {"containers": [{"name": "app", "image": "a"}]}, annotations=annotations)
+    args = _proxy(inject(pod, "shop", InjectionConfig(xds_ca=MESH_ROOT)).pod)["args"]
+    found = args[args.index("--concurrency") : args.index("--concurrency") + 2] if "--concurrency" in args else []
+    assert found == expected
+    bad = make(
+        "b", {"containers": [{"name": "app", "image": "a"}]}, annotations={"proxy.istio.io/config": "concurrency: many"}
+    )
+    error = inject(bad, "shop", InjectionConfig(xds_ca=MESH_ROOT)).error
+    assert error is not None and "concurrency as a number of worker threads" in str(error)
