@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from meshplane.bootstrap.envoy import WorkloadIdentity
-from tests.harness import EnvoyAdmin
+from tests.harness import EnvoyAdmin, endpoints, wait_until
 from tests.netns import ADDRESS_SERVER, Net, ask, pod_sidecar, require_netns, sh, two_hosts
 
 MESHCTL = [sys.executable, "-m", "meshplane.controlplane.cli", "iptables"]
@@ -115,6 +115,12 @@ async def test_a_call_to_its_own_service_goes_out_and_back_in_over_mtls(
     stats += ("listener.0.0.0.0_15006.ssl.handshake",)
     # The app sees the proxy's outbound connection's source: the pod's own address with TPROXY.
     source = net.pod_ip if mode == "TPROXY" else "127.0.0.6"
+    own = "outbound|8080||web.demo.svc.cluster.local"
+
+    async def own_endpoint() -> bool:  # its registration comes back to it as an EDS push: wait for that
+        return endpoints(await sidecar.config_dump(), own) == [f"{net.pod_ip}:8080"]
+
+    await wait_until(own_endpoint, timeout=15, what="the pod as its own service's endpoint")
     assert await counted(sidecar, net.pod, VIP, 8080, *stats) == (f"8080 {source}", [1, 1, 1, 1])
 
 
