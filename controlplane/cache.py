@@ -64,6 +64,19 @@ class ConfigCache:
         self._view_of: dict[Workload, ProxyView] = {}
         self._packed: dict[int, tuple[message.Message, Resource]] = {}
 
+    def staged(self, model: MeshModel, workloads: list[Workload]) -> ConfigCache:
+        """A cache of `model` with the views of `workloads` built, for `adopt`. Touches nothing of this
+        cache's, so it may run in a thread while this one serves (it takes seconds for a large mesh)."""
+        staged = ConfigCache(model, self._ca, self._config_factory)
+        for view in {staged.view(w) for w in workloads}:
+            staged.resources(view, CLUSTER)
+        return staged
+
+    def adopt(self, staged: ConfigCache) -> None:
+        """Serve `staged`'s model and views from now on (secrets stay: they do not depend on the model)."""
+        self._model, self._config = staged._model, staged._config
+        self._views, self._view_of, self._packed = staged._views, staged._view_of, staged._packed
+
     def view(self, workload: Workload) -> ProxyView:
         """The view of `workload` under the current model, computed once per model and workload.
 

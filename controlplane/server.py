@@ -17,7 +17,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeAlias
@@ -83,8 +83,9 @@ MAX_WAITING_CALLS = 50_000
 waiting (every one from 3,000) with RESOURCE_EXHAUSTED, also unseen by the application; a connect storm of
 every sidecar of a large mesh must be admitted whole. A waiting call costs gRPC a few KiB."""
 APPLY_SPACING = 2.0
-"""A model change is applied no sooner than this many times the last application's cost after it ended:
-rebuilding config takes at most a third of the event loop however often the model changes."""
+"""A model change is applied no sooner than this many times the last one's cost (its views, and every
+stream's push) after it ended: changes take at most a third of the event loop however often they come,
+and the rest accepts streams and serves their first config."""
 SEND_SLOTS = 32
 """Streams building and writing responses at once (see SendSlots)."""
 SEND_STALL_S = 1.0
@@ -136,9 +137,10 @@ class Connection:
 
 class Debouncer:
     """Coalesces bursts: `action` runs `delay` after the last call, or `max_delay` after the first, and
-    never sooner than `spacing` after the previous run ended."""
+    never sooner than `spacing` after the previous run ended. An action may be a coroutine: calls while
+    it runs are coalesced into the next run, never a second one beside it."""
 
-    def __init__(self, delay: float, max_delay: float, action: Callable[[float], None]) -> None:
+    def __init__(self, delay: float, max_delay: float, action: Callable[[float], Awaitable[None] | None]) -> None:
         self.delay, self.max_delay, self._action = delay, max_delay, action
         self.spacing = 0.0
         self._calls = 0
@@ -158,12 +160,17 @@ class Debouncer:
                 if self._calls == seen or time.monotonic() - first >= self.max_delay:
                     break
             await asyncio.sleep(self._last_end + self.spacing - time.monotonic())
+            seen = self._calls
+            try:
+                result = self._action(first)
+                if result is not None:
+                    await result
+            finally:
+                self._last_end = time.monotonic()
         finally:
             self._task = None
-        try:
-            self._action(first)
-        finally:
-            self._last_end = time.monotonic()
+        if self._calls != seen:
+            self()
 
     def cancel(self) -> None:
         if self._task:
@@ -243,6 +250,8 @@ class XdsServer:
         self._stopping = False
         self._open = asyncio.Event()
         self.send_slots = SendSlots(SEND_SLOTS, SEND_STALL_S)
+        self._push_cost = 0.0
+        """Seconds the streams spent working out their responses to pushes since the last model change."""
 
     @property
     def is_open(self) -> bool:
@@ -379,22 +388,27 @@ class XdsServer:
         self._pending_model = model
         self._debouncer()
 
-    def _apply_model(self, first_change: float) -> None:
-        model, self._pending_model = self._pending_model, None
+    async def _apply_model(self, first_change: float) -> None:
+        model = self._pending_model
         if model is None or model is self.cache.model:
+            self._pending_model = None
             return
         started = time.monotonic()
-        self.cache.update(model)
-        # Build the connected proxies' views now, not in the first push of each: the cost is the same,
-        # and measured here it spaces the next application (in a connect storm every few sidecars that
-        # register change the model, and rebuilding a 1,000-service mesh's views for each would leave
-        # the event loop no time to accept streams or send their first config).
-        for view in {self.cache.view(c.node.workload) for c in self.connections.values()}:
-            self.cache.resources(view, CLUSTER)
-        cost = time.monotonic() - started
+        # The new config and the connected proxies' views are built in a thread, then served all at once:
+        # building a 1,000-service mesh's views takes seconds, and in a connect storm every few sidecars
+        # that register change the model. On the event loop that would stop it accepting streams (gRPC
+        # hands it one new call per turn of the loop) and sending their first config meanwhile.
+        workloads = [c.node.workload for c in self.connections.values()]
+        staged = await asyncio.to_thread(self.cache.staged, model, workloads)
+        self.cache.adopt(staged)
+        if self._pending_model is model:
+            self._pending_model = None
+        # What the previous push cost every stream counts too: with thousands of streams, each working
+        # out what changed for it takes longer than building the views.
+        cost, self._push_cost = time.monotonic() - started + self._push_cost, 0.0
         spacing = APPLY_SPACING * cost
         if spacing > self._debouncer.max_delay and self._debouncer.spacing <= self._debouncer.max_delay:
-            log.info("a model took %.1fs to apply; applying changes at most every %.1fs", cost, spacing)
+            log.info("a model change and its push took %.1fs; applying changes at most every %.1fs", cost, spacing)
         self._debouncer.spacing = spacing
         self._change_started = first_change
         self.push_all()
@@ -594,7 +608,12 @@ class XdsServer:
                         return
                 async with self.send_slots.hold():
                     pushed = item is _PUSH
-                    responses = conn.state.on_change() if pushed else self._on_request(conn, item)
+                    if pushed:
+                        started = time.monotonic()
+                        responses = conn.state.on_change()
+                        self._push_cost += time.monotonic() - started
+                    else:
+                        responses = self._on_request(conn, item)
                     for response in responses:
                         yield response
                         self._sent(conn, response, pushed)
