@@ -437,6 +437,8 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     a2.plot(xs, [r["mb_per_sidecar"] for r in storms], "s--", color="tab:red", label="server MB per sidecar")
     a2.axhline(0.5, color="tab:red", linestyle=":", linewidth=1)
     a2.set_ylabel("MB per sidecar")
+    a.set_ylim(bottom=0)
+    a2.set_ylim(bottom=0)
     a.set_title("connect storm, 1,000-service mesh")
     a.legend(loc="upper left", fontsize=8)
     a2.legend(loc="lower right", fontsize=8)
