@@ -405,14 +405,18 @@ async def bare_ceiling(n: int, processes: int) -> dict[str, float]:
         try:
             if server.stdout.readline().strip() != "ready":  # type: ignore[union-attr]
                 raise RuntimeError("the bare server did not start")
+            before = rss_bytes(server.pid)
             with clients(f"127.0.0.1:{port}", n, processes, 60 + n / 10, full=False) as procs:
                 reports = await asyncio.gather(*(asyncio.to_thread(report_of, p) for p in procs))  # type: ignore[attr-defined]
                 if sum(int(r["ready"]) for r in reports) < n:  # type: ignore[call-overload]
                     raise RuntimeError(f"only {[r['ready'] for r in reports]} sidecars connected to the bare server")
+                await asyncio.sleep(2)
+                held = rss_bytes(server.pid)
                 ask(procs, NEW_CLUSTER)  # type: ignore[arg-type]
                 await asyncio.sleep(0.5)
                 server.send_signal(signal.SIGUSR1)
-                return fan_out(await asyncio.gather(*(asyncio.to_thread(report_of, p) for p in procs)))  # type: ignore[attr-defined]
+                out = fan_out(await asyncio.gather(*(asyncio.to_thread(report_of, p) for p in procs)))  # type: ignore[attr-defined]
+                return {**out, "mb_per_sidecar": (held - before) / n / 2**20}
         finally:
             server.terminate()
             server.wait(10)
@@ -521,7 +525,8 @@ async def main() -> int:
         f"{ours['bytes_per_sidecar'] / 1024:.0f} KiB each, {ours['seconds']:.2f} s first to last, "
         f"{ours['mb_per_s']:.0f} MB/s; "
         f"bare grpc.aio {theirs['arrived']} reached, {theirs['bytes_per_sidecar'] / 1024:.0f} KiB each, "
-        f"{theirs['seconds']:.2f} s, {theirs['mb_per_s']:.0f} MB/s; ratio {e['ratio']:.2f}",
+        f"{theirs['seconds']:.2f} s, {theirs['mb_per_s']:.0f} MB/s, it holds {theirs['mb_per_sidecar']:.3f} MB per "
+        f"sidecar; ratio {e['ratio']:.2f}",
         flush=True,
     )
     args.out.mkdir(parents=True, exist_ok=True)
