@@ -187,8 +187,8 @@ class SendSlots:
     so new streams keep being accepted during a connect storm. A stream whose peer has not taken its
     responses after `stall` seconds gives its slot back and goes on writing without one, as one of at
     most `max_stalled`: up to that many sidecars that stop reading never hold the others back, and
-    the memory of responses in flight stays bounded even when every peer is slow (measured: without
-    that bound, a storm of 5,000 slow readers held several GB of responses)."""
+    the responses in flight stay bounded (about (size + max_stalled) x 1.2 MB for a 1,000-service
+    mesh) even when every peer is slow."""
 
     def __init__(self, size: int, stall: float, max_stalled: int) -> None:
         self.size, self.stall, self.max_stalled = size, stall, max_stalled
