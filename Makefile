@@ -33,11 +33,14 @@ test: install system-deps lint
 demo: install system-deps
 	$(BIN)/meshctl demo
 
-# Each benchmark starts and stops its own `meshctl serve` on loopback; a few minutes in all.
+# Each benchmark starts and stops its own `meshctl serve` on loopback; about half an hour in all
+# (mesh_scale.py's 5,000-sidecar storm is most of it). mesh_scale.py writes bench-results/mesh_scale.{json,png}.
 bench: install
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[bench]'
 	$(BIN)/python benchmarks/webhook_load.py
 	$(BIN)/python benchmarks/xds_push.py
 	$(BIN)/python benchmarks/kube_scale.py
+	$(BIN)/python benchmarks/mesh_scale.py --out bench-results
 
 clean:
 	rm -rf $(VENV) build *.egg-info protos/*_pb2*.py protos/*_pb2*.pyi

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from envoy.config.cluster.v3 import cluster_pb2
@@ -23,6 +23,9 @@ from .generate import SECRET_DEFAULT, SECRET_ROOTCA, MeshConfig, ProxyView, view
 from .generate.secrets import root_secret, workload_secret
 from .model import InterceptionMode, MeshModel, Workload, spiffe_id
 from .resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Resource, Resources
+
+ViewRequest = tuple[Workload, InterceptionMode, bool, bool]
+"""What a view is asked for with: a proxy's workload, interception mode, DNS capture and gateway-ness."""
 
 
 class CertificateSource(Protocol):
@@ -50,27 +53,53 @@ class ConfigCache:
         model: MeshModel,
         ca: CertificateSource,
         config: Callable[[MeshModel, MeshConfig | None], MeshConfig] = MeshConfig,
+        *,
+        previous: ConfigCache | None = None,
     ) -> None:
+        """With `previous`, start from its config and packings (see `update`) without changing it."""
         self._config_factory = config
         self._ca = ca
         self._root: tuple[bytes, Resource] | None = None
         self._secrets: dict[str, tuple[bytes, Resource]] = {}
-        self.update(model)
+        if previous is None:
+            self._start(model, None, {})
+        else:
+            self._start(model, previous._config, previous._packed)
 
     @property
     def model(self) -> MeshModel:
         return self._model
 
     def update(self, model: MeshModel) -> None:
-        self._model = model
+        self._start(model, self._config, self._packed)
+
+    def _start(
+        self, model: MeshModel, config: MeshConfig | None, packed: dict[int, tuple[message.Message, Resource]]
+    ) -> None:
         # The new config reuses the messages of the last one whose inputs did not change, and their
         # packings are carried over with them: one generation back, so nothing older is kept alive.
-        previous = getattr(self, "_config", None)
-        self._config = self._config_factory(model, previous)
+        self._model = model
+        self._config = self._config_factory(model, config)
         self._views: dict[ProxyView, dict[str, Resources]] = {}
         self._view_of: dict[tuple[Workload, InterceptionMode, bool, bool], ProxyView] = {}
-        self._packed_before: dict[int, tuple[message.Message, Resource]] = getattr(self, "_packed", {})
+        self._packed_before = packed
         self._packed: dict[int, tuple[message.Message, Resource]] = {}
+
+    def staged(self, model: MeshModel, wanted: Iterable[ViewRequest]) -> ConfigCache:
+        """A cache of `model` with the views `wanted` built, for `adopt`. It only reads this cache (the
+        previous config's messages and packings, which it reuses), so it may run in a thread while this
+        one serves: building a large mesh's views takes long."""
+        staged = ConfigCache(model, self._ca, self._config_factory, previous=self)
+        for workload, interception, dns_capture, router in set(wanted):
+            view = staged.view(workload, interception=interception, dns_capture=dns_capture, router=router)
+            staged.resources(view, CLUSTER)
+        return staged
+
+    def adopt(self, staged: ConfigCache) -> None:
+        """Serve `staged`'s model and views from now on (secrets stay: they do not depend on the model)."""
+        self._model, self._config = staged._model, staged._config
+        self._views, self._view_of = staged._views, staged._view_of
+        self._packed, self._packed_before = staged._packed, staged._packed_before
 
     def view(
         self,

@@ -22,6 +22,7 @@ ACK and NACK. The rules:
 from __future__ import annotations
 
 import itertools
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -109,6 +110,7 @@ class DeltaStreamState:
             if name == WILDCARD_NAME:
                 t.wildcard = True
             else:
+                name = sys.intern(name)  # shared by every stream naming it (see stream.StreamState)
                 t.names.add(name)
                 t.owed.add(name)  # a (re)subscription wants the resource even if it held it once
         for name in req.resource_names_unsubscribe:

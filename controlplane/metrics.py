@@ -34,6 +34,19 @@ class Metrics:
         self.auth_failures = Counter(
             "meshplane_xds_auth_failures", "Calls refused: no or bad credential, or beyond it", ["reason"], registry=r
         )
+        self.streams_ended = Counter(
+            "meshplane_xds_streams_ended",
+            "Streams that ended after the proxy was identified: closed (by either side) or cancelled (the proxy "
+            "went away, or gRPC cancelled the call)",
+            ["how"],
+            registry=r,
+        )
+        self.loop_lag = Histogram(
+            "meshplane_event_loop_lag_seconds",
+            "How late the event loop ran a timer; new streams wait in gRPC's queue meanwhile",
+            registry=r,
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120),
+        )
         self.stale = Counter("meshplane_xds_stale_requests", "Requests with an outdated nonce, ignored", registry=r)
         self.reloads = Counter("meshplane_mesh_reloads", "Mesh file reloads", ["result"], registry=r)
         self.views = Gauge("meshplane_config_views", "Distinct proxy views generated for the current model", registry=r)

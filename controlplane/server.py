@@ -1,19 +1,23 @@
 """The xDS gRPC server: ADS and the per-type discovery services over the cache, plus the CA service.
 
-Each stream is a `Connection`: a reader task feeds requests into a queue, pushes put a
-marker in the same queue, and one loop turns both into responses through the
-stream's `StreamState`, so a stream's protocol state is only ever touched by one task.
+Each stream is a `Connection`: a reader task feeds requests into a small bounded queue, a push
+only raises a flag, and one loop turns both into responses through the stream's `StreamState`,
+so a stream's protocol state is only ever touched by one task. Pushes coalesce: however many
+arrive while a stream is busy (say writing to a sidecar that stopped reading), it computes one
+response per type from the latest state when it gets to them, and holds at most one response
+per type meanwhile; no other stream waits for it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeAlias
@@ -32,7 +36,7 @@ from meshplane.protos import ca_pb2
 
 from .auth import Authenticator, Call
 from .ca import CertificateAuthority, IssuedCertificate
-from .cache import ConfigCache
+from .cache import ConfigCache, ViewRequest
 from .delta import DeltaStreamState
 from .errors import AuthError, CertificateError
 from .metrics import Metrics
@@ -50,6 +54,7 @@ Response: TypeAlias = discovery_pb2.DiscoveryResponse | discovery_pb2.DeltaDisco
 
 _PUSH = object()
 _END = object()
+_CANCELLED = "cancelled"
 _GARBAGE = object()
 """A message on the stream that does not decode."""
 
@@ -64,6 +69,31 @@ PING_INTERVAL_FLOOR_MS = 10_000
 default (5 min) answers pings more frequent than that with GOAWAY, and idle Envoys reconnect."""
 SERVER_CERT_TTL = dt.timedelta(hours=24)
 """The control plane's own serving certificate, renewed at half-life for new handshakes."""
+MAX_QUEUED_REQUESTS = 16
+"""Requests of one stream read ahead of its handling; beyond, the stream stops reading and HTTP/2 flow
+control holds the proxy back (Envoy sends one request per response, plus subscription changes)."""
+ACCEPT_WAIT_S = 600
+"""How long a new call may wait inside gRPC until the event loop takes it. gRPC's default, 30 s, cancels a
+call that waited longer, before the application ever sees it: CANCELLED at the proxy, nothing here.
+Measured: 1,000 sidecars connecting at once to a 1,000-service mesh (benchmarks/mesh_scale.py) lost 545
+streams that way while the loop was busy generating and sending config. Waiting is better: an ADS stream
+has no deadline, and a cancelled proxy reconnects at the back of the same queue."""
+MAX_WAITING_CALLS = 50_000
+"""Calls gRPC holds before the event loop takes them. gRPC's default refuses new calls at random from 1,000
+waiting (every one from 3,000) with RESOURCE_EXHAUSTED, also unseen by the application; a connect storm of
+every sidecar of a large mesh must be admitted whole. A waiting call costs gRPC a few KiB."""
+APPLY_SPACING = 2.0
+"""A model change is applied no sooner than this many times the last one's cost (its views, and every
+stream's push) after it ended: changes take at most a third of the event loop however often they come,
+and the rest accepts streams and serves their first config."""
+SEND_SLOTS = 32
+"""Streams building and writing responses at once (see SendSlots)."""
+SEND_STALL_S = 1.0
+"""A write not taken by its peer within this long no longer counts against SEND_SLOTS..."""
+MAX_STALLED_WRITES = 128
+"""...while fewer than this many are stalled (see SendSlots): about 160 MB of responses at most."""
+LOOP_LAG_WARN_S = 5.0
+"""An event loop this late is logged: new streams wait in gRPC's queue meanwhile (see ACCEPT_WAIT_S)."""
 
 
 @dataclass(eq=False)
@@ -73,22 +103,51 @@ class Connection:
     node: ProxyNode
     state: StreamState | DeltaStreamState
     connected_at: float = field(default_factory=time.time)
-    queue: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
+    requests: asyncio.Queue[object] = field(default_factory=lambda: asyncio.Queue(MAX_QUEUED_REQUESTS))
     push_queued: bool = False
+    ending: bool = False
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def push(self) -> None:
-        if not self.push_queued:
-            self.push_queued = True
-            self.queue.put_nowait(_PUSH)
+        """Coalesced: one pending push stands for any number, computed from the state when handled."""
+        self.push_queued = True
+        self._wake.set()
+
+    def end(self) -> None:
+        """End the stream once what it has queued is handled."""
+        self.ending = True
+        self._wake.set()
+
+    async def deliver(self, item: object) -> None:
+        """A request (or `_GARBAGE`) from the proxy; waits while the queue is full."""
+        await self.requests.put(item)
+        self._wake.set()
+
+    async def next(self) -> object:
+        """Requests first (an ACK updates what a push compares against), then a push, then the end."""
+        while True:
+            if not self.requests.empty():
+                return self.requests.get_nowait()
+            if self.push_queued:
+                self.push_queued = False
+                return _PUSH
+            if self.ending:
+                return _END
+            self._wake.clear()
+            await self._wake.wait()
 
 
 class Debouncer:
-    """Coalesces bursts: `action` runs `delay` after the last call, or `max_delay` after the first."""
+    """Coalesces bursts: `action` runs `delay` after the last call, or `max_delay` after the first, and
+    never sooner than `spacing` after the previous run ended. An action may be a coroutine: calls while
+    it runs are coalesced into the next run, never a second one beside it."""
 
-    def __init__(self, delay: float, max_delay: float, action: Callable[[float], None]) -> None:
+    def __init__(self, delay: float, max_delay: float, action: Callable[[float], Awaitable[None] | None]) -> None:
         self.delay, self.max_delay, self._action = delay, max_delay, action
+        self.spacing = 0.0
         self._calls = 0
         self._task: asyncio.Task[None] | None = None
+        self._last_end = -float("inf")
 
     def __call__(self) -> None:
         self._calls += 1
@@ -102,13 +161,65 @@ class Debouncer:
                 await asyncio.sleep(self.delay)
                 if self._calls == seen or time.monotonic() - first >= self.max_delay:
                     break
+            await asyncio.sleep(self._last_end + self.spacing - time.monotonic())
+            seen = self._calls
+            try:
+                result = self._action(first)
+                if result is not None:
+                    await result
+            finally:
+                self._last_end = time.monotonic()
         finally:
             self._task = None
-        self._action(first)
+        if self._calls != seen:
+            self()
 
     def cancel(self) -> None:
         if self._task:
             self._task.cancel()
+
+
+class SendSlots:
+    """At most `size` streams build and write responses at once, the others wait their turn in order.
+
+    It bounds the memory of responses in flight (a full config of a 1,000-service mesh is about 1.2 MB
+    serialized, and gRPC holds each until the peer takes it) and the event loop's work between two turns,
+    so new streams keep being accepted during a connect storm. A stream whose peer has not taken its
+    responses after `stall` seconds gives its slot back and goes on writing without one, as one of at
+    most `max_stalled`: up to that many sidecars that stop reading never hold the others back, and
+    the responses in flight stay bounded (about (size + max_stalled) x 1.2 MB for a 1,000-service
+    mesh) even when every peer is slow."""
+
+    def __init__(self, size: int, stall: float, max_stalled: int) -> None:
+        self.size, self.stall, self.max_stalled = size, stall, max_stalled
+        self.stalled = 0
+        self._free = asyncio.Semaphore(size)
+
+    @contextlib.asynccontextmanager
+    async def hold(self) -> AsyncIterator[None]:
+        await self._free.acquire()
+        loop = asyncio.get_running_loop()
+        held, stalled = True, False
+        timer: asyncio.TimerHandle
+
+        def give_back() -> None:
+            nonlocal held, stalled, timer
+            if self.stalled >= self.max_stalled:
+                timer = loop.call_later(self.stall, give_back)  # keep the slot; look again later
+                return
+            held, stalled = False, True
+            self.stalled += 1
+            self._free.release()
+
+        timer = loop.call_later(self.stall, give_back)
+        try:
+            yield
+        finally:
+            timer.cancel()
+            if held:
+                self._free.release()
+            elif stalled:
+                self.stalled -= 1
 
 
 class XdsServer:
@@ -151,6 +262,9 @@ class XdsServer:
         """Seconds a new root is only trusted before it signs (other replicas' proxies must learn it)."""
         self._stopping = False
         self._open = asyncio.Event()
+        self.send_slots = SendSlots(SEND_SLOTS, SEND_STALL_S, MAX_STALLED_WRITES)
+        self._push_cost = 0.0
+        """Seconds the streams spent working out their responses to pushes since the last model change."""
 
     @property
     def is_open(self) -> bool:
@@ -187,6 +301,9 @@ class XdsServer:
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", ping_floor_ms),
                 ("grpc.http2.min_ping_interval_without_data_ms", ping_floor_ms),
                 ("grpc.max_receive_message_length", MAX_MESSAGE),
+                ("grpc.server_max_unrequested_time_in_server", ACCEPT_WAIT_S),
+                ("grpc.server.max_pending_requests", MAX_WAITING_CALLS),
+                ("grpc.server.max_pending_requests_hard_limit", MAX_WAITING_CALLS),
             ]
         )
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(_Ads(self), server)
@@ -229,7 +346,13 @@ class XdsServer:
             socket_path.chmod(0o660 if socket_group is not None else 0o600)  # noqa: ASYNC240 - once, at start-up
         self._grpc = server
         loop = asyncio.get_running_loop()
-        self._tasks.update({loop.create_task(self._rotate_certificates()), loop.create_task(self._watch_ca())})
+        self._tasks.update(
+            {
+                loop.create_task(self._rotate_certificates()),
+                loop.create_task(self._watch_ca()),
+                loop.create_task(self._watch_loop()),
+            }
+        )
         log.info("xDS server listening on %s (ADS, CDS, EDS, LDS, RDS, SDS, CA)", ", ".join(where))
         if plaintext_port is not None:
             log.warning(
@@ -260,7 +383,7 @@ class XdsServer:
         if self._grpc:
             stopping = asyncio.get_running_loop().create_task(self._grpc.stop(grace))  # GOAWAY now
             for conn in list(self.connections.values()):
-                conn.queue.put_nowait(_END)  # after whatever the stream still has queued
+                conn.end()  # after whatever the stream still has queued
             try:
                 # grpc.aio's stop does not return while a write is blocked on a peer that reads nothing.
                 await asyncio.wait_for(asyncio.shield(stopping), grace + 1)
@@ -278,11 +401,28 @@ class XdsServer:
         self._pending_model = model
         self._debouncer()
 
-    def _apply_model(self, first_change: float) -> None:
-        model, self._pending_model = self._pending_model, None
+    async def _apply_model(self, first_change: float) -> None:
+        model = self._pending_model
         if model is None or model is self.cache.model:
+            self._pending_model = None
             return
-        self.cache.update(model)
+        started = time.monotonic()
+        # The new config and the connected proxies' views are built in a thread, then served all at once:
+        # building a 1,000-service mesh's views takes seconds, and in a connect storm every few sidecars
+        # that register change the model. On the event loop that would stop it accepting streams (gRPC
+        # hands it one new call per turn of the loop) and sending their first config meanwhile.
+        wanted = [_view_request(c.node) for c in self.connections.values()]
+        staged = await asyncio.to_thread(self.cache.staged, model, wanted)
+        self.cache.adopt(staged)
+        if self._pending_model is model:
+            self._pending_model = None
+        # What the previous push cost every stream counts too: with thousands of streams, each working
+        # out what changed for it takes longer than building the views.
+        cost, self._push_cost = time.monotonic() - started + self._push_cost, 0.0
+        spacing = APPLY_SPACING * cost
+        if spacing > self._debouncer.max_delay and self._debouncer.spacing <= self._debouncer.max_delay:
+            log.info("a model change and its push took %.1fs; applying changes at most every %.1fs", cost, spacing)
+        self._debouncer.spacing = spacing
         self._change_started = first_change
         self.push_all()
 
@@ -336,6 +476,26 @@ class XdsServer:
             if changed:
                 await self._roll_roots()
 
+    async def _watch_loop(self, interval: float = 0.5) -> None:
+        """Measure how late the event loop runs a timer: while it is late, new streams wait in gRPC's
+        queue and every stream's pushes wait. Logged when beyond LOOP_LAG_WARN_S, at most once a minute."""
+        loop = asyncio.get_running_loop()
+        warned = -60.0
+        while True:
+            due = loop.time() + interval
+            await asyncio.sleep(interval)
+            lag = loop.time() - due
+            self.metrics.loop_lag.observe(lag)
+            if lag > LOOP_LAG_WARN_S and loop.time() - warned >= 60:
+                warned = loop.time()
+                log.warning(
+                    "the event loop ran %.1fs late (%d streams open); new streams wait in gRPC's queue meanwhile, "
+                    "and are cancelled by it after %ds",
+                    lag,
+                    len(self.connections),
+                    ACCEPT_WAIT_S,
+                )
+
     async def _roll_roots(self, ack_timeout: float = 30.0) -> None:
         """The CA's roots changed on disk: first every proxy gets the new trust bundle (ROOTCA), and
         only once they have ACKed it (or `ack_timeout` passed) does the new root sign, so no proxy
@@ -384,11 +544,15 @@ class XdsServer:
         """One stream, state of the world or incremental (`delta`): the same life, another state machine."""
         peer = context.peer()
         identity = await self.authenticate(context, peer)
-        await self._open.wait()
         try:
+            await self._open.wait()
             first = await anext(requests)
         except StopAsyncIteration:
             return
+        except asyncio.CancelledError:
+            self.metrics.streams_ended.labels("cancelled-before-first-request").inc()
+            log.info("stream from %s cancelled before its first request", peer)
+            raise
         except DecodeError:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message is not a DiscoveryRequest")
         try:
@@ -413,6 +577,7 @@ class XdsServer:
             await self._refuse(context, peer, refusal)
         if sum(1 for c in self.connections.values() if c.node.id == node.id) >= MAX_STREAMS_PER_PROXY:
             self.metrics.auth_failures.labels("too-many-streams").inc()
+            log.warning("refused %s: proxy %s already has %d open streams", peer, node.id, MAX_STREAMS_PER_PROXY)
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"proxy {node.id} already has {MAX_STREAMS_PER_PROXY} open streams; close one before opening another",
@@ -429,20 +594,17 @@ class XdsServer:
             peer,
             node.workload.spiffe_id(self.cache.model.trust_domain),
         )
-        conn.queue.put_nowait(first)
-        reader = asyncio.get_running_loop().create_task(self._read(requests, conn.queue))
+        conn.requests.put_nowait(first)
+        reader = asyncio.get_running_loop().create_task(self._read(requests, conn))
+        how = "closed"
         try:
             while True:
-                item = await conn.queue.get()
+                item = await conn.next()
                 if item is _END:
                     break
                 if item is _GARBAGE:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a message is not a DiscoveryRequest")
-                if item is _PUSH:
-                    conn.push_queued = False
-                    responses = conn.state.on_change()
-                    pushed = True
-                else:
+                if item is not _PUSH:
                     assert isinstance(item, discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest)
                     count = _names_in(item)
                     if count > MAX_NAMES:
@@ -457,21 +619,32 @@ class XdsServer:
                             f"this service serves {short(only)} only, not {item.type_url}",
                         )
                         return
-                    responses = self._on_request(conn, item)
-                    pushed = False
-                for response in responses:
-                    yield response
-                    self._sent(conn, response, pushed)
+                async with self.send_slots.hold():
+                    pushed = item is _PUSH
+                    if pushed:
+                        started = time.monotonic()
+                        responses = conn.state.on_change()
+                        self._push_cost += time.monotonic() - started
+                    else:
+                        responses = self._on_request(conn, item)
+                    for response in responses:
+                        yield response
+                        self._sent(conn, response, pushed)
+        except asyncio.CancelledError:
+            how = _CANCELLED  # the proxy went away, or gRPC cancelled the call (say on shutdown)
+            raise
         finally:
             reader.cancel()
             self.connections.pop(conn.id, None)
             self.metrics.connected.set(len(self.connections))
+            self.metrics.streams_ended.labels(how).inc()
             if not any(c.node.id == node.id for c in self.connections.values()):
                 self.registry.drain(node.id)
             log.info(
-                "proxy %s disconnected (stream %d); it stays a draining endpoint for %.0fs",
+                "proxy %s disconnected (stream %d %s); it stays a draining endpoint for %.0fs",
                 node.id,
                 conn.id,
+                how,
                 self.proxy_grace,
             )
             timer = asyncio.get_running_loop().call_later(self.proxy_grace, self._unregister, node.id)
@@ -518,24 +691,21 @@ class XdsServer:
         self._timers = {t for t in self._timers if not t.cancelled() and t.when() > asyncio.get_running_loop().time()}
         self.registry.unregister(proxy_id)
 
-    async def _read(
-        self, requests: AsyncIterator[discovery_pb2.DiscoveryRequest], queue: asyncio.Queue[object]
-    ) -> None:
+    async def _read(self, requests: AsyncIterator[discovery_pb2.DiscoveryRequest], conn: Connection) -> None:
         try:
             async for request in requests:
-                queue.put_nowait(request)
+                await conn.deliver(request)
         except (grpc.aio.AioRpcError, asyncio.CancelledError):
             pass
         except DecodeError:
-            queue.put_nowait(_GARBAGE)
+            await conn.deliver(_GARBAGE)
         finally:
-            queue.put_nowait(_END)
+            conn.end()
 
     def _source_for(self, node: ProxyNode) -> Callable[[str], Resources]:
         def source(type_url: str) -> Resources:
-            view = self.cache.view(
-                node.workload, interception=node.interception, dns_capture=node.dns_capture, router=node.router
-            )
+            workload, interception, dns_capture, router = _view_request(node)
+            view = self.cache.view(workload, interception=interception, dns_capture=dns_capture, router=router)
             return self.cache.resources(view, type_url)
 
         return source
@@ -760,3 +930,7 @@ class _ServingCertificate:
         self.issued, self._stale = self._issue(), False
         log.info("xDS serving certificate renewed for %s", ", ".join(self.dns_names))
         return self._configuration()
+
+
+def _view_request(node: ProxyNode) -> ViewRequest:
+    return (node.workload, node.interception, node.dns_capture, node.router)

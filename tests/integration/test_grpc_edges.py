@@ -8,6 +8,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from envoy.service.cluster.v3 import cds_pb2_grpc
@@ -255,3 +256,56 @@ async def test_streams_per_proxy_are_bounded(plane: ControlPlane) -> None:
         assert (await other.recv()).resources
         for c in clients:
             c.call.cancel()
+
+
+def many_services(count: int) -> str:
+    lines = ["trustDomain: cluster.local", "services:"]
+    lines += [f"  - {{name: svc-{i}, namespace: demo, ports: [{{port: 8080, name: http}}]}}" for i in range(count)]
+    return "\n".join(lines) + "\n"
+
+
+def cluster_names(resp: discovery_pb2.DiscoveryResponse) -> set[str]:
+    out = set()
+    for packed in resp.resources:
+        c = cluster_pb2.Cluster()
+        packed.Unpack(c)
+        out.add(c.name)
+    return out
+
+
+async def test_a_sidecar_that_stops_reading_holds_no_one_back_and_gets_the_latest_after(
+    plane_factory: Any, mesh_file: Any
+) -> None:
+    """300 services: a CDS response (about 160 KB) is more than a stream's 64 KiB flow-control window, so
+    the server's write to a sidecar that reads nothing (BDP probing off: the window stays at its start)
+    blocks. Edits meanwhile reach another sidecar; the stalled one, once it reads, gets one response
+    with the latest clusters, not one per edit."""
+    base, edits = 300, 6
+    mesh_file.write_text(many_services(base))
+    plane = await plane_factory()
+    async with (
+        xds_channel(plane, **{"grpc.http2.bdp_probe": 0}) as slow_channel,
+        xds_channel(plane, sa="fast") as fast_channel,
+    ):
+        slow, fast = Client(slow_channel), Client(fast_channel)
+        slow.send(type_url=CLUSTER, node=node("slow-1"))
+        fast.send(type_url=CLUSTER, node=node("fast-1", sa="fast"))
+        resp = await fast.recv()
+        assert len(cluster_names(resp)) > base
+        for edit in range(1, edits + 1):
+            mesh_file.write_text(many_services(base + edit))
+            want = f"outbound|8080||svc-{base + edit - 1}.demo.svc.cluster.local"
+            while want not in cluster_names(resp):  # recv() fails the test if an edit takes over 5 s
+                fast.send(type_url=CLUSTER, version_info=resp.version_info, response_nonce=resp.nonce)
+                resp = await fast.recv()
+        latest = cluster_names(resp)
+        got = []
+        while not got or cluster_names(got[-1]) != latest:
+            got.append(await slow.recv())
+            slow.send(type_url=CLUSTER, version_info=got[-1].version_info, response_nonce=got[-1].nonce)
+        # The response in flight when it stalled (the first: its write was blocked all along), then the
+        # latest: the edits between coalesced into one response, none queued per edit.
+        assert len(cluster_names(got[0])) < len(latest) - edits + 1
+        assert len(got) == 2, [len(cluster_names(r)) for r in got]
+        slow.queue.put_nowait(None)
+        fast.queue.put_nowait(None)
