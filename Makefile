@@ -40,7 +40,8 @@ bench: install
 	$(BIN)/python benchmarks/webhook_load.py
 	$(BIN)/python benchmarks/xds_push.py
 	$(BIN)/python benchmarks/kube_scale.py
-	$(BIN)/python benchmarks/mesh_scale.py --out bench-results
+	$(BIN)/python benchmarks/config_build.py
+	$(BIN)/python benchmarks/mesh_scale.py --sidecars 1000 --out bench-results
 
 clean:
 	rm -rf $(VENV) build *.egg-info protos/*_pb2*.py protos/*_pb2*.pyi
