@@ -69,6 +69,7 @@ from kube_scale import (
     cluster_name,
     fill,
     launch,
+    log_times,
     members_of,
     memory,
     pod_ip,
@@ -97,8 +98,10 @@ class Side:
     cds_versions: int = 0
     envoy_rss_mib: list[float] = field(default_factory=list)
     changes_s: list[float] = field(default_factory=list)  # per change: until the slowest Envoy showed it
+    push_s: list[float] = field(default_factory=list)  # Meshplane, per change: until its log says it pushes
     missed: int = 0  # changes some Envoy did not show within CHANGE_S
     cpu_converge_s: float = float("nan")  # CPU seconds while the Envoys converged
+    envoy_cpu_converge_s: float = float("nan")  # the Envoys' CPU seconds meanwhile, all together
     cpu_rest_pct: float = float("nan")  # % of one core, at rest
     cpu_changes_pct: float = float("nan")  # % of one core, over the changes
     rss_mib: float = float("nan")
@@ -315,6 +318,7 @@ async def measure(
     procs: list[Any],
     envoy_logs: list[Path],
     load: Others,
+    server_log: Path | None,
     listeners: bool,
     resource: str,
     apply: Callable[[Change], None],
@@ -323,6 +327,7 @@ async def measure(
     cpu0, t0 = group_cpu(pgid), time.perf_counter()
     side.converge_s, side.converged = await converge(ports, args.services, listeners, CONVERGE_S)
     side.cpu_converge_s = group_cpu(pgid) - cpu0
+    side.envoy_cpu_converge_s = sum(cpu_seconds(p.pid) for p in procs)
     print(f"    {side.converged}/{len(ports)} Envoys complete after {time.perf_counter() - t0:.2f} s", flush=True)
     if side.converged < len(ports):
         side.note = "not every Envoy got the full config"
@@ -344,6 +349,9 @@ async def measure(
             side.changes_s.append(took)
         else:
             side.missed += 1
+        pushed = [w - wall0 for w in log_times(server_log, "pushing to") if w >= wall0 - 0.001]
+        if pushed:
+            side.push_s.append(pushed[0])
         verb = "gains" if change.present else "loses"
         print(f"    svc-{change.s} {verb} {change.ip}: at all {len(ports)} Envoys after {took:.3f} s", flush=True)
         await asyncio.sleep(0.5)
@@ -404,7 +412,9 @@ async def meshplane(args: argparse.Namespace) -> Side:
 
             logs = [path.with_suffix(".log") for path in paths]  # where fleet() has each Envoy write
             with fleet(paths) as procs:
-                await measure(side, args, plane.pid, ports, procs, logs, load, True, "dynamic_endpoint_configs", apply)
+                await measure(
+                    side, args, plane.pid, ports, procs, logs, load, plane.log, True, "dynamic_endpoint_configs", apply
+                )
     finally:
         kube.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -531,7 +541,7 @@ async def sovereign(args: argparse.Namespace) -> Side:
 
             logs = [path.with_suffix(".log") for path in paths]  # where fleet() has each Envoy write
             with fleet(paths) as procs:
-                await measure(side, args, pgid, ports, procs, logs, load, False, "dynamic_active_clusters", apply)
+                await measure(side, args, pgid, ports, procs, logs, load, None, False, "dynamic_active_clusters", apply)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return side
@@ -564,9 +574,15 @@ def table(sides: list[Side], envoys: int) -> str:
             *[num(statistics.median(s.changes_s) if s.changes_s else float("nan"), "{:.3f}") for s in sides],
             f"< {TARGET_S}",
         ),
+        (
+            "change -> server's push starts, median (s)",
+            *[num(statistics.median(s.push_s) if s.push_s else float("nan"), "{:.3f}") for s in sides],
+            "",
+        ),
         ("change -> all Envoys, max (s)", *[num(max(s.changes_s, default=float("nan")), "{:.3f}") for s in sides], ""),
         ("changes missed (30 s)", *[str(s.missed) for s in sides], "0"),
         ("CPU while converging (s)", *[num(s.cpu_converge_s, "{:.1f}") for s in sides], ""),
+        ("the Envoys' CPU meanwhile (s)", *[num(s.envoy_cpu_converge_s, "{:.1f}") for s in sides], ""),
         ("CPU at rest (% of a core)", *[num(s.cpu_rest_pct, "{:.0f}") for s in sides], ""),
         ("CPU over the changes (% of a core)", *[num(s.cpu_changes_pct, "{:.0f}") for s in sides], ""),
         ("RSS, all processes (MiB)", *[num(s.rss_mib, "{:.0f}") for s in sides], f"< {TARGET_MIB:.0f}"),
