@@ -8,7 +8,7 @@ machine, in one run:
   server (kube_scale's cluster: --services Services, --pods Pods, an EndpointSlice each). Every
   Envoy is a Pod of that cluster with a pod-bound token the API server's TokenReview accepts, and
   runs the bootstrap `meshctl bootstrap` writes (delta ADS over TLS to the xDS TLS port, verified
-  against the CA's trust bundle), with its own free stats and readiness ports (`meshctl bootstrap`
+  against the CA's trust bundle), with its own stats and readiness ports (`meshctl bootstrap`
   fixes them at Istio's 15090 and 15021, which 20 Envoys on one host cannot share). An endpoint
   change is an EndpointSlice that gains (then, next change, loses) one ready endpoint whose Pod
   exists from the start.
@@ -51,12 +51,14 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,9 +146,18 @@ def group_memory(pgid: int) -> tuple[float, float, int]:
     return rss, hwm, len(pids)
 
 
-@contextlib.contextmanager
-def fleet(bootstraps: list[Path]) -> Iterator[list[Any]]:
-    """One Envoy per bootstrap, each in a process group of its own; all stopped on the way out."""
+@dataclass
+class Proxy:
+    proc: subprocess.Popen[bytes]
+    admin_port: int
+    log: Path
+
+
+@contextlib.asynccontextmanager
+async def fleet(bootstraps: list[Path]) -> AsyncIterator[list[Proxy]]:
+    """One Envoy per bootstrap (admin on port 0: Envoy picks a free one and writes it to a file, so
+    no port taken between choosing and binding makes one fail), each in a process group of its
+    own; all stopped on the way out."""
     from tests.harness import envoy_binary
 
     procs = []
@@ -155,11 +166,29 @@ def fleet(bootstraps: list[Path]) -> Iterator[list[Any]]:
             argv = [envoy_binary(), "-c", str(path), "--concurrency", "1", "--disable-hot-restart", "-l", "warning"]
             argv += ["--component-log-level", "upstream:debug"]  # when a cluster's hosts change (EnvoyLog)
             argv += ["--drain-time-s", "1", "--parent-shutdown-time-s", "2"]
+            argv += ["--admin-address-path", str(path.with_suffix(".admin"))]
             procs.append(launch(argv, path.with_suffix(".log")))
-        yield procs
+        proxies = []
+        deadline = time.monotonic() + 60
+        for proc, path in zip(procs, bootstraps, strict=True):
+            address = path.with_suffix(".admin")
+            while not (address.exists() and address.read_text().strip()):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    tail = path.with_suffix(".log").read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"Envoy {path.stem} did not start (status {proc.returncode}):\n{tail}")
+                await asyncio.sleep(0.05)
+            proxies.append(Proxy(proc, int(address.read_text().strip().rsplit(":", 1)[1]), path.with_suffix(".log")))
+        yield proxies
     finally:
-        for p in procs:
-            terminate(p, 5)
+        for proc in procs:
+            terminate(proc, 5)
+
+
+def alive(proxies: list[Proxy]) -> None:
+    for p in proxies:
+        if p.proc.poll() is not None:
+            tail = p.log.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"an Envoy exited with status {p.proc.returncode}:\n{tail}")
 
 
 # --- what the Envoys report ---------------------------------------------------------------------------
@@ -189,8 +218,9 @@ async def complete(session: aiohttp.ClientSession, port: int, services: int, lis
     return False
 
 
-async def converge(ports: list[int], services: int, listeners: bool, within: float) -> tuple[float, int]:
+async def converge(proxies: list[Proxy], services: int, listeners: bool, within: float) -> tuple[float, int]:
     """Seconds until every Envoy is complete (polled every 100 ms), and how many are at the end."""
+    ports = [p.admin_port for p in proxies]
     t0 = time.perf_counter()
     done: set[int] = set()
     async with aiohttp.ClientSession() as session:
@@ -203,6 +233,7 @@ async def converge(ports: list[int], services: int, listeners: bool, within: flo
                     done.add(port)
             if len(done) == len(ports):
                 return time.perf_counter() - t0, len(done)
+            alive(proxies)
             await asyncio.sleep(0.1)
     return float("nan"), len(done)
 
@@ -314,18 +345,17 @@ async def measure(
     side: Side,
     args: argparse.Namespace,
     pgid: int,
-    ports: list[int],
-    procs: list[Any],
-    envoy_logs: list[Path],
+    envoys: list[Proxy],
     load: Others,
     server_log: Path | None,
     listeners: bool,
     resource: str,
     apply: Callable[[Change], None],
 ) -> None:
-    """Figures 1-3 for the Envoys `procs` (admin `ports`) of the control plane in group `pgid`."""
+    """Figures 1-3 for the Envoys `envoys` of the control plane in process group `pgid`."""
+    ports, procs = [e.admin_port for e in envoys], [e.proc for e in envoys]
     cpu0, t0 = group_cpu(pgid), time.perf_counter()
-    side.converge_s, side.converged = await converge(ports, args.services, listeners, CONVERGE_S)
+    side.converge_s, side.converged = await converge(envoys, args.services, listeners, CONVERGE_S)
     side.cpu_converge_s = group_cpu(pgid) - cpu0
     side.envoy_cpu_converge_s = sum(cpu_seconds(p.pid) for p in procs)
     print(f"    {side.converged}/{len(ports)} Envoys complete after {time.perf_counter() - t0:.2f} s", flush=True)
@@ -338,7 +368,7 @@ async def measure(
     side.cpu_rest_pct = 100 * (group_cpu(pgid) - cpu0) / (time.monotonic() - t0)
 
     cpu0, t0 = group_cpu(pgid), time.monotonic()
-    logs = [EnvoyLog(log) for log in envoy_logs]
+    logs = [EnvoyLog(e.log) for e in envoys]
     for change in changes(args):
         for log in logs:
             log.skip()
@@ -394,14 +424,12 @@ async def meshplane(args: argparse.Namespace) -> Side:
             assert plane.pid is not None
             load = Others([os.getpid(), plane.pid])
             print(f"    control plane ready after {await wait_ready(plane, 300):.2f} s", flush=True)
-            ports, paths = [], []
+            paths = []
             for i, ident in enumerate(identities):
-                port = free_port()
                 credentials = XdsCredentials(str(work / f"token-{i}"), str(plane.ca_dir / TRUST_BUNDLE))
-                own = Ports(admin=port, stats=free_port(), health=free_port(), status=0)
+                own = Ports(admin=0, stats=0, health=0, status=0)  # Envoy picks free ports
                 path = work / f"envoy-{i}.json"
                 path.write_text(render(bootstrap(ident, f"127.0.0.1:{plane.xds_port}", own, (), credentials)))
-                ports.append(port)
                 paths.append(path)
 
             def apply(change: Change) -> None:
@@ -410,11 +438,8 @@ async def meshplane(args: argparse.Namespace) -> Side:
                     members.append((change.pod, change.ip))
                 kube.update(slice_of(endpoint_slice, change.s, members))
 
-            logs = [path.with_suffix(".log") for path in paths]  # where fleet() has each Envoy write
-            with fleet(paths) as procs:
-                await measure(
-                    side, args, plane.pid, ports, procs, logs, load, plane.log, True, "dynamic_endpoint_configs", apply
-                )
+            async with fleet(paths) as envoys:
+                await measure(side, args, plane.pid, envoys, load, plane.log, True, "dynamic_endpoint_configs", apply)
     finally:
         kube.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -451,12 +476,12 @@ def write_atomically(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def rest_bootstrap(i: int, admin_port: int, server_port: int, refresh: float) -> dict[str, Any]:
+def rest_bootstrap(i: int, server_port: int, refresh: float) -> dict[str, Any]:
     """An Envoy polling sovereign for CDS over REST-JSON every `refresh` s."""
     address = {"socket_address": {"address": "127.0.0.1", "port_value": server_port}}
     return {
         "node": {"id": f"envoy-{i}", "cluster": "bench"},
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},  # fleet() reads it
         "dynamic_resources": {
             "cds_config": {
                 "resource_api_version": "V3",
@@ -529,19 +554,17 @@ async def sovereign(args: argparse.Namespace) -> Side:
         async with sovereign_server(work, source, args.refresh) as (port, pgid):
             load = Others([os.getpid(), *group(pgid)])
             print(f"    sovereign answering after {time.monotonic() - t0:.2f} s ({len(group(pgid))} processes)")
-            ports, paths = [], []
+            paths = []
             for i in range(args.envoys):
-                ports.append(free_port())
                 path = work / f"envoy-{i}.json"
-                path.write_text(json.dumps(rest_bootstrap(i, ports[-1], port, args.refresh)))
+                path.write_text(json.dumps(rest_bootstrap(i, port, args.refresh)))
                 paths.append(path)
 
             def apply(change: Change) -> None:
                 write_atomically(source, instances(args, change))
 
-            logs = [path.with_suffix(".log") for path in paths]  # where fleet() has each Envoy write
-            with fleet(paths) as procs:
-                await measure(side, args, pgid, ports, procs, logs, load, None, False, "dynamic_active_clusters", apply)
+            async with fleet(paths) as envoys:
+                await measure(side, args, pgid, envoys, load, None, False, "dynamic_active_clusters", apply)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return side
@@ -609,6 +632,8 @@ async def main() -> int:
     parser.add_argument("--only", choices=["meshplane", "sovereign"])
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
+    # SIGTERM cancels the run, so that every `finally` stops what it started.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)  # type: ignore[union-attr]
     if not (0 < args.envoys <= 50 and 0 < args.services <= args.pods <= 50_000 and 0 < args.changes <= 50):
         parser.error("need --envoys 1..50, 0 < --services <= --pods <= 50000, --changes 1..50")
     print(
