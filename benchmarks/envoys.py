@@ -26,9 +26,10 @@ Measured for each:
    `update_rejected` counters (CDS, LDS, RDS, EDS) at the end, which must stay 0, and how many CDS
    versions the Envoys hold at the end (1: they agree); the Envoys' RSS;
 2. for --changes endpoint changes, the seconds from the change at the source (the API server's
-   write; the file's replacement) until every Envoy's admin shows it (each Envoy polled every
-   15 ms until it does, 30 s at most; the endpoint's IP in its /config_dump for that cluster),
-   median and max of the slowest Envoy;
+   write; the file's replacement) until every Envoy applied it (the time of the host update it
+   logged, once its admin's /config_dump of that cluster shows the endpoint's IP, or no longer
+   does), median and max of the slowest Envoy; and how many Envoys updated that cluster again
+   in the next --refresh + --poll + 0.5 s (went back to a stale version);
 3. the control plane's CPU (from /proc, all its processes): while the Envoys converge, at rest for
    10 s after, and over the changes; its RSS (summed over its processes) and peak (VmHWM).
 
@@ -101,6 +102,7 @@ class Side:
     envoy_rss_mib: list[float] = field(default_factory=list)
     changes_s: list[float] = field(default_factory=list)  # per change: until the slowest Envoy showed it
     push_s: list[float] = field(default_factory=list)  # Meshplane, per change: until its log says it pushes
+    went_back: int = 0  # Envoys that changed the cluster again after they showed a change (summed)
     missed: int = 0  # changes some Envoy did not show within CHANGE_S (plus sovereign's refresh and poll)
     cpu_converge_s: float = float("nan")  # CPU seconds while the Envoys converged
     envoy_cpu_converge_s: float = float("nan")  # the Envoys' CPU seconds meanwhile, all together
@@ -108,6 +110,7 @@ class Side:
     cpu_changes_pct: float = float("nan")  # % of one core, over the changes
     rss_mib: float = float("nan")
     peak_mib: float = float("nan")
+    pss_mib: float = float("nan")
     processes: int = 0
     others_pct: float = float("nan")  # other processes' share of the machine meanwhile
     note: str = ""
@@ -135,15 +138,19 @@ def group_cpu(pgid: int) -> float:
     return total
 
 
-def group_memory(pgid: int) -> tuple[float, float, int]:
-    """Summed VmRSS and VmHWM (MiB) of the group's processes, and how many there are."""
-    rss = hwm = 0.0
+def group_memory(pgid: int) -> tuple[float, float, float, int]:
+    """Summed VmRSS, VmHWM and Pss (MiB) of the group's processes, and how many there are. Pss shares
+    the pages the processes share (sovereign's workers fork from a master that loaded everything)."""
+    rss = hwm = pss = 0.0
     pids = group(pgid)
     for pid in pids:
         with contextlib.suppress(OSError, KeyError):
             r, h = memory(pid)
             rss, hwm = rss + r, hwm + h
-    return rss, hwm, len(pids)
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    pss += int(line.split()[1]) / 1024
+    return rss, hwm, pss, len(pids)
 
 
 @dataclass
@@ -151,6 +158,7 @@ class Proxy:
     proc: subprocess.Popen[bytes]
     admin_port: int
     log: Path
+    started: float  # perf_counter at its launch
 
 
 @contextlib.asynccontextmanager
@@ -160,9 +168,10 @@ async def fleet(bootstraps: list[Path]) -> AsyncIterator[list[Proxy]]:
     own; all stopped on the way out."""
     from tests.harness import envoy_binary
 
-    procs = []
+    procs, started = [], []
     try:
         for path in bootstraps:
+            started.append(time.perf_counter())
             argv = [envoy_binary(), "-c", str(path), "--concurrency", "1", "--disable-hot-restart", "-l", "warning"]
             argv += ["--component-log-level", "upstream:debug"]  # when a cluster's hosts change (EnvoyLog)
             argv += ["--drain-time-s", "1", "--parent-shutdown-time-s", "2"]
@@ -170,14 +179,15 @@ async def fleet(bootstraps: list[Path]) -> AsyncIterator[list[Proxy]]:
             procs.append(launch(argv, path.with_suffix(".log")))
         proxies = []
         deadline = time.monotonic() + 60
-        for proc, path in zip(procs, bootstraps, strict=True):
+        for proc, path, t0 in zip(procs, bootstraps, started, strict=True):
             address = path.with_suffix(".admin")
             while not (address.exists() and address.read_text().strip()):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     tail = path.with_suffix(".log").read_text(errors="replace")[-2000:]
                     raise RuntimeError(f"Envoy {path.stem} did not start (status {proc.returncode}):\n{tail}")
                 await asyncio.sleep(0.05)
-            proxies.append(Proxy(proc, int(address.read_text().strip().rsplit(":", 1)[1]), path.with_suffix(".log")))
+            port = int(address.read_text().strip().rsplit(":", 1)[1])
+            proxies.append(Proxy(proc, port, path.with_suffix(".log"), t0))
         yield proxies
     finally:
         for proc in procs:
@@ -219,9 +229,10 @@ async def complete(session: aiohttp.ClientSession, port: int, services: int, lis
 
 
 async def converge(proxies: list[Proxy], services: int, listeners: bool, within: float) -> tuple[float, int]:
-    """Seconds until every Envoy is complete (polled every 100 ms), and how many are at the end."""
+    """Seconds from the first Envoy's launch until every Envoy is complete (polled every 100 ms), and
+    how many are at the end."""
     ports = [p.admin_port for p in proxies]
-    t0 = time.perf_counter()
+    t0 = proxies[0].started
     done: set[int] = set()
     async with aiohttp.ClientSession() as session:
         while time.perf_counter() - t0 < within:
@@ -358,10 +369,12 @@ async def measure(
     listeners: bool,
     resource: str,
     apply: Callable[[Change], None],
+    cpu0: float,
 ) -> None:
-    """Figures 1-3 for the Envoys `envoys` of the control plane in process group `pgid`."""
+    """Figures 1-3 for the Envoys `envoys` of the control plane in process group `pgid`, whose CPU
+    was `cpu0` s when they were started."""
     ports, procs = [e.admin_port for e in envoys], [e.proc for e in envoys]
-    cpu0, t0 = group_cpu(pgid), time.perf_counter()
+    t0 = envoys[0].started
     side.converge_s, side.converged = await converge(envoys, args.services, listeners, CONVERGE_S)
     side.cpu_converge_s = group_cpu(pgid) - cpu0
     side.envoy_cpu_converge_s = sum(cpu_seconds(p.pid) for p in procs)
@@ -392,11 +405,19 @@ async def measure(
         pushed = [w - wall0 for w in log_times(server_log, "pushing to") if w >= wall0 - 0.001]
         if pushed:
             side.push_s.append(pushed[0])
+        # Then as long as the source's refresh and a poll: an Envoy that changes the cluster again
+        # went back (sovereign's workers each read the source on their own, and polls reach any).
+        await asyncio.sleep(args.refresh + args.poll + 0.5)
+        again = sum(1 for log in logs if log.updates(cluster_name(change.s)))
+        side.went_back += again
         verb = "gains" if change.present else "loses"
-        print(f"    svc-{change.s} {verb} {change.ip}: at all {len(ports)} Envoys after {took:.3f} s", flush=True)
-        await asyncio.sleep(0.5)
+        print(
+            f"    svc-{change.s} {verb} {change.ip}: at all {len(ports)} Envoys after {took:.3f} s; "
+            f"updated again after: {again}",
+            flush=True,
+        )
     side.cpu_changes_pct = 100 * (group_cpu(pgid) - cpu0) / (time.monotonic() - t0)
-    side.rss_mib, side.peak_mib, side.processes = group_memory(pgid)
+    side.rss_mib, side.peak_mib, side.pss_mib, side.processes = group_memory(pgid)
     side.envoy_rss_mib = [memory(p.pid)[0] for p in procs]
     side.rejected, side.cds_versions = await rejections(ports)
     # Others: neither this process, nor the control plane's processes (workers fork late), nor the Envoys.
@@ -448,8 +469,10 @@ async def meshplane(args: argparse.Namespace) -> Side:
                     members.append((change.pod, change.ip))
                 kube.update(slice_of(endpoint_slice, change.s, members))
 
+            cpu0 = group_cpu(plane.pid)
             async with fleet(paths) as envoys:
-                await measure(side, args, plane.pid, envoys, load, plane.log, True, "dynamic_endpoint_configs", apply)
+                resource = "dynamic_endpoint_configs"
+                await measure(side, args, plane.pid, envoys, load, plane.log, True, resource, apply, cpu0)
     finally:
         kube.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -575,8 +598,9 @@ async def sovereign(args: argparse.Namespace) -> Side:
             def apply(change: Change) -> None:
                 write_atomically(source, instances(args, change))
 
+            cpu0 = group_cpu(pgid)
             async with fleet(paths) as envoys:
-                await measure(side, args, pgid, envoys, load, None, False, "dynamic_active_clusters", apply)
+                await measure(side, args, pgid, envoys, load, None, False, "dynamic_active_clusters", apply, cpu0)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return side
@@ -615,12 +639,14 @@ def table(sides: list[Side], envoys: int) -> str:
             "",
         ),
         ("change -> all Envoys, max (s)", *[num(max(s.changes_s, default=float("nan")), "{:.3f}") for s in sides], ""),
+        ("Envoys updating it again after", *[str(s.went_back) for s in sides], "0"),
         ("changes missed", *[str(s.missed) for s in sides], "0"),
         ("CPU while converging (s)", *[num(s.cpu_converge_s, "{:.1f}") for s in sides], ""),
         ("the Envoys' CPU meanwhile (s)", *[num(s.envoy_cpu_converge_s, "{:.1f}") for s in sides], ""),
         ("CPU at rest (% of a core)", *[num(s.cpu_rest_pct, "{:.0f}") for s in sides], ""),
         ("CPU over the changes (% of a core)", *[num(s.cpu_changes_pct, "{:.0f}") for s in sides], ""),
         ("RSS, all processes (MiB)", *[num(s.rss_mib, "{:.0f}") for s in sides], f"< {TARGET_MIB:.0f}"),
+        ("PSS, all processes (MiB)", *[num(s.pss_mib, "{:.0f}") for s in sides], ""),
         ("peak (VmHWM summed, MiB)", *[num(s.peak_mib, "{:.0f}") for s in sides], ""),
         ("processes", *[str(s.processes) for s in sides], ""),
         (
