@@ -551,16 +551,19 @@ def rest_bootstrap(i: int, server_port: int, refresh: float) -> dict[str, Any]:
 @contextlib.asynccontextmanager
 async def sovereign_server(work: Path, source: Path, refresh: int) -> AsyncIterator[tuple[int, int]]:
     """sovereign on 127.0.0.1 (its gunicorn master and workers in one process group): (port, pgid)."""
-    extra = work / "sovereign-source.json"  # merged over benchmarks/sovereign/config.yaml
+    extra = work / "sovereign-source.json"  # merged into benchmarks/sovereign/config.yaml
     spec = {"protocol": "file", "serialization": "json", "path": str(source)}
-    extra.write_text(json.dumps({"sources": [{"type": "file", "config": {"spec": spec}}]}))
+    extra.write_text(
+        json.dumps(
+            {"sources": [{"type": "file", "config": {"spec": spec}}], "source_config": {"refresh_rate": refresh}}
+        )
+    )
     port = free_port()
     env = dict(os.environ)
     env.update(
         SOVEREIGN_CONFIG=f"file://{SOVEREIGN_DIR / 'config.yaml'},file+json://{extra}",
         SOVEREIGN_HOST="127.0.0.1",
         SOVEREIGN_PORT=str(port),
-        SOVEREIGN_SOURCES_REFRESH_RATE=str(refresh),
         SOVEREIGN_ENABLE_ACCESS_LOGS="false",
     )
     log = work / "sovereign.log"
