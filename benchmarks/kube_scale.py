@@ -85,12 +85,9 @@ def fill(kube: Any, services: int, pods: int) -> None:
 
     for n in range(NAMESPACES):
         kube.create(namespace(f"ns-{n}", labels={"istio-injection": "enabled"}))
-    members: list[list[tuple[str, str]]] = [[] for _ in range(services)]
     for j in range(pods):
         s = j % services
-        name = f"svc-{s}-{j // services}"
-        kube.create(bench_pod(pod, name, s, pod_ip(j)))
-        members[s].append((name, pod_ip(j)))
+        kube.create(bench_pod(pod, f"svc-{s}-{j // services}", s, pod_ip(j)))
     for s in range(services):
         ns = f"ns-{s % NAMESPACES}"
         kube.create(
@@ -102,13 +99,18 @@ def fill(kube: Any, services: int, pods: int) -> None:
                 cluster_ip=f"10.96.{s // 250}.{s % 250 + 1}",
             )
         )
-        kube.create(slice_of(endpoint_slice, s, members[s]))
+        kube.create(slice_of(endpoint_slice, s, members_of(s, services, pods)))
     name, ns, sa, ip = SIDECAR
     kube.create(pod(name, ns, ip=ip, service_account=sa, labels={"app": "client"}, annotations={STATUS_KEY: STATUS}))
     kube.add_token(TOKEN, ns, sa, audiences=["meshplane"], pod_name=name)
 
 
 STATUS_KEY = "sidecar.istio.io/status"
+
+
+def members_of(s: int, services: int, pods: int) -> list[tuple[str, str]]:
+    """(pod name, IP) of service `s`'s pods in the cluster `fill` makes."""
+    return [(f"svc-{s}-{j // services}", pod_ip(j)) for j in range(s, pods, services)]
 
 
 def bench_pod(pod: Callable[..., Any], name: str, s: int, ip: str) -> Any:
@@ -182,13 +184,7 @@ async def subprocess_plane(kubeconfig: Path, work: Path) -> AsyncIterator[Plane]
     try:
         yield Plane(ports["admin"], ports["xds-tls"], work / "ca", process.pid, log, started)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
+        terminate(process, 15)
         if process.returncode not in (0, -signal.SIGTERM):
             print(f"        server exited with status {process.returncode}; log tail:", flush=True)
             print("".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:]), flush=True)
@@ -237,9 +233,22 @@ async def in_process_plane(kubeconfig: Path, work: Path) -> AsyncIterator[Plane]
         handler.close()
 
 
-def launch(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+def launch(argv: list[str], log: Path, cwd: Path = TOP, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """`argv` in a session (and process group) of its own, its output to `log`."""
     with open(log, "wb") as out:
-        return subprocess.Popen(argv, cwd=TOP, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(argv, cwd=cwd, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+
+
+def terminate(process: subprocess.Popen[bytes], within: float) -> None:
+    """SIGTERM to `process`'s group, SIGKILL to it after `within` s; waits for `process`."""
+    with contextlib.suppress(ProcessLookupError):  # already gone
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(within)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
 
 
 async def pushed_after(plane: Plane, wall: float, within: float) -> bool:
@@ -532,7 +541,7 @@ async def measure(args: argparse.Namespace, kube: Any, plane: Plane, sidecar: Si
     extra = args.pods
     for c in range(args.changes):
         s = (7 * c + 3) % args.services
-        members = [(f"svc-{s}-{j // args.services}", pod_ip(j)) for j in range(s, args.pods, args.services)]
+        members = members_of(s, args.services, args.pods)
         name, ip = f"added-{extra}", pod_ip(extra)
         extra += 1
         created = time.time()
@@ -566,7 +575,7 @@ async def measure(args: argparse.Namespace, kube: Any, plane: Plane, sidecar: Si
 
     # A rollout: ROLLOUT pods for one service (not one changed above), the slice grown after each.
     s = 1 % args.services
-    members = [(f"svc-{s}-{j // args.services}", pod_ip(j)) for j in range(s, args.pods, args.services)]
+    members = members_of(s, args.services, args.pods)
     await asyncio.sleep(1)
     before = await metric(plane.admin_port, "meshplane_xds_push_rounds_total")
     t0 = time.perf_counter()
