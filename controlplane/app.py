@@ -60,6 +60,7 @@ class ControlPlane:
     _injection_for: str = field(default="", init=False, repr=False)
     _ca_synced: dict[str, bytes] = field(default_factory=dict, init=False, repr=False)
     _pod_memo: kubemodel.PodMemo = field(default_factory=kubemodel.PodMemo, init=False, repr=False)
+    _settled_change: bool = field(default=False, init=False, repr=False)
     _injection: InjectionConfig = field(default_factory=InjectionConfig, init=False, repr=False)
 
     async def start(self) -> None:
@@ -220,7 +221,12 @@ class ControlPlane:
         for line in sorted(set(found.skipped) - self._skipped):
             log.warning("skipped %s", line)
         self._skipped = set(found.skipped)
-        self.registry.set_cluster(found.services, found.workloads)
+        # The informers' burst was coalesced by CLUSTER_SETTLE: the push need not wait for another.
+        self._settled_change = True
+        try:
+            self.registry.set_cluster(found.services, found.workloads)
+        finally:
+            self._settled_change = False
         if not self.xds.is_open:
             log.info(
                 "first view of the cluster: %d services, %d pods (%.0f ms); serving xDS",
@@ -264,7 +270,7 @@ class ControlPlane:
 
     def _registry_changed(self, model: MeshModel) -> None:
         if xds := getattr(self, "xds", None):
-            xds.model_changed(model)
+            xds.model_changed(model, settled=self._settled_change)
         self._registrations_changed.set()
 
     def _expire_restored(self) -> None:

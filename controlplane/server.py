@@ -149,14 +149,16 @@ class Debouncer:
         self._task: asyncio.Task[None] | None = None
         self._last_end = -float("inf")
 
-    def __call__(self) -> None:
+    def __call__(self, *, settled: bool = False) -> None:
+        """`settled`: the caller already coalesced its burst (say a Kubernetes view built after the
+        informers went quiet); no quiet `delay` is waited for before running, only `spacing`."""
         self._calls += 1
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._wait(time.monotonic()))
+            self._task = asyncio.get_running_loop().create_task(self._wait(time.monotonic(), settled))
 
-    async def _wait(self, first: float) -> None:
+    async def _wait(self, first: float, settled: bool = False) -> None:
         try:
-            while True:
+            while not settled:
                 seen = self._calls
                 await asyncio.sleep(self.delay)
                 if self._calls == seen or time.monotonic() - first >= self.max_delay:
@@ -396,10 +398,11 @@ class XdsServer:
 
     # -- changes --------------------------------------------------------------------
 
-    def model_changed(self, model: MeshModel) -> None:
-        """A source produced a new model; it is pushed once the burst of changes settles."""
+    def model_changed(self, model: MeshModel, *, settled: bool = False) -> None:
+        """A source produced a new model; it is pushed once the burst of changes settles (at once
+        when the source says its burst has, see `Debouncer`)."""
         self._pending_model = model
-        self._debouncer()
+        self._debouncer(settled=settled)
 
     async def _apply_model(self, first_change: float) -> None:
         model = self._pending_model

@@ -1,5 +1,6 @@
 import asyncio
 import os
+import time
 from pathlib import Path
 
 from meshplane.controlplane import meshfile
@@ -147,3 +148,16 @@ def test_a_disconnected_proxy_drains_until_its_grace_ends_or_it_is_back() -> Non
     registry.register("p1", proxy())  # back within the grace period
     (w,) = registry.model.workloads
     assert not w.draining
+
+
+async def test_a_settled_change_runs_without_waiting_for_quiet_but_still_coalesces() -> None:
+    fired: list[float] = []
+    debounce = Debouncer(0.5, 1.0, lambda first: fired.append(time.monotonic() - first))
+    debounce(settled=True)
+    debounce()  # arrives while the first waits its turn: coalesced into it
+    await asyncio.sleep(0.05)
+    assert len(fired) == 1 and fired[0] < 0.05  # not the 0.5 s of quiet an unsettled change waits for
+    debounce()
+    await asyncio.sleep(0.1)
+    assert len(fired) == 1  # an ordinary change still waits
+    debounce.cancel()
