@@ -250,6 +250,16 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--admin-port", type=_port, default=15000, metavar="N", help="Envoy admin port on 127.0.0.1 (default: 15000)"
     )
+    # Istio's ports by default; several sidecars sharing one host (tests, benchmarks) need others.
+    b.add_argument("--stats-port", type=_port, default=15090, metavar="N", help="Prometheus metrics (default: 15090)")
+    b.add_argument("--health-port", type=_port, default=15021, metavar="N", help="/healthz/ready (default: 15021)")
+    b.add_argument(
+        "--status-port",
+        type=_port,
+        default=15020,
+        metavar="N",
+        help="metrics and readiness as Istio's agent port (default: 15020; 0: none)",
+    )
     b.add_argument(
         "--token-file",
         metavar="FILE",
@@ -969,7 +979,7 @@ def _bootstrap(args: argparse.Namespace) -> int:
         config = bootstrap(
             identity,
             address,
-            Ports(admin=args.admin_port),
+            Ports(admin=args.admin_port, stats=args.stats_port, health=args.health_port, status=args.status_port),
             (),
             credentials,
             delta=not args.sotw,

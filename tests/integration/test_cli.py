@@ -282,3 +282,11 @@ def test_webhook_config_refuses_a_root_key_others_can_read(tmp_path: Path) -> No
     done = subprocess.run([*MESHCTL, "webhook-config", "--ca-dir", str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 2 and f"chmod 600 {tmp_path / 'root-key.pem'}" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_bootstrap_ports_can_move_so_that_sidecars_share_a_host() -> None:
+    argv = [*MESHCTL, "bootstrap", "--xds-address", "127.0.0.1:15012", "--name", "a", "--namespace", "b"]
+    argv += ["--ip", "10.0.0.1", "--stats-port", "19090", "--health-port", "19021", "--status-port", "0"]
+    doc = json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
+    ports = {lst["name"]: lst["address"]["socketAddress"]["portValue"] for lst in doc["staticResources"]["listeners"]}
+    assert ports == {"prometheus": 19090, "health": 19021}  # status 0: no status listener
