@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import os
@@ -163,6 +164,34 @@ def two_hosts(*, ipv6: bool = False) -> Iterator[Net]:
             sh("ip", "netns", "del", ns, check=False)
 
 
+async def counted(admin: EnvoyAdmin, ns: str, ip: str, port: int, *stats: str) -> tuple[str, list[int]]:
+    """Make one connection; return the answer and how much each of `stats` grew meanwhile."""
+    before = await admin.stats()
+    answer = await asyncio.to_thread(ask, ns, ip, port)
+    after = await admin.stats()
+    return answer, [after.get(s, 0) - before.get(s, 0) for s in stats]
+
+
+def pod_plane_settings(runtime: Path, mesh_file: Path) -> Settings:
+    """A control plane for sidecars in the tests' network namespaces: its unix socket in `runtime`
+    (reachable by uid 1337), quick to push, to poll the mesh file and to stop."""
+    return Settings(
+        mesh_file=mesh_file,
+        bind="127.0.0.1",
+        xds_tls_port=0,
+        admin_port=0,
+        webhook_port=0,
+        xds_socket=runtime / "xds.sock",
+        xds_socket_group=1337,
+        ca_dir=runtime / "ca",
+        debounce=0.05,
+        proxy_grace=0.5,
+        poll_interval=0.1,
+        shutdown_delay=0,
+        shutdown_grace=1,
+    )
+
+
 @contextlib.asynccontextmanager
 async def pod_sidecar(
     net: Net,
@@ -178,23 +207,7 @@ async def pod_sidecar(
     runtime = Path(tempfile.mkdtemp(prefix="meshplane-pod-"))
     runtime.chmod(0o755)
     (runtime / "mesh.yaml").write_text(mesh)
-    plane = ControlPlane(
-        Settings(
-            mesh_file=runtime / "mesh.yaml",
-            bind="127.0.0.1",
-            xds_tls_port=0,
-            admin_port=0,
-            webhook_port=0,
-            xds_socket=runtime / "xds.sock",
-            xds_socket_group=1337,
-            ca_dir=runtime / "ca",
-            debounce=0.05,
-            proxy_grace=0.5,
-            poll_interval=0.1,
-            shutdown_delay=0,
-            shutdown_grace=1,
-        )
-    )
+    plane = ControlPlane(pod_plane_settings(runtime, runtime / "mesh.yaml"))
     envoy = None
     try:
         await plane.start()

@@ -17,9 +17,8 @@ import pytest
 
 from meshplane.bootstrap.envoy import Ports, WorkloadIdentity, XdsCredentials, bootstrap, render
 from meshplane.controlplane.app import ControlPlane
-from meshplane.controlplane.settings import Settings
 from tests.harness import EnvoyAdmin, envoy_binary, wait_until
-from tests.netns import Net, require_netns, sh, two_hosts
+from tests.netns import Net, pod_plane_settings, require_netns, sh, two_hosts
 
 MESHCTL = [sys.executable, "-m", "meshplane.controlplane.cli", "iptables"]
 APP_UID = 1000
@@ -221,23 +220,7 @@ async def pod(net: Net, family: str) -> AsyncIterator[Pod]:
     sh(*MESHCTL, "--redirect-dns", "--ipv6", "auto", ns=net.pod)
     mesh_file = runtime / "mesh.yaml"
     mesh_file.write_text(MESH)
-    plane = ControlPlane(
-        Settings(
-            mesh_file=mesh_file,
-            bind="127.0.0.1",
-            xds_tls_port=0,
-            admin_port=0,
-            webhook_port=0,
-            xds_socket=runtime / "xds.sock",
-            xds_socket_group=1337,
-            ca_dir=runtime / "ca",
-            debounce=0.05,
-            proxy_grace=0.5,
-            poll_interval=0.1,
-            shutdown_delay=0,
-            shutdown_grace=1,
-        )
-    )
+    plane = ControlPlane(pod_plane_settings(runtime, mesh_file))
     envoy = None
     try:
         await plane.start()

@@ -13,7 +13,7 @@ import pytest
 
 from meshplane.bootstrap.envoy import WorkloadIdentity
 from tests.harness import EnvoyAdmin
-from tests.netns import ADDRESS_SERVER, Net, ask, pod_sidecar, require_netns, sh, two_hosts
+from tests.netns import ADDRESS_SERVER, Net, counted, pod_sidecar, require_netns, sh, two_hosts
 
 MESHCTL = [sys.executable, "-m", "meshplane.controlplane.cli", "iptables"]
 EXT = "outbound|80||ext.demo.svc.cluster.local"
@@ -67,14 +67,6 @@ async def sidecar(net: Net) -> AsyncIterator[EnvoyAdmin]:
     )
     async with pod_sidecar(net, MESH, identity, listeners=("virtualInbound", "0.0.0.0_80")) as admin:
         yield admin
-
-
-async def counted(admin: EnvoyAdmin, ns: str, ip: str, port: int, *stats: str) -> tuple[str, list[int]]:
-    """Make one connection; return the answer and how much each of `stats` grew meanwhile."""
-    before = await admin.stats()
-    answer = await asyncio.to_thread(ask, ns, ip, port)
-    after = await admin.stats()
-    return answer, [after.get(s, 0) - before.get(s, 0) for s in stats]
 
 
 async def test_inbound_ipv6_and_ipv4_go_through_the_sidecar(net: Net, sidecar: EnvoyAdmin) -> None:

@@ -4,7 +4,6 @@ proxy's INTERCEPTION_MODE, and real connections from the peer namespace and from
 TPROXY: the app sees each client's own address, where REDIRECT shows it the proxy's 127.0.0.6 (::6).
 Assertions are on what the app and the peer saw, and on Envoy's own /stats and /config_dump."""
 
-import asyncio
 import shutil
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -13,7 +12,7 @@ import pytest
 
 from meshplane.bootstrap.envoy import WorkloadIdentity
 from tests.harness import EnvoyAdmin, endpoints, wait_until
-from tests.netns import ADDRESS_SERVER, Net, ask, pod_sidecar, require_netns, sh, two_hosts
+from tests.netns import ADDRESS_SERVER, Net, counted, pod_sidecar, require_netns, sh, two_hosts
 
 MESHCTL = [sys.executable, "-m", "meshplane.controlplane.cli", "iptables"]
 MESH = """
@@ -75,14 +74,6 @@ async def sidecar(net: Net, mode: str, variant: str) -> AsyncIterator[EnvoyAdmin
     caps = ("net_admin",) if mode == "TPROXY" else ()
     async with pod_sidecar(net, MESH, identity, caps=caps, user=USERS[variant]) as admin:
         yield admin
-
-
-async def counted(admin: EnvoyAdmin, ns: str, ip: str, port: int, *stats: str) -> tuple[str, list[int]]:
-    """Make one connection; return the answer and how much each of `stats` grew meanwhile."""
-    before = await admin.stats()
-    answer = await asyncio.to_thread(ask, ns, ip, port)
-    after = await admin.stats()
-    return answer, [after.get(s, 0) - before.get(s, 0) for s in stats]
 
 
 async def test_inbound_the_app_sees_the_client_address_only_with_tproxy(
