@@ -35,7 +35,7 @@ from typing import Any
 
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
-from serve import OtherLoad, cpu_seconds, free_port, meshctl_serve
+from serve import OtherLoad, cpu_seconds, first_string, free_port, meshctl_serve
 from xds_push import Proxy, arrival, metrics, wait_all
 
 from meshplane.controlplane import meshfile
@@ -46,6 +46,8 @@ from meshplane.controlplane.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from meshplane.controlplane.stream import StreamState
 
 SERVICES = 1000
+CHANGES = 20
+"""Endpoint changes in the convergence scenario (scenario 2): p50 and p99 over these."""
 NEW_CLUSTER = f"outbound|8080||svc-{SERVICES}.ns-{SERVICES % 5}.svc.cluster.local"
 """The cluster the ceiling scenario's push adds (mesh(SERVICES + 1))."""
 MAX_SIDECARS = 10_000
@@ -245,9 +247,13 @@ class CountingProxy(Proxy):
         super().__init__(index, target)
         self.full = full
         self.bytes = 0
+        self.endpoints: dict[str, bytes] = {}
+        """The last ClusterLoadAssignment received for each cluster, serialized."""
 
     def on_response(self, resp: discovery_pb2.DiscoveryResponse) -> None:
         self.bytes += resp.ByteSize()
+        if resp.type_url == ENDPOINT:
+            self.endpoints = {first_string(r.value): r.value for r in resp.resources}
         super().on_response(resp)
         if not self.full and self.subs[ENDPOINT].responses:
             self.complete.set()
@@ -271,6 +277,13 @@ async def client(target: str, first: int, count: int, start_at: float, within: f
     print(json.dumps(report), flush=True)
     loop = asyncio.get_running_loop()
     while cluster := (await loop.run_in_executor(None, sys.stdin.readline)).strip():
+        if cluster.startswith("endpoint "):  # "endpoint CLUSTER IP": when IP is among CLUSTER's endpoints
+            _, name, ip = cluster.split()
+            wall0 = time.time()
+            times = await asyncio.gather(*(moved_to(p, name, ip.encode(), within) for p in proxies))
+            got = [wall0 + t for t in times if t is not None]
+            print(json.dumps({"arrived": len(got), "first": min(got, default=0), "last": max(got, default=0)}))
+            continue
         t0, wall0 = time.perf_counter(), time.time()
         before = sum(p.bytes for p in proxies)
         times = [e for _, e in await asyncio.gather(*(arrival(p, cluster, t0, within) for p in proxies))]
@@ -292,6 +305,20 @@ async def client(target: str, first: int, count: int, start_at: float, within: f
     await asyncio.gather(*tasks, return_exceptions=True)
     for p in proxies:
         await p.channel.close()
+
+
+async def moved_to(p: CountingProxy, cluster: str, ip: bytes, within: float) -> float | None:
+    """Seconds until `cluster`'s endpoints at `p` include `ip` (its address is a string field of the
+    serialized ClusterLoadAssignment); None if not within `within` s."""
+    t0 = time.perf_counter()
+    while ip not in p.endpoints.get(cluster, b""):
+        p.changed.clear()
+        left = t0 + within - time.perf_counter()
+        if left <= 0 or p.ended is not None:
+            return None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(p.changed.wait(), left)
+    return time.perf_counter() - t0
 
 
 @contextlib.contextmanager
@@ -366,10 +393,21 @@ async def storm(n: int, processes: int, ceiling: bool) -> dict[str, object]:
             m = await metrics(server.admin_port)
             cpu = cpu_seconds(server.pid) - cpu
             push = None
+            converge: list[float] = []
             if ceiling:
                 ask(procs, NEW_CLUSTER)  # type: ignore[arg-type]
                 server.mesh_file.write_text(mesh(SERVICES + 1))
                 push = fan_out(await asyncio.gather(*(asyncio.to_thread(report_of, p) for p in procs)))  # type: ignore[attr-defined]
+                # Scenario 2: one endpoint change at a time (a workload moves), until every sidecar has it.
+                for k in range(CHANGES):
+                    moved = 20 + k  # not one of the services the simulated sidecars register with
+                    cluster = f"outbound|8080||svc-{moved}.ns-{moved % 5}.svc.cluster.local"
+                    ask(procs, f"endpoint {cluster} 10.1.{moved // 200}.201")  # type: ignore[arg-type]
+                    written = time.time()
+                    server.mesh_file.write_text(mesh(SERVICES + 1, moved=moved))
+                    got = await asyncio.gather(*(asyncio.to_thread(report_of, p) for p in procs))  # type: ignore[attr-defined]
+                    if sum(int(r["arrived"]) for r in got) == n:  # type: ignore[call-overload]
+                        converge.append(max(float(r["last"]) for r in got) - written)  # type: ignore[arg-type]
         ready = sum(int(r["ready"]) for r in reports)  # type: ignore[call-overload]
         ended: dict[str, int] = {}
         for r in reports:
@@ -390,6 +428,7 @@ async def storm(n: int, processes: int, ceiling: bool) -> dict[str, object]:
             "server_ended": {k: v for k, v in m.items() if k.startswith("meshplane_xds_streams_ended")},
             "others": load.percent(),
             "push": push,
+            "converge_s": converge,
         }
 
 
@@ -504,6 +543,15 @@ async def main() -> int:
         )
         for reason, count in sorted(r["ended"].items()):
             print(f"         ended {count}: {reason}")
+    converge = sorted(results["storm"][0]["converge_s"])
+    if converge:
+        p50, p99 = converge[len(converge) // 2], converge[min(len(converge) - 1, int(len(converge) * 0.99))]
+        print(
+            f"converge one endpoint change (a mesh-file edit, its poll and settle included) at all "
+            f"{args.sidecars[0]} sidecars: p50 {p50:.2f} s, p99 {p99:.2f} s over {len(converge)} of {CHANGES} changes"
+            + ("" if len(converge) == CHANGES else " (the others missed a sidecar)"),
+            flush=True,
+        )
     d = results["delta"] = delta_savings()
     print(
         f"delta    one endpoint change, {d['clusters']} clusters: state of the world {d['sotw_bytes']:,} bytes "
