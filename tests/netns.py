@@ -201,10 +201,14 @@ async def pod_sidecar(
     listeners: Sequence[str] = ("virtualInbound",),
     caps: Sequence[str] = (),
     user: tuple[int, int] = (1337, 1337),
+    runtime: Path | None = None,
 ) -> AsyncIterator[EnvoyAdmin]:
     """A real Envoy as `user` (uid, gid) in the pod's namespace, with capabilities `caps`, fed over a unix
-    socket by a ControlPlane that serves `mesh`; yields its admin API once `listeners` are active."""
-    runtime = Path(tempfile.mkdtemp(prefix="meshplane-pod-"))
+    socket by a ControlPlane that serves `mesh` (written to `runtime`/mesh.yaml, where a test may edit
+    it; `runtime` is made if not given, and removed after); yields its admin API once `listeners` are
+    active."""
+    if runtime is None:
+        runtime = Path(tempfile.mkdtemp(prefix="meshplane-pod-"))
     runtime.chmod(0o755)
     (runtime / "mesh.yaml").write_text(mesh)
     plane = ControlPlane(pod_plane_settings(runtime, runtime / "mesh.yaml"))

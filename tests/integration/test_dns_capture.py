@@ -4,8 +4,6 @@ the peer that the pod's /etc/resolv.conf names. Real queries from an app uid; as
 answers, on what the upstream server received, and on Envoy's own dns_filter stats."""
 
 import asyncio
-import datetime as dt
-import os
 import shutil
 import sys
 import tempfile
@@ -15,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from meshplane.bootstrap.envoy import Ports, WorkloadIdentity, XdsCredentials, bootstrap, render
-from meshplane.controlplane.app import ControlPlane
-from tests.harness import EnvoyAdmin, envoy_binary, wait_until
-from tests.netns import Net, pod_plane_settings, require_netns, sh, two_hosts
+from meshplane.bootstrap.envoy import WorkloadIdentity
+from tests.harness import EnvoyAdmin, wait_until
+from tests.netns import Net, pod_sidecar, require_netns, sh, two_hosts
 
 MESHCTL = [sys.executable, "-m", "meshplane.controlplane.cli", "iptables"]
 APP_UID = 1000
@@ -218,50 +215,13 @@ async def pod(net: Net, family: str) -> AsyncIterator[Pod]:
     assert server.stdout is not None and server.stdout.readline().strip() == "ready"
     # The init container's step; the nameserver comes from the pod's resolv.conf.
     sh(*MESHCTL, "--redirect-dns", "--ipv6", "auto", ns=net.pod)
-    mesh_file = runtime / "mesh.yaml"
-    mesh_file.write_text(MESH)
-    plane = ControlPlane(pod_plane_settings(runtime, mesh_file))
-    envoy = None
-    try:
-        await plane.start()
-        envoy_dir = runtime / "envoy"
-        envoy_dir.mkdir()
-        shutil.chown(envoy_dir, 1337, 1337)
-        # What the injector renders for a pod with proxyMetadata ISTIO_META_DNS_CAPTURE: "true".
-        identity = WorkloadIdentity(
-            name="app-1", namespace="demo", service_account="app", ip=net.pod_ip, metadata={"DNS_CAPTURE": "true"}
-        )
-        token = envoy_dir / "token"
-        token.write_text(plane.ca.mint_token("demo", "app", dt.timedelta(hours=1)))
-        shutil.chown(token, 1337, 1337)
-        config = envoy_dir / "bootstrap.json"
-        ports = Ports(admin_socket=str(envoy_dir / "admin.sock"))
-        credentials = XdsCredentials(str(token))
-        config.write_text(render(bootstrap(identity, f"unix:{runtime}/xds.sock", ports, (), credentials)))
-        envoy = net.start(
-            net.pod,
-            envoy_binary(), "-c", str(config), "--disable-hot-restart", "-l", "warning",
-            "--log-path", str(envoy_dir / "envoy.log"), "--drain-time-s", "1",
-            uid=1337,
-        )  # fmt: skip
-        admin = EnvoyAdmin(socket=envoy_dir / "admin.sock")
-
-        async def ready() -> bool:
-            if not admin.socket or not admin.socket.exists() or (await admin.get("/ready")).strip() != "LIVE":
-                return False
-            return "dns::0.0.0.0:15053" in await admin.get("/listeners")
-
-        try:
-            await wait_until(ready, timeout=20, what="the sidecar's DNS listener")
-        except AssertionError:
-            log = envoy_dir / "envoy.log"
-            raise AssertionError(log.read_text()[-3000:] if log.exists() else "no Envoy log") from None
-        yield Pod(net, nameserver(net, family), admin, mesh_file, upstream_log)
-    finally:
-        if envoy is not None and envoy.poll() is None:
-            os.killpg(envoy.pid, 9)  # first, or the plane waits for its stream to end
-        await plane.stop()
-        shutil.rmtree(runtime, ignore_errors=True)
+    # What the injector renders for a pod with proxyMetadata ISTIO_META_DNS_CAPTURE: "true".
+    identity = WorkloadIdentity(
+        name="app-1", namespace="demo", service_account="app", ip=net.pod_ip, metadata={"DNS_CAPTURE": "true"}
+    )
+    dns = ("dns::0.0.0.0:15053",)
+    async with pod_sidecar(net, MESH, identity, listeners=dns, runtime=runtime) as admin:
+        yield Pod(net, nameserver(net, family), admin, runtime / "mesh.yaml", upstream_log)
 
 
 async def grown(pod: Pod, name: str, qtype: str = "A", *, uid: int = APP_UID) -> tuple[str, dict[str, int]]:
