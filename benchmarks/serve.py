@@ -19,18 +19,33 @@ from typing import Any
 TOP = Path(__file__).resolve().parents[1]
 
 
-@dataclass(frozen=True)
+@dataclass
 class Server:
     work: Path
     mesh_file: Path
     xds_port: int
     admin_port: int
     webhook_port: int
-    pid: int
+    process: subprocess.Popen[bytes]
+    argv: list[str]
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
     @property
     def root_cert(self) -> Path:
         return self.work / "ca" / "root-cert.pem"
+
+    async def restart(self) -> float:
+        """Stop the server as Kubernetes would (SIGTERM: it drains, then closes every stream), start it
+        again on the same ports, CA and mesh file; returns the wall-clock time the old one exited."""
+        os.killpg(self.process.pid, signal.SIGTERM)
+        await asyncio.to_thread(self.process.wait, 30)
+        exited = time.time()
+        self.process = subprocess.Popen(self.argv, cwd=TOP, start_new_session=True)
+        await _until_listening(self.process, [self.xds_port, self.admin_port, self.webhook_port])
+        return exited
 
 
 def free_port() -> int:
@@ -68,17 +83,20 @@ async def meshctl_serve(mesh: str, *extra: str) -> AsyncIterator[Server]:
     for name, port in ports.items():
         argv += [f"--{name}-port", str(port)]
     argv += extra
-    process = subprocess.Popen(argv, cwd=TOP, start_new_session=True)
+    server = Server(
+        work,
+        mesh_file,
+        ports["xds"],
+        ports["admin"],
+        ports["webhook"],
+        subprocess.Popen(argv, cwd=TOP, start_new_session=True),
+        argv,
+    )
     try:
-        deadline = time.monotonic() + 30
-        while not all(_listening(p) for p in ports.values()):
-            if process.poll() is not None:
-                raise RuntimeError(f"meshctl serve exited with status {process.returncode} (its output is above)")
-            if time.monotonic() > deadline:
-                raise RuntimeError("meshctl serve did not listen on its ports within 30 s")
-            await asyncio.sleep(0.1)
-        yield Server(work, mesh_file, ports["xds"], ports["admin"], ports["webhook"], process.pid)
+        await _until_listening(server.process, list(ports.values()))
+        yield server
     finally:
+        process = server.process  # the latest, if it was restarted
         with contextlib.suppress(ProcessLookupError):  # already gone: it failed, and said why
             os.killpg(process.pid, signal.SIGTERM)
         try:
@@ -86,6 +104,16 @@ async def meshctl_serve(mesh: str, *extra: str) -> AsyncIterator[Server]:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(10)
+
+
+async def _until_listening(process: subprocess.Popen[bytes], ports: list[int], within: float = 30) -> None:
+    deadline = time.monotonic() + within
+    while not all(_listening(p) for p in ports):
+        if process.poll() is not None:
+            raise RuntimeError(f"meshctl serve exited with status {process.returncode} (its output is above)")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"meshctl serve did not listen on its ports within {within:.0f} s")
+        await asyncio.sleep(0.1)
 
 
 def _listening(port: int) -> bool:

@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import random
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -47,6 +48,10 @@ SDS = T + "extensions.transport_sockets.tls.v3.Secret"
 WILDCARD = (CDS, LDS)
 SECRETS = ("ROOTCA", "default")
 MAX_PROXIES = 2000
+MAX_STREAMS = 50
+"""Streams one simulated sidecar opens at most (it reconnects only when asked to)."""
+RECONNECT_BACKOFF_S, RECONNECT_BACKOFF_MAX_S = 0.5, 30.0
+"""Envoy's gRPC retry back-off for its xDS stream: jittered, from 0.5 s, doubling up to 30 s."""
 MAX_EDITS = 20
 VIEWS = 10
 
@@ -107,18 +112,26 @@ def parse(type_url: str, value: bytes) -> tuple[str, list[str]]:
 
 
 class Subscription:
-    """What Envoy keeps per type: the names it wants, the last version and nonce it got."""
+    """What Envoy keeps per type: the names it wants, the last version and nonce it got, what it holds."""
 
     def __init__(self) -> None:
         self.names: list[str] = []
         self.version = ""
         self.nonce = ""
-        self.received: set[str] = set()
+        self.held: dict[str, bytes] = {}
+        """name -> the serialized resource for EDS (what the benchmarks look into), b"" for the others."""
+        self.versions: dict[str, str] = {}
+        """name -> its version (delta), for `initial_resource_versions` when the stream is opened again."""
+        self.refs: dict[str, list[str]] = {}
+        """name -> the EDS or RDS names that resource makes the sidecar subscribe to."""
         self.responses = 0
 
 
 class Proxy:
-    def __init__(self, index: int, target: str) -> None:
+    """A simulated sidecar on its own connection. `delta`: incremental ADS, as the bootstraps Meshplane
+    generates use by default; otherwise state of the world."""
+
+    def __init__(self, index: int, target: str, *, delta: bool = False, reconnect: bool = False) -> None:
         view = index % VIEWS
         namespace = f"ns-{view % 5}"
         ip = f"10.2.{index // 250}.{index % 250 + 1}"
@@ -135,14 +148,31 @@ class Proxy:
         self.node = base_pb2.Node(id=f"sidecar~{ip}~p-{index}.{namespace}~{namespace}.svc.cluster.local", metadata=meta)
         # A local subchannel pool: this channel's connection is its own, not shared with the others.
         self.channel = grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
-        self.queue: asyncio.Queue[discovery_pb2.DiscoveryRequest] = asyncio.Queue()
+        self.delta = delta
+        self.reconnect = reconnect
+        self.streams = 0
+        """Streams opened; more than one when it reconnected."""
+        self.queue: asyncio.Queue[discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest] = (
+            asyncio.Queue()
+        )
         self.subs = {t: Subscription() for t in (CDS, EDS, LDS, RDS, SDS)}
         self.changed = asyncio.Event()
         self.complete = asyncio.Event()
         self.ended: str | None = None
 
-    def send(self, type_url: str) -> None:
+    def send(self, type_url: str, subscribe: list[str] | None = None, unsubscribe: list[str] | None = None) -> None:
+        """An ACK of the last response (or the first request); in delta, with subscription changes."""
         s = self.subs[type_url]
+        if self.delta:
+            self.queue.put_nowait(
+                discovery_pb2.DeltaDiscoveryRequest(
+                    type_url=type_url,
+                    response_nonce=s.nonce,
+                    resource_names_subscribe=subscribe or [],
+                    resource_names_unsubscribe=unsubscribe or [],
+                )
+            )
+            return
         self.queue.put_nowait(
             discovery_pb2.DiscoveryRequest(
                 type_url=type_url,
@@ -154,38 +184,86 @@ class Proxy:
 
     def subscribe(self, type_url: str, names: list[str]) -> None:
         names = sorted(set(names))
-        if names != self.subs[type_url].names:
-            self.subs[type_url].names = names
+        before = self.subs[type_url].names
+        if names == before:
+            return
+        self.subs[type_url].names = names
+        if self.delta:  # only the difference, as Envoy's delta subscriptions send it
+            self.send(type_url, sorted(set(names) - set(before)), sorted(set(before) - set(names)))
+        else:
             self.send(type_url)
 
     def requests(self) -> AsyncIterator[discovery_pb2.DiscoveryRequest]:
         return requests_with_node(self.queue, self.node)
 
     async def run(self) -> None:
-        self.send(CDS)
-        self.send(LDS)
+        """One stream; with `reconnect`, a new one after each that ends (at most MAX_STREAMS), as Envoy does
+        after a jittered back-off of 0.5 s and up, opening with what it holds."""
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self.channel)
-        try:
-            async for resp in stub.StreamAggregatedResources(self.requests()):
-                self.on_response(resp)
-            self.ended = "closed by the server"
-        except grpc.aio.AioRpcError as e:
-            self.ended = f"{e.code().name}: {e.details()}"
-        finally:
-            self.changed.set()
+        call = stub.DeltaAggregatedResources if self.delta else stub.StreamAggregatedResources
+        backoff = RECONNECT_BACKOFF_S
+        while self.streams < MAX_STREAMS:
+            self.streams += 1
+            self.queue = asyncio.Queue()
+            self.opening()
+            self.ended = None
+            try:
+                async for resp in call(self.requests()):
+                    backoff = RECONNECT_BACKOFF_S
+                    self.on_response(resp)
+                self.ended = "closed by the server"
+            except grpc.aio.AioRpcError as e:
+                self.ended = f"{e.code().name}: {e.details()}"
+            finally:
+                self.changed.set()
+            if not self.reconnect:
+                return
+            await asyncio.sleep(random.uniform(0, backoff))
+            backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX_S)
 
-    def on_response(self, resp: discovery_pb2.DiscoveryResponse) -> None:
+    def opening(self) -> None:
+        """The requests a stream opens with: CDS and LDS, and on a new stream after the first, every other
+        subscription too, with what the sidecar holds (delta) or its last version (state of the world)."""
+        for type_url, s in self.subs.items():
+            if self.streams > 1 and not s.responses:
+                continue
+            if self.streams == 1 and type_url not in WILDCARD:
+                continue
+            s.nonce = ""  # a nonce belongs to its stream
+            if self.delta:
+                self.queue.put_nowait(
+                    discovery_pb2.DeltaDiscoveryRequest(
+                        type_url=type_url,
+                        resource_names_subscribe=[] if type_url in WILDCARD else s.names,
+                        initial_resource_versions=s.versions,
+                    )
+                )
+            else:
+                self.send(type_url)
+
+    def on_response(self, resp: discovery_pb2.DiscoveryResponse | discovery_pb2.DeltaDiscoveryResponse) -> None:
         s = self.subs.get(resp.type_url)
         if s is None:
             return
-        s.version, s.nonce = resp.version_info, resp.nonce
+        s.nonce = resp.nonce
         s.responses += 1
-        s.received = set()
-        refs: list[str] = []
-        for r in resp.resources:
-            name, more = parse(resp.type_url, r.value)
-            s.received.add(name)
-            refs += more
+        if isinstance(resp, discovery_pb2.DeltaDiscoveryResponse):
+            s.version = resp.system_version_info
+            values = [r.resource.value for r in resp.resources]
+            s.versions.update((r.name, r.version) for r in resp.resources)
+            for name in resp.removed_resources:
+                s.held.pop(name, None)
+                s.refs.pop(name, None)
+                s.versions.pop(name, None)
+        else:
+            s.version = resp.version_info
+            values = [r.value for r in resp.resources]
+            s.held, s.refs = {}, {}
+        for value in values:
+            name, more = parse(resp.type_url, value)
+            s.held[name] = value if resp.type_url == EDS else b""
+            s.refs[name] = more
+        refs = [n for more in s.refs.values() for n in more]
         # As Envoy does (its ADS mux pauses EDS/RDS while it applies CDS/LDS): the new EDS or RDS
         # subscription first, then the ACK of the CDS or LDS response that caused it.
         if resp.type_url == CDS:
@@ -200,7 +278,7 @@ class Proxy:
 
     def has_everything(self) -> bool:
         return all(s.responses for s in self.subs.values()) and all(
-            set(self.subs[t].names) <= self.subs[t].received for t in (EDS, RDS, SDS)
+            self.subs[t].held.keys() >= set(self.subs[t].names) for t in (EDS, RDS, SDS)
         )
 
 
@@ -287,9 +365,9 @@ async def arrival(p: Proxy, cluster: str, t0: float, within: float = 30) -> tupl
     deadline = t0 + within
     while p.ended is None:
         now = time.perf_counter()
-        if got_cluster is None and cluster in p.subs[CDS].received:
+        if got_cluster is None and cluster in p.subs[CDS].held:
             got_cluster = now - t0
-        if got_cluster is not None and cluster in p.subs[EDS].received:
+        if got_cluster is not None and cluster in p.subs[EDS].held:
             return got_cluster, now - t0
         p.changed.clear()
         try:

@@ -22,7 +22,7 @@ from .ca import IssuedCertificate
 from .generate import SECRET_DEFAULT, SECRET_ROOTCA, MeshConfig, ProxyView, view_of
 from .generate.secrets import root_secret, workload_secret
 from .model import InterceptionMode, MeshModel, Workload, spiffe_id
-from .resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Resource, Resources
+from .resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Resource, Resources, Snapshot
 
 ViewRequest = tuple[Workload, InterceptionMode, bool, bool]
 """What a view is asked for with: a proxy's workload, interception mode, DNS capture and gateway-ness."""
@@ -60,7 +60,8 @@ class ConfigCache:
         self._config_factory = config
         self._ca = ca
         self._root: tuple[bytes, Resource] | None = None
-        self._secrets: dict[str, tuple[bytes, Resource]] = {}
+        self._secrets: dict[str, tuple[bytes, bytes, Snapshot]] = {}
+        """identity -> (its certificate, the trust bundle, both secrets)"""
         if previous is None:
             self._start(model, None, {})
         else:
@@ -80,7 +81,7 @@ class ConfigCache:
         # packings are carried over with them: one generation back, so nothing older is kept alive.
         self._model = model
         self._config = self._config_factory(model, config)
-        self._views: dict[ProxyView, dict[str, Resources]] = {}
+        self._views: dict[ProxyView, dict[str, Snapshot]] = {}
         self._view_of: dict[tuple[Workload, InterceptionMode, bool, bool], ProxyView] = {}
         self._packed_before = packed
         self._packed: dict[int, tuple[message.Message, Resource]] = {}
@@ -133,9 +134,12 @@ class ConfigCache:
         if snap is None:
             generated = self._config.resources(view)
             check_consistent(generated)
-            snap = {t: {r.name: r for r in map(self._pack_once, msgs)} for t, msgs in generated.items()}
+            snap = {t: Snapshot((r.name, r) for r in map(self._pack_once, msgs)) for t, msgs in generated.items()}
             self._views[view] = snap
-        return snap.get(type_url, {})
+        found = snap.get(type_url)
+        if found is None:
+            found = snap[type_url] = Snapshot()
+        return found
 
     def views(self) -> int:
         return len(self._views)
@@ -159,14 +163,15 @@ class ConfigCache:
         """Only the proxy's own identity: a proxy can never be sent another identity's key."""
         identity = spiffe_id(self._model.trust_domain, view.namespace, view.service_account)
         issued = self._ca.workload_certificate(identity)
-        cached = self._secrets.get(identity)
-        if cached is None or cached[0] != issued.cert_pem:
-            cached = (issued.cert_pem, resource(workload_secret(issued.cert_pem, issued.key_pem)))
-            self._secrets[identity] = cached
         bundle = self._ca.trust_bundle_pem
-        if self._root is None or self._root[0] != bundle:
-            self._root = (bundle, resource(root_secret(bundle)))
-        return {SECRET_DEFAULT: cached[1], SECRET_ROOTCA: self._root[1]}
+        cached = self._secrets.get(identity)
+        if cached is None or cached[:2] != (issued.cert_pem, bundle):
+            if self._root is None or self._root[0] != bundle:
+                self._root = (bundle, resource(root_secret(bundle)))
+            own = resource(workload_secret(issued.cert_pem, issued.key_pem))
+            cached = (issued.cert_pem, bundle, Snapshot({SECRET_DEFAULT: own, SECRET_ROOTCA: self._root[1]}.items()))
+            self._secrets[identity] = cached
+        return cached[2]
 
 
 def check_consistent(generated: dict[str, list[message.Message]]) -> None:

@@ -17,6 +17,12 @@ ACK and NACK. The rules:
 - Pushes go in the order of `PUSH_ORDER`, additions and changes first and removals after every
   type, so nothing the proxy is about to stop using disappears under it.
 - After clusters change, their endpoints are sent again: a re-created EDS cluster waits for them.
+
+A push costs what changed, not what exists: a proxy known to hold exactly one of the cache's
+snapshots (its `base`) is sent that snapshot's diff to the new one, worked out once for every
+stream, and a response many streams send is encoded once (see `replies`). Anything else (a NACK,
+owed endpoints, a subscription change) takes the general path, which compares name by name.
+`tests/fuzz/test_push_paths.py` holds both paths to the same bytes.
 """
 
 from __future__ import annotations
@@ -26,14 +32,18 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
-from .resources import CLUSTER, ENDPOINT, PUSH_ORDER, WILDCARD, Resource, Resources
+from .replies import Reply, delta_body
+from .resources import CLUSTER, ENDPOINT, PUSH_ORDER, WILDCARD, Resource, Resources, Snapshot
 from .stream import Nack, Source
 
 WILDCARD_NAME = "*"
+SHARED_DIFF = 64
+"""A diff of at most this many names is encoded once per snapshot for every stream that sends it."""
 
 
 @dataclass(slots=True)
@@ -41,7 +51,8 @@ class DeltaTypeState:
     wildcard: bool = False
     names: set[str] = field(default_factory=set)
     held: dict[str, str] = field(default_factory=dict)
-    """name -> version the proxy holds."""
+    """name -> version the proxy holds; a snapshot's own map while `held_shared` (copied before a change)."""
+    held_shared: bool = False
     absent: set[str] = field(default_factory=set)
     """Subscribed names already reported as removed (they do not exist): not reported again."""
     requested: bool = False
@@ -56,6 +67,11 @@ class DeltaTypeState:
     """Names to send again even if the proxy holds their version (endpoints of re-created clusters)."""
     rejected: dict[str, str] = field(default_factory=dict)
     """name -> version the proxy NACKed: not sent again until it changes."""
+    base: Snapshot | None = None
+    """The snapshot the proxy holds exactly (every wanted name at its version, nothing pending, owed or
+    rejected, every missing subscribed name reported): a push then sends its diff to the new one."""
+    syncing: Snapshot | None = None
+    """The snapshot the proxy will hold exactly once it ACKs the latest response."""
 
     @property
     def sent(self) -> dict[str, str]:
@@ -65,7 +81,7 @@ class DeltaTypeState:
 
 @dataclass(frozen=True, slots=True)
 class DeltaOutcome:
-    responses: list[discovery_pb2.DeltaDiscoveryResponse]
+    responses: list[Reply]
     kind: str
     """"request", "ack", "nack", "stale" (a nonce that is not the latest: its subscription changes
     still count) or "resumed" (a reconnecting proxy that holds the current version)."""
@@ -97,13 +113,16 @@ class DeltaStreamState:
                 )
                 t.rejected.update({n: v for n, v in t.pending.items() if v is not None})
                 t.last_nack, t.pending, kind = nack, {}, "nack"
+                t.base = t.syncing = None
             else:
                 self._ack(t)
                 kind = "ack"
         first = not t.requested
+        if req.resource_names_subscribe or req.resource_names_unsubscribe:
+            t.base = None
         if first:
             t.requested = True
-            t.held = dict(req.initial_resource_versions)
+            t.held, t.held_shared = dict(req.initial_resource_versions), False
             if req.type_url in WILDCARD and not req.resource_names_subscribe:
                 t.wildcard = True  # the legacy wildcard: a first request that names nothing
         for name in req.resource_names_subscribe:
@@ -119,13 +138,13 @@ class DeltaStreamState:
             else:
                 t.names.discard(name)
                 t.absent.discard(name)
-                t.held.pop(name, None)
+                _own(t).pop(name, None)
                 t.owed.discard(name)
         if t.held and first:
             t.owed -= set(t.held)  # reconnecting: what it holds at our version is not owed
         # A first request must be answered, even with nothing, to end a new Envoy's wait; one that
         # reconnects holding resources is not waiting and is sent only what differs.
-        response = self._respond(req.type_url, removals=True, always=first and not req.initial_resource_versions)
+        response = self._respond(req.type_url, always=first and not req.initial_resource_versions)
         if response is None and first:
             # It already holds the current version: in sync without a word (what /debug shows).
             t.version = t.acked_version = str(next(self._versions))
@@ -133,74 +152,124 @@ class DeltaStreamState:
             kind = "resumed"
         return DeltaOutcome([response] if response else [], kind, nack)
 
-    def on_change(self) -> list[discovery_pb2.DeltaDiscoveryResponse]:
+    def on_change(self) -> list[Reply]:
         """Responses for whatever changed, in push order: additions and changes, then removals."""
-        out = []
-        for removals in (False, True):
-            for type_url in PUSH_ORDER:
-                t = self.types.get(type_url)
-                if t is None or not t.requested:
-                    continue
-                response = self._respond(type_url, removals=removals)
-                if response:
-                    out.append(response)
+        out, plans = [], []
+        for type_url in PUSH_ORDER:
+            t = self.types.get(type_url)
+            if t is None or not t.requested:
+                continue
+            # In order: clusters sent make their endpoints owed before those are planned.
+            plan = self._plan(type_url, self._source(type_url))
+            if plan.changed:
+                out.append(self._emit(type_url, plan._replace(removed=[])))
+            plans.append((t, type_url, plan))
+        for t, type_url, plan in plans:
+            if plan.removed or (plan.resync and not plan.changed):
+                out.append(self._emit(type_url, plan._replace(changed=[])))
+            self._sending(t, plan)
         return out
 
     def _ack(self, t: DeltaTypeState) -> None:
-        for name, version in t.pending.items():
-            if version is None:
-                t.held.pop(name, None)
-            else:
-                t.held[name] = version
+        synced = t.syncing
+        if synced is not None and (t.wildcard or t.names.issuperset(synced)):
+            # It now holds all of that snapshot: share its map (thousands of streams hold the same one).
+            t.held, t.held_shared = synced.versions(), True
+        else:
+            held = _own(t)
+            for name, version in t.pending.items():
+                if version is None:
+                    held.pop(name, None)
+                else:
+                    held[name] = version
         t.pending = {}
         t.acked_version = t.version
         t.last_ack = self._clock()
+        t.base = t.syncing
 
     def _wanted(self, t: DeltaTypeState, available: Resources) -> set[str]:
         return set(available) if t.wildcard else t.names & set(available)
 
-    def _respond(
-        self, type_url: str, *, removals: bool, always: bool = False
-    ) -> discovery_pb2.DeltaDiscoveryResponse | None:
+    def _sending(self, t: DeltaTypeState, plan: _Plan) -> None:
+        """After `plan` is worked through: the snapshot the proxy holds exactly once it ACKs what is in
+        flight, or, with nothing in flight, holds now."""
+        if t.acked_version == t.version:
+            t.base = plan.in_sync
+        else:
+            t.syncing = plan.in_sync
+
+    def _respond(self, type_url: str, *, always: bool = False) -> Reply | None:
+        plan = self._plan(type_url, self._source(type_url))
+        reply = self._emit(type_url, plan) if plan.changed or plan.removed or always or plan.resync else None
+        self._sending(self.types[type_url], plan)
+        return reply
+
+    def _plan(self, type_url: str, available: Resources) -> _Plan:
+        """What to send `type_url`'s proxy for it to hold `available`; records removed names as reported."""
         t = self.types[type_url]
-        available = self._source(type_url)
+        base = t.base
+        if base is not None and isinstance(available, Snapshot) and not (t.pending or t.owed or t.rejected):
+            # The proxy holds `base` exactly: send what changed since, in O(changes).
+            if available is base:
+                return _Plan([], [], False, available)
+            new, gone = available.diff(base)
+            removed = [n for n in gone if t.wildcard or n in t.names]
+            t.absent.update(n for n in removed if n in t.names)
+            changed = [available[n] for n in new if t.wildcard or n in t.names]
+            return _Plan(changed, removed, False, available)
         # What the proxy will hold once it ACKs the response in flight.
         holding = {**t.held, **{n: v for n, v in t.pending.items() if v is not None}}
         for n in (n for n, v in t.pending.items() if v is None):
             holding.pop(n, None)
+        wanted = self._wanted(t, available)
         changed = [
             available[n]
-            for n in sorted(self._wanted(t, available))
+            for n in sorted(wanted)
             if (holding.get(n) != available[n].version or n in t.owed) and t.rejected.get(n) != available[n].version
         ]
-        removed: list[str] = []
-        if removals:
-            removed = sorted(n for n in holding if n not in available or not (t.wildcard or n in t.names))
-            missing = sorted(t.names - set(available) - set(holding) - t.absent)
-            removed += missing
-            t.absent.update(missing)
+        removed = sorted(n for n in holding if n not in available or not (t.wildcard or n in t.names))
+        removed += sorted(t.names - set(available) - set(holding) - t.absent)
+        # A subscribed name reported removed is not reported again while it stays missing.
+        t.absent.update(n for n in removed if n in t.names)
         # Rejected versions that are gone or replaced no longer hold anything back; once none is
         # left after a NACK, an empty response brings the proxy's ACKed version level again.
         for n in [n for n, v in t.rejected.items() if n not in available or available[n].version != v]:
             del t.rejected[n]
-        resync = (
-            removals and not t.rejected and not t.pending and t.last_nack is not None and t.acked_version != t.version
-        )
-        if not (changed or removed or always or resync):
-            return None
+        resync = not t.rejected and not t.pending and t.last_nack is not None and t.acked_version != t.version
+        # Once this is ACKed, the proxy holds every wanted name at its version and nothing else: unless
+        # something stays owed or rejected, it then holds `available` exactly (later pushes take the diff).
+        exact = not t.rejected and not (t.owed - {r.name for r in changed})
+        return _Plan(changed, removed, resync, available if exact and isinstance(available, Snapshot) else None)
+
+    def _emit(self, type_url: str, plan: _Plan) -> Reply:
+        """The response for `plan`, recorded as sent: it is pending until the proxy ACKs it."""
+        t = self.types[type_url]
+        changed, removed = plan.changed, plan.removed
         t.owed -= {r.name for r in changed}
         t.pending = {**t.pending, **{r.name: r.version for r in changed}, **dict.fromkeys(removed)}
         t.nonce = str(next(self._nonces))
         t.version = str(next(self._versions))
+        available = plan.in_sync
+        whole = available is not None and len(changed) == len(available) and not removed
         if type_url == CLUSTER and ENDPOINT in self.types:
-            self.types[ENDPOINT].owed |= _eds_names(changed)
-        return discovery_pb2.DeltaDiscoveryResponse(
-            system_version_info=t.version,
-            type_url=type_url,
-            nonce=t.nonce,
-            resources=[discovery_pb2.Resource(name=r.name, version=r.version, resource=r.packed) for r in changed],
-            removed_resources=removed,
-        )
+            eds = self.types[ENDPOINT]
+            # Every cluster of a snapshot is read once for all the streams that are sent them all.
+            shared = available if whole else None
+            eds.owed |= shared.memo("eds", lambda: _eds_names(changed)) if shared is not None else _eds_names(changed)
+            if eds.owed:
+                eds.base = eds.syncing = None
+
+        def body() -> bytes:
+            return delta_body(type_url, changed, removed)
+
+        if available is None or not (whole or len(changed) + len(removed) <= SHARED_DIFF):
+            encoded = body()
+        elif whole:
+            encoded = available.memo(("delta-all", type_url), body)
+        else:
+            key = ("delta", type_url, tuple((r.name, r.version) for r in changed), tuple(removed))
+            encoded = available.memo(key, body)
+        return Reply(type_url, t.version, t.nonce, len(changed), encoded, delta=True)
 
     def last_sent(self, type_url: str) -> Resources:
         """The resources of `type_url` the proxy holds at their current version (for debugging)."""
@@ -209,6 +278,22 @@ class DeltaStreamState:
             return {}
         available = self._source(type_url)
         return {n: available[n] for n in sorted(t.held) if n in available and available[n].version == t.held[n]}
+
+
+def _own(t: DeltaTypeState) -> dict[str, str]:
+    """`t.held`, made the stream's own before it is changed."""
+    if t.held_shared:
+        t.held, t.held_shared = dict(t.held), False
+    return t.held
+
+
+class _Plan(NamedTuple):
+    changed: list[Resource]
+    removed: list[str]
+    resync: bool
+    """Send even if empty: it brings the proxy's ACKed version level after a NACK."""
+    in_sync: Snapshot | None
+    """The snapshot the proxy will hold exactly once it ACKs this, if any."""
 
 
 def _eds_names(clusters: list[Resource]) -> set[str]:

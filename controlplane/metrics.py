@@ -12,6 +12,11 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.connected = Gauge("meshplane_xds_connected_proxies", "Proxies with an open xDS stream", registry=r)
+        self.behind = Gauge(
+            "meshplane_xds_unacked_streams",
+            "Open streams whose proxy has not yet ACKed the latest response of every type (NACKed ones included)",
+            registry=r,
+        )
         self.pushes = Counter("meshplane_xds_pushes", "xDS responses sent", ["type"], registry=r)
         self.resources_sent = Counter(
             "meshplane_xds_resources_sent",

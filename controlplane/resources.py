@@ -7,7 +7,12 @@ has not received yet (make-before-break); removals are sent last (see stream.py)
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import itertools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from google.protobuf import any_pb2
 
@@ -42,3 +47,66 @@ class Resource:
 
 Resources = dict[str, Resource]
 """name -> Resource for one type."""
+
+_T = TypeVar("_T")
+_serials = itertools.count(1)
+MEMO_SIZE = 32
+"""Encoded bodies and diffs one snapshot keeps (a few per kind of stream state it is sent to)."""
+
+
+class Snapshot(dict[str, Resource]):
+    """One view's resources of one type under one model, never changed once built.
+
+    Thousands of streams send the same snapshot, so what each would work out from it is worked out once
+    and kept on it: the name -> version map, the content version, encoded response bodies, and what
+    changed since an earlier snapshot. A stream's push then costs what changed, not what exists.
+    Earlier snapshots are named by serial, never referenced: a snapshot keeps no other alive."""
+
+    __slots__ = ("_memo", "_version", "_versions", "serial")
+
+    def __init__(self, items: Iterable[tuple[str, Resource]] = ()) -> None:
+        super().__init__(items)
+        self.serial = next(_serials)
+        self._versions: dict[str, str] | None = None
+        self._version: str | None = None
+        self._memo: dict[object, object] = {}
+
+    def versions(self) -> dict[str, str]:
+        if self._versions is None:
+            self._versions = {n: r.version for n, r in self.items()}
+        return self._versions
+
+    def version(self) -> str:
+        if self._version is None:
+            self._version = content_version(frozenset(self.versions().items()))
+        return self._version
+
+    def diff(self, old: Snapshot) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(names new or changed since `old`, names gone since `old`), each sorted."""
+        return self.memo(
+            ("diff", old.serial),
+            lambda: (
+                tuple(sorted(n for n, r in self.items() if (o := old.get(n)) is None or o.version != r.version)),
+                tuple(sorted(n for n in old if n not in self)),
+            ),
+        )
+
+    def memo(self, key: object, make: Callable[[], _T]) -> _T:
+        if key in self._memo:
+            return self._memo[key]  # type: ignore[return-value]
+        if len(self._memo) >= MEMO_SIZE:
+            self._memo.clear()
+        value = self._memo[key] = make()
+        return value
+
+
+@functools.lru_cache(maxsize=64)
+def content_version(versions: frozenset[tuple[str, str]]) -> str:
+    """A content hash of (name, version) pairs: the state-of-the-world version of a set of resources.
+
+    Memoized for streams whose sets are not one snapshot's (those keep theirs on the snapshot); bounded
+    small on purpose: a key holds a whole set (about 0.5 MB at 2,000 resources)."""
+    h = hashlib.blake2b(digest_size=8)
+    for name, v in sorted(versions):
+        h.update(f"{name}\0{v}\n".encode())
+    return h.hexdigest()

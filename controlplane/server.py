@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import itertools
 import logging
 import os
@@ -23,12 +24,7 @@ from pathlib import Path
 from typing import TypeAlias
 
 import grpc
-from envoy.service.cluster.v3 import cds_pb2_grpc
-from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
-from envoy.service.endpoint.v3 import eds_pb2_grpc
-from envoy.service.listener.v3 import lds_pb2_grpc
-from envoy.service.route.v3 import rds_pb2_grpc
-from envoy.service.secret.v3 import sds_pb2_grpc
+from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
@@ -43,6 +39,7 @@ from .metrics import Metrics
 from .model import MeshModel, spiffe_id
 from .proxy import NodeError, ProxyNode, from_node
 from .registry import Registry
+from .replies import Reply
 from .resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Resources, short
 from .stream import StreamState
 from .tokens import Identity
@@ -50,7 +47,6 @@ from .tokens import Identity
 log = logging.getLogger("meshplane.xds")
 
 Request: TypeAlias = discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest
-Response: TypeAlias = discovery_pb2.DiscoveryResponse | discovery_pb2.DeltaDiscoveryResponse
 
 _PUSH = object()
 _END = object()
@@ -247,6 +243,7 @@ class XdsServer:
         self.auth = authenticator
         self.proxy_grace = proxy_grace
         metrics.views.set_function(cache.views)
+        metrics.behind.set_function(self._unacked_streams)
         self.connections: dict[int, Connection] = {}
         self._ids = itertools.count(1)
         self._pending_model: MeshModel | None = None
@@ -308,13 +305,7 @@ class XdsServer:
                 ("grpc.server.max_pending_requests_hard_limit", MAX_WAITING_CALLS),
             ]
         )
-        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(_Ads(self), server)
-        cds_pb2_grpc.add_ClusterDiscoveryServiceServicer_to_server(_Cds(self), server)
-        eds_pb2_grpc.add_EndpointDiscoveryServiceServicer_to_server(_Eds(self), server)
-        lds_pb2_grpc.add_ListenerDiscoveryServiceServicer_to_server(_Lds(self), server)
-        rds_pb2_grpc.add_RouteDiscoveryServiceServicer_to_server(_Rds(self), server)
-        sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(_Sds(self), server)
-        server.add_generic_rpc_handlers((_CertificateService(self).handler(),))
+        server.add_generic_rpc_handlers((*_discovery_handlers(self), _CertificateService(self).handler()))
         self._serving_cert = _ServingCertificate(self.ca, dns_names)
         where = []
         try:
@@ -436,6 +427,9 @@ class XdsServer:
             t.acked_version == t.version for c in self.connections.values() for t in c.state.types.values()
         )
 
+    def _unacked_streams(self) -> int:
+        return sum(any(t.acked_version != t.version for t in c.state.types.values()) for c in self.connections.values())
+
     def push_all(self) -> None:
         """Queue a push to every stream; one INFO line per push, per-proxy detail at DEBUG."""
         self.metrics.push_rounds.inc()
@@ -543,7 +537,7 @@ class XdsServer:
         only: str | None = None,
         *,
         delta: bool = False,
-    ) -> AsyncIterator[Response]:
+    ) -> AsyncIterator[Reply]:
         """One stream, state of the world or incremental (`delta`): the same life, another state machine."""
         peer = context.peer()
         identity = await self.authenticate(context, peer)
@@ -713,7 +707,7 @@ class XdsServer:
 
         return source
 
-    def _on_request(self, conn: Connection, req: Request) -> list[Response]:
+    def _on_request(self, conn: Connection, req: Request) -> list[Reply]:
         kind = short(req.type_url)
         outcome = conn.state.on_request(req)  # each state gets its own kind of request
         if outcome.kind == "stale":
@@ -734,20 +728,18 @@ class XdsServer:
             )
         return outcome.responses
 
-    def _sent(self, conn: Connection, response: Response, pushed: bool) -> None:
+    def _sent(self, conn: Connection, response: Reply, pushed: bool) -> None:
         kind = short(response.type_url)
         self.metrics.pushes.labels(kind).inc()
-        self.metrics.resources_sent.labels(kind).inc(len(response.resources))
+        self.metrics.resources_sent.labels(kind).inc(response.count)
         if pushed:
             self.metrics.push_seconds.labels(kind).observe(time.monotonic() - self._change_started)
         log.debug(
             "%s %s version %s (%d resources, nonce %s) to %s",
             "pushed" if pushed else "sent",
             kind,
-            response.system_version_info
-            if isinstance(response, discovery_pb2.DeltaDiscoveryResponse)
-            else response.version_info,
-            len(response.resources),
+            response.version,
+            response.count,
             response.nonce,
             conn.node.id,
         )
@@ -822,41 +814,41 @@ def _iso(ts: float | None) -> str | None:
     return None if ts is None else dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds")
 
 
-class _Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
-    def __init__(self, server: XdsServer) -> None:
-        self.server = server
+def _discovery_handlers(server: XdsServer) -> list[grpc.GenericRpcHandler]:
+    """ADS (state of the world and delta) and the per-type services. Responses are `Reply`s, encoded
+    by the streams (their shared bodies once for all), so gRPC is given their bytes."""
 
-    async def StreamAggregatedResources(self, request_iterator, context):  # type: ignore[no-untyped-def]
-        async for response in self.server.stream(request_iterator, context):
-            yield response
+    def method(
+        handler: Callable[..., AsyncIterator[Reply]],
+        request: type[discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest],
+    ) -> grpc.RpcMethodHandler:
+        return grpc.stream_stream_rpc_method_handler(
+            handler, request_deserializer=request.FromString, response_serializer=Reply.encode
+        )
 
-    async def DeltaAggregatedResources(self, request_iterator, context):  # type: ignore[no-untyped-def]
-        async for response in self.server.stream(request_iterator, context, delta=True):
-            yield response
+    # Partials, not lambdas: gRPC tells an async generator handler by its function (it unwraps partials).
+    def only(type_url: str) -> Callable[..., AsyncIterator[Reply]]:
+        return functools.partial(server.stream, only=type_url)
+
+    sotw, delta = discovery_pb2.DiscoveryRequest, discovery_pb2.DeltaDiscoveryRequest
+    services = {
+        "discovery.v3.AggregatedDiscoveryService": {
+            "StreamAggregatedResources": method(server.stream, sotw),
+            "DeltaAggregatedResources": method(functools.partial(server.stream, delta=True), delta),
+        },
+        "cluster.v3.ClusterDiscoveryService": {"StreamClusters": method(only(CLUSTER), sotw)},
+        "endpoint.v3.EndpointDiscoveryService": {"StreamEndpoints": method(only(ENDPOINT), sotw)},
+        "listener.v3.ListenerDiscoveryService": {"StreamListeners": method(only(LISTENER), sotw)},
+        "route.v3.RouteDiscoveryService": {"StreamRoutes": method(only(ROUTE), sotw)},
+        "secret.v3.SecretDiscoveryService": {"StreamSecrets": method(only(SECRET), sotw)},
+    }
+    return [grpc.method_handlers_generic_handler(f"envoy.service.{name}", m) for name, m in services.items()]
 
 
 def _names_in(request: Request) -> int:
     if isinstance(request, discovery_pb2.DeltaDiscoveryRequest):
         return len(request.resource_names_subscribe) + len(request.initial_resource_versions)
     return len(request.resource_names)
-
-
-def _single(type_url: str, method: str, base: type) -> type:
-    async def handler(self, request_iterator, context):  # type: ignore[no-untyped-def]
-        async for response in self.server.stream(request_iterator, context, only=type_url):
-            yield response
-
-    def init(self, server: XdsServer) -> None:  # type: ignore[no-untyped-def]
-        self.server = server
-
-    return type(f"_{method}", (base,), {"__init__": init, method: handler})
-
-
-_Cds = _single(CLUSTER, "StreamClusters", cds_pb2_grpc.ClusterDiscoveryServiceServicer)
-_Eds = _single(ENDPOINT, "StreamEndpoints", eds_pb2_grpc.EndpointDiscoveryServiceServicer)
-_Lds = _single(LISTENER, "StreamListeners", lds_pb2_grpc.ListenerDiscoveryServiceServicer)
-_Rds = _single(ROUTE, "StreamRoutes", rds_pb2_grpc.RouteDiscoveryServiceServicer)
-_Sds = _single(SECRET, "StreamSecrets", sds_pb2_grpc.SecretDiscoveryServiceServicer)
 
 
 class _CertificateService:

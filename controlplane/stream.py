@@ -25,8 +25,6 @@ the nonce of that response, and the last ACK and NACK. The rules it follows:
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import itertools
 import sys
 import time
@@ -35,7 +33,8 @@ from dataclasses import dataclass, field
 
 from envoy.service.discovery.v3 import discovery_pb2
 
-from .resources import CLUSTER, ENDPOINT, PUSH_ORDER, WILDCARD, Resources
+from .replies import Reply, sotw_body
+from .resources import CLUSTER, ENDPOINT, PUSH_ORDER, WILDCARD, Resources, Snapshot, content_version
 
 Source = Callable[[str], Resources]
 """type URL -> every resource of that type this proxy may receive."""
@@ -73,7 +72,7 @@ class TypeState:
 class Outcome:
     """What one request did: responses to send, and what to report about it."""
 
-    responses: list[discovery_pb2.DiscoveryResponse]
+    responses: list[Reply]
     kind: str
     """"request" (first or subscription change), "ack", "nack", "stale", or "resumed" (a reconnecting
     proxy already holds the version it would be sent)."""
@@ -124,9 +123,9 @@ class StreamState:
             return Outcome([], "resumed", nack)
         return Outcome([response] if response else [], kind, nack)
 
-    def on_change(self) -> list[discovery_pb2.DiscoveryResponse]:
+    def on_change(self) -> list[Reply]:
         """Responses for whatever changed in the source, in push order, removals last."""
-        out: list[discovery_pb2.DiscoveryResponse] = []
+        out: list[Reply] = []
         deferred: list[str] = []
         for type_url in PUSH_ORDER:
             t = self.types.get(type_url)
@@ -154,23 +153,28 @@ class StreamState:
         keep: set[str] | None = None,
         have: str = "",
         owed: bool = True,
-    ) -> discovery_pb2.DiscoveryResponse | None:
+    ) -> Reply | None:
         t = self.types[type_url]
         available = self._source(type_url)
+        chosen: Resources
         if type_url in WILDCARD:
-            # The cache's own mapping (never changed once built) unless names being dropped are added.
+            # The cache's own snapshot unless names being dropped are added.
             chosen = dict(available) if keep else available
             for name in keep or ():
                 # Still being dropped: resend it as the proxy last got it (same version).
                 chosen.setdefault(name, self._sent[type_url][name])
+        elif t.names.issuperset(available):
+            chosen = available  # subscribed to all of it (Envoy's EDS, for every cluster it has)
         else:
             chosen = {n: available[n] for n in sorted(t.names) if n in available}
-        versions = {n: r.version for n, r in chosen.items()}
-        if not (always or (owed and t.resend)) and versions == t.sent:
+        # A whole snapshot is what many streams send: its versions, version and body are worked out once.
+        shared = available if chosen is available and isinstance(available, Snapshot) else None
+        versions = shared.versions() if shared is not None else {n: r.version for n, r in chosen.items()}
+        if not (always or (owed and t.resend)) and (versions is t.sent or versions == t.sent):
             return None
         if not chosen and type_url not in WILDCARD and not t.sent:
             return None
-        version = _version(frozenset(versions.items()))
+        version = shared.version() if shared is not None else content_version(frozenset(versions.items()))
         if have and version == have:
             t.sent, t.version, t.acked_version, t.last_ack = versions, version, version, self._clock()
             self._sent[type_url] = chosen
@@ -182,25 +186,13 @@ class StreamState:
         self._sent[type_url] = chosen
         if type_url == CLUSTER and ENDPOINT in self.types:
             self.types[ENDPOINT].resend = True
-        return discovery_pb2.DiscoveryResponse(
-            version_info=t.version,
-            type_url=type_url,
-            nonce=t.nonce,
-            resources=[r.packed for _, r in sorted(chosen.items())],
-        )
+
+        def body() -> bytes:
+            return sotw_body(type_url, version, [r for _, r in sorted(chosen.items())])
+
+        encoded = shared.memo(("sotw", type_url), body) if shared is not None else body()
+        return Reply(type_url, version, t.nonce, len(chosen), encoded)
 
     def last_sent(self, type_url: str) -> Resources:
         """The resources of the latest response of `type_url` (for debugging)."""
         return self._sent.get(type_url, {})
-
-
-@functools.lru_cache(maxsize=64)
-def _version(versions: frozenset[tuple[str, str]]) -> str:
-    """A content hash of (name, version) pairs; memoized, as proxies with one view send the same sets.
-
-    Bounded small on purpose: a key holds a whole resource set (about 0.5 MB at 2,000 resources),
-    so a memo as large as pod churn can make it holds gigabytes. 64 covers the live views' types."""
-    h = hashlib.blake2b(digest_size=8)
-    for name, v in sorted(versions):
-        h.update(f"{name}\0{v}\n".encode())
-    return h.hexdigest()

@@ -190,6 +190,11 @@ async def test_envoy_with_meshctl_bootstrap_connects_to_meshctl_serve(tmp_path: 
             metrics = await admin_json(admin, "/metrics")
             assert "meshplane_xds_connected_proxies 1.0" in metrics
             assert 'meshplane_xds_acks_total{type="CDS"}' in metrics
+
+            async def all_acked() -> bool:
+                return "meshplane_xds_unacked_streams 0.0" in await admin_json(admin, "/metrics")
+
+            await wait_until(all_acked, timeout=10, what="the metric of streams behind to fall to 0")
         os.killpg(serve.pid, signal.SIGINT)
         assert await asyncio.wait_for(serve.wait(), 10) == 0
     finally:
