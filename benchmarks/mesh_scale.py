@@ -1,21 +1,29 @@
-"""Thousands of xDS streams against a 1,000-service mesh: a connect storm, delta savings, the transport ceiling.
+"""Thousands of xDS streams against a 1,000-service mesh: connect storm, convergence, restart, delta savings, the
+transport ceiling (scenarios 1, 2, 4, 5 and 6 of docs/performance.md).
 
-    .venv/bin/python benchmarks/mesh_scale.py [--sidecars 1000 5000] [--clients 4] [--out DIR]
+    .venv/bin/python benchmarks/mesh_scale.py [--sidecars 1000 5000] [--protocols delta sotw] [--clients 4] [--out DIR]
 
-Scenarios (each prints a line of the table; all go to DIR/mesh_scale.json, and a plot to DIR/mesh_scale.png
-when matplotlib is installed, `pip install -e '.[bench]'`):
+Each protocol is a run of its own: the simulated sidecars (the ones of `xds_push.py`: each its own HTTP/2
+connection, Envoy-style requests and ACKs, reconnecting as Envoy does) speak incremental ADS, as the
+bootstraps Meshplane generates ask for, or state of the world. Each line of the table is printed; all go to
+DIR/mesh_scale.json, and a plot to DIR/mesh_scale.png when matplotlib is installed (`pip install -e '.[bench]'`).
 
-- storm: N simulated sidecars (the ones of `xds_push.py`: each its own HTTP/2 connection, ADS state of
-  the world, Envoy-style ACKs) open their streams at the same instant against `meshctl serve` with a
-  mesh file of 1,000 services. They run in `--clients` processes of their own (one Python process cannot
-  drive thousands on these 2 cores), all started first and released together at one wall-clock instant.
+- storm: N sidecars open their streams at the same instant against `meshctl serve` with a mesh file of
+  1,000 services. They run in `--clients` processes of their own (one Python process cannot drive
+  thousands on these 2 cores), all started first and released together at one wall-clock instant.
   Measured: sidecars holding the full config, seconds until they all do, streams that ended and why,
   and the server's resident memory per held sidecar (RSS with them held minus RSS before, over N).
+- converge (first storm size only): one endpoint change at a time until every sidecar has it, p50 and
+  p99 over 20 changes, made two ways: a workload's address edited in the mesh file (its poll, settle and
+  parse included), and a sidecar joining (it connects and registers as an endpoint of its service).
+- restart (first storm size only): the server is stopped (SIGTERM) and started again on the same ports
+  under the connected sidecars: seconds from the old process's exit until 99% and all are back with
+  nothing left to send, streams reopened, NACKs, whether the next change reaches all, peak memory.
 - delta: bytes the server's stream states send for one endpoint change (one workload's address) to a
   sidecar holding all 1,000 clusters, delta against state of the world.
-- ceiling: the fan-out of one push (a service added: CDS and EDS to every sidecar) by `meshctl serve`,
-  against a bare grpc.aio server writing the same serialized responses to as many streams; the ratio
-  of their throughputs.
+- ceiling (state of the world): the fan-out of one push (a service added: CDS and EDS to every sidecar)
+  by `meshctl serve`, against a bare grpc.aio server writing the same serialized responses to as many
+  streams; the ratio of their throughputs.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ import aiohttp
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 from serve import OtherLoad, Server, cpu_seconds, free_port, meshctl_serve
-from xds_push import Proxy, arrival, metrics, wait_all
+from xds_push import VIEWS, Proxy, arrival, metrics, wait_all
 
 from meshplane.controlplane import meshfile
 from meshplane.controlplane.ca import IssuedCertificate
@@ -395,7 +403,9 @@ async def storm(n: int, processes: int, follow: bool, delta: bool) -> dict[str, 
             m = await metrics(server.admin_port)
             cpu = cpu_seconds(server.pid) - cpu
             push = None
+            others: float | None = None
             converge: list[float] = []
+            joins: list[float] = []
             if follow:
                 ask(procs, NEW_CLUSTER)  # type: ignore[arg-type]
                 server.mesh_file.write_text(mesh(SERVICES + 1))
@@ -410,6 +420,8 @@ async def storm(n: int, processes: int, follow: bool, delta: bool) -> dict[str, 
                     got = await asyncio.gather(*(asyncio.to_thread(report_of, p) for p in procs))  # type: ignore[attr-defined]
                     if sum(int(r["arrived"]) for r in got) == n:  # type: ignore[call-overload]
                         converge.append(max(float(r["last"]) for r in got) - written)  # type: ignore[arg-type]
+                joins = await join_changes(target, procs, n, delta)  # type: ignore[arg-type]
+                others = load.percent()  # before the restart: it measures the first server process
                 restart = await reconnect_storm(server, procs, n)  # type: ignore[arg-type]
         ready = sum(int(r["ready"]) for r in reports)  # type: ignore[call-overload]
         ended: dict[str, int] = {}
@@ -429,12 +441,41 @@ async def storm(n: int, processes: int, follow: bool, delta: bool) -> dict[str, 
             "listen_overflows": listen_overflows() - overflows,
             "loop_lag_max_s": max_lag(m),
             "server_ended": {k: v for k, v in m.items() if k.startswith("meshplane_xds_streams_ended")},
-            "others": load.percent(),
+            "others": others if others is not None else load.percent(),
             "push": push,
             "converge_s": converge,
+            "join_s": joins,
             "restart": restart,
             "protocol": "delta" if delta else "sotw",
         }
+
+
+async def join_changes(target: str, procs: list[subprocess.Popen[str]], n: int, delta: bool) -> list[float]:
+    """Scenario 2 without the mesh file: one sidecar joins (connects, and registers as an endpoint of its
+    service), CHANGES times; each timed from its start until every sidecar has its address."""
+    out: list[float] = []
+    joiners: list[Proxy] = []
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        for k in range(CHANGES):
+            joiner = Proxy(n + k, target, delta=delta)
+            view = (n + k) % VIEWS
+            cluster = f"outbound|8080||svc-{view}.ns-{view % 5}.svc.cluster.local"
+            ip = joiner.node.id.split("~")[1]
+            ask(procs, f"endpoint {cluster} {ip}")
+            joined = time.time()
+            joiners.append(joiner)
+            tasks.append(asyncio.create_task(joiner.run()))
+            got = await asyncio.gather(*(asyncio.to_thread(report_of, p) for p in procs))
+            if sum(int(r["arrived"]) for r in got) == n:  # type: ignore[call-overload]
+                out.append(max(float(r["last"]) for r in got) - joined)  # type: ignore[arg-type]
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for j in joiners:
+            await j.channel.close()
+    return out
 
 
 async def reconnect_storm(server: Server, procs: list[subprocess.Popen[str]], n: int) -> dict[str, object]:
@@ -443,14 +484,17 @@ async def reconnect_storm(server: Server, procs: list[subprocess.Popen[str]], n:
     one endpoint change must reach all n (they are on live streams with their full config). Peak memory
     is the new process's high-water mark."""
     exited = await server.restart()
-    back = None
+    listening = time.time() - exited
+    most = back = None
     deadline = exited + 60
-    while time.time() < deadline:
+    while time.time() < deadline and back is None:
         with contextlib.suppress(aiohttp.ClientError):
             m = await metrics(server.admin_port)
-            if m.get("meshplane_xds_connected_proxies", 0) >= n and m.get("meshplane_xds_unacked_streams") == 0:
+            connected = m.get("meshplane_xds_connected_proxies", 0)
+            if most is None and connected >= 0.99 * n:
+                most = time.time() - exited
+            if connected >= n and m.get("meshplane_xds_unacked_streams") == 0:
                 back = time.time() - exited
-                break
         await asyncio.sleep(0.1)
     moved = 20 + CHANGES
     cluster = f"outbound|8080||svc-{moved}.ns-{moved % 5}.svc.cluster.local"
@@ -467,6 +511,8 @@ async def reconnect_storm(server: Server, procs: list[subprocess.Popen[str]], n:
             latest[reason] = latest.get(reason, 0) + count
     m = await metrics(server.admin_port)
     return {
+        "listening_s": listening,
+        "most_s": most,
         "back_s": back,
         "reopened": sum(int(r["reopened"]) for r in streams),  # type: ignore[call-overload]
         "latest_streams": latest,
@@ -611,11 +657,22 @@ async def main() -> int:
                     "changes" + ("" if len(converge) == CHANGES else " (the others missed a sidecar)"),
                     flush=True,
                 )
+            joins = sorted(r["join_s"])
+            if joins:
+                p50, p99 = joins[len(joins) // 2], joins[min(len(joins) - 1, int(len(joins) * 0.99))]
+                print(
+                    f"{protocol:<8} converge: one endpoint change (a sidecar joins: connects and registers) at all "
+                    f"{n} sidecars: p50 {p50:.2f} s, p99 {p99:.2f} s over {len(joins)} of {CHANGES} changes"
+                    + ("" if len(joins) == CHANGES else " (the others missed a sidecar)"),
+                    flush=True,
+                )
             back = r["restart"]
             print(
-                f"{protocol:<8} restart: all {n} back and in sync "
-                + (f"{back['back_s']:.2f} s" if back["back_s"] is not None else "NOT within 60 s")
-                + f" after the old server exited, {back['reopened']} streams reopened, latest streams "
+                f"{protocol:<8} restart: new server listening {back['listening_s']:.2f} s after the old one exited; "
+                + (f"99% of sidecars back after {back['most_s']:.2f} s, " if back["most_s"] is not None else "")
+                + f"all {n} back and in sync "
+                + (f"after {back['back_s']:.2f} s" if back["back_s"] is not None else "NOT within 60 s")
+                + f"; {back['reopened']} streams reopened, latest streams "
                 f"{back['latest_streams']}, NACKs {back['nacks']:.0f}; the next endpoint change reached "
                 f"{back['change_arrived']}/{n}"
                 + (f" in {back['change_s']:.2f} s" if back["change_s"] is not None else "")

@@ -76,6 +76,8 @@ async def meshctl_serve(mesh: str, *extra: str) -> AsyncIterator[Server]:
         "127.0.0.1",
         "--ca-dir",
         str(work / "ca"),
+        "--state-dir",  # its own: registrations must not leak into the next run (or the user's own)
+        str(work / "state"),
         # The simulated sidecars speak plaintext on loopback and say who they are in their node
         # metadata, as the insecure local-experiment mode allows; no tokens, no TLS on their streams.
         "--insecure-trust-node-metadata",
@@ -168,10 +170,9 @@ def first_string(value: bytes) -> str:
 
 async def requests_with_node(queue: Any, node: Any) -> Any:
     """A simulated sidecar's request stream: what it queues, the node on the first message only (as Envoy
-    sends it with set_node_on_first_message_only)."""
+    sends it with set_node_on_first_message_only); None in the queue ends it."""
     first = True
-    while True:
-        req = await queue.get()
+    while (req := await queue.get()) is not None:
         if first:
             req.node.CopyFrom(node)
             first = False

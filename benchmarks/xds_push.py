@@ -146,19 +146,23 @@ class Proxy:
             }
         )
         self.node = base_pb2.Node(id=f"sidecar~{ip}~p-{index}.{namespace}~{namespace}.svc.cluster.local", metadata=meta)
-        # A local subchannel pool: this channel's connection is its own, not shared with the others.
-        self.channel = grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+        self.target = target
+        self.channel = self._channel()
         self.delta = delta
         self.reconnect = reconnect
         self.streams = 0
         """Streams opened; more than one when it reconnected."""
-        self.queue: asyncio.Queue[discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest] = (
+        self.queue: asyncio.Queue[discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest | None] = (
             asyncio.Queue()
         )
         self.subs = {t: Subscription() for t in (CDS, EDS, LDS, RDS, SDS)}
         self.changed = asyncio.Event()
         self.complete = asyncio.Event()
         self.ended: str | None = None
+
+    def _channel(self) -> grpc.aio.Channel:
+        # A local subchannel pool: this channel's connection is its own, not shared with the others.
+        return grpc.aio.insecure_channel(self.target, options=[("grpc.use_local_subchannel_pool", 1)])
 
     def send(self, type_url: str, subscribe: list[str] | None = None, unsubscribe: list[str] | None = None) -> None:
         """An ACK of the last response (or the first request); in delta, with subscription changes."""
@@ -199,10 +203,15 @@ class Proxy:
     async def run(self) -> None:
         """One stream; with `reconnect`, a new one after each that ends (at most MAX_STREAMS), as Envoy does
         after a jittered back-off of 0.5 s and up, opening with what it holds."""
-        stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self.channel)
-        call = stub.DeltaAggregatedResources if self.delta else stub.StreamAggregatedResources
         backoff = RECONNECT_BACKOFF_S
         while self.streams < MAX_STREAMS:
+            if self.streams:
+                # A new connection, as Envoy opens for a new stream: a gRPC channel would instead fail calls
+                # at once while it backs off reconnecting on its own (1 s and up, x1.6).
+                await self.channel.close()
+                self.channel = self._channel()
+            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self.channel)
+            call = stub.DeltaAggregatedResources if self.delta else stub.StreamAggregatedResources
             self.streams += 1
             self.queue = asyncio.Queue()
             self.opening()
@@ -215,6 +224,7 @@ class Proxy:
             except grpc.aio.AioRpcError as e:
                 self.ended = f"{e.code().name}: {e.details()}"
             finally:
+                self.queue.put_nowait(None)  # ends this stream's requests (gRPC's task that sends them)
                 self.changed.set()
             if not self.reconnect:
                 return

@@ -85,6 +85,7 @@ class ConfigCache:
         self._view_of: dict[tuple[Workload, InterceptionMode, bool, bool], ProxyView] = {}
         self._packed_before = packed
         self._packed: dict[int, tuple[message.Message, Resource]] = {}
+        self._snapshots: dict[int, tuple[list[message.Message], Snapshot]] = {}
 
     def staged(self, model: MeshModel, wanted: Iterable[ViewRequest]) -> ConfigCache:
         """A cache of `model` with the views `wanted` built, for `adopt`. It only reads this cache (the
@@ -101,6 +102,7 @@ class ConfigCache:
         self._model, self._config = staged._model, staged._config
         self._views, self._view_of = staged._views, staged._view_of
         self._packed, self._packed_before = staged._packed, staged._packed_before
+        self._snapshots = staged._snapshots
 
     def view(
         self,
@@ -134,7 +136,7 @@ class ConfigCache:
         if snap is None:
             generated = self._config.resources(view)
             check_consistent(generated)
-            snap = {t: Snapshot((r.name, r) for r in map(self._pack_once, msgs)) for t, msgs in generated.items()}
+            snap = {t: self._snapshot(msgs) for t, msgs in generated.items()}
             self._views[view] = snap
         found = snap.get(type_url)
         if found is None:
@@ -143,6 +145,14 @@ class ConfigCache:
 
     def views(self) -> int:
         return len(self._views)
+
+    def _snapshot(self, msgs: list[message.Message]) -> Snapshot:
+        # Views share whole lists (every view of a scope has the same endpoints, every view of a namespace
+        # the same routes): one snapshot per list, so what is worked out on a snapshot is shared too.
+        hit = self._snapshots.get(id(msgs))
+        if hit is None or hit[0] is not msgs:
+            hit = self._snapshots[id(msgs)] = (msgs, Snapshot((r.name, r) for r in map(self._pack_once, msgs)))
+        return hit[1]
 
     def _pack_once(self, msg: message.Message) -> Resource:
         # Views share message objects for shared config: pack and hash each object once.

