@@ -82,6 +82,8 @@ APPLY_SPACING = 2.0
 """A model change is applied no sooner than this many times the last one's cost (its views, and every
 stream's push) after it ended: changes take at most a third of the event loop however often they come,
 and the rest accepts streams and serves their first config."""
+MAX_APPLY_SPACING_S = 5.0
+"""However costly the last change was, the next waits no longer than this."""
 SEND_SLOTS = 32
 """Streams building and writing responses at once (see SendSlots)."""
 SMALL_REPLIES = 64 * 1024
@@ -405,20 +407,21 @@ class XdsServer:
         if model is None or model is self.cache.model:
             self._pending_model = None
             return
-        started = time.monotonic()
         # The new config and the connected proxies' views are built in a thread, then served all at once:
         # building a 1,000-service mesh's views takes seconds, and in a connect storm every few sidecars
         # that register change the model. On the event loop that would stop it accepting streams (gRPC
         # hands it one new call per turn of the loop) and sending their first config meanwhile.
         wanted = [_view_request(c.node) for c in self.connections.values()]
-        staged = await asyncio.to_thread(self.cache.staged, model, wanted)
+        staged, build_cpu = await asyncio.to_thread(_timed, self.cache.staged, model, wanted)
         self.cache.adopt(staged)
         if self._pending_model is model:
             self._pending_model = None
-        # What the previous push cost every stream counts too: with thousands of streams, each working
-        # out what changed for it takes longer than building the views.
-        cost, self._push_cost = time.monotonic() - started + self._push_cost, 0.0
-        spacing = APPLY_SPACING * cost
+        # The cost is CPU: the build's in its thread, and what the previous push cost every stream (with
+        # thousands of streams, each working out what changed for it takes longer than the views). Wall
+        # time would count whatever else the loop did meanwhile: in a reconnect storm it made one change
+        # wait 28 s for the next.
+        cost, self._push_cost = build_cpu + self._push_cost, 0.0
+        spacing = min(APPLY_SPACING * cost, MAX_APPLY_SPACING_S)
         if spacing > self._debouncer.max_delay and self._debouncer.spacing <= self._debouncer.max_delay:
             log.info("a model change and its push took %.1fs; applying changes at most every %.1fs", cost, spacing)
         self._debouncer.spacing = spacing
@@ -935,6 +938,14 @@ class _ServingCertificate:
         self.issued, self._stale = self._issue(), False
         log.info("xDS serving certificate renewed for %s", ", ".join(self.dns_names))
         return self._configuration()
+
+
+def _timed(
+    build: Callable[[MeshModel, list[ViewRequest]], ConfigCache], model: MeshModel, wanted: list[ViewRequest]
+) -> tuple[ConfigCache, float]:
+    """`build(model, wanted)` and the CPU time this thread spent on it."""
+    started = time.thread_time()
+    return build(model, wanted), time.thread_time() - started
 
 
 def _view_request(node: ProxyNode) -> ViewRequest:
