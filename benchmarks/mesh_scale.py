@@ -45,7 +45,7 @@ import aiohttp
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 from serve import OtherLoad, Server, cpu_seconds, free_port, meshctl_serve
-from xds_push import VIEWS, Proxy, arrival, metrics, wait_all
+from xds_push import VIEWS, Proxy, arrival, metrics, stop, wait_all
 
 from meshplane.controlplane import meshfile
 from meshplane.controlplane.ca import IssuedCertificate
@@ -60,6 +60,7 @@ CHANGES = 20
 NEW_CLUSTER = f"outbound|8080||svc-{SERVICES}.ns-{SERVICES % 5}.svc.cluster.local"
 """The cluster the ceiling scenario's push adds (mesh(SERVICES + 1))."""
 MAX_SIDECARS = 10_000
+JOIN = "a sidecar joins: connects and registers"
 
 
 def mesh(services: int = SERVICES, moved: int | None = None) -> str:
@@ -308,11 +309,7 @@ async def client(target: str, first: int, count: int, start_at: float, within: f
             ),
             flush=True,
         )
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    for p in proxies:
-        await p.channel.close()
+    await stop(proxies, tasks)
 
 
 async def moved_to(p: CountingProxy, cluster: str, ip: bytes, within: float) -> float | None:
@@ -470,11 +467,7 @@ async def join_changes(target: str, procs: list[subprocess.Popen[str]], n: int, 
             if sum(int(r["arrived"]) for r in got) == n:  # type: ignore[call-overload]
                 out.append(max(float(r["last"]) for r in got) - joined)  # type: ignore[arg-type]
     finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for j in joiners:
-            await j.channel.close()
+        await stop(joiners, tasks)
     return out
 
 
@@ -648,24 +641,16 @@ async def main() -> int:
                 print(f"         ended {count}: {reason}")
             if i:
                 continue
-            converge = sorted(r["converge_s"])
-            if converge:
-                p50, p99 = converge[len(converge) // 2], converge[min(len(converge) - 1, int(len(converge) * 0.99))]
-                print(
-                    f"{protocol:<8} converge: one endpoint change (a mesh-file edit, its poll and settle included) "
-                    f"at all {n} sidecars: p50 {p50:.2f} s, p99 {p99:.2f} s over {len(converge)} of {CHANGES} "
-                    "changes" + ("" if len(converge) == CHANGES else " (the others missed a sidecar)"),
-                    flush=True,
-                )
-            joins = sorted(r["join_s"])
-            if joins:
-                p50, p99 = joins[len(joins) // 2], joins[min(len(joins) - 1, int(len(joins) * 0.99))]
-                print(
-                    f"{protocol:<8} converge: one endpoint change (a sidecar joins: connects and registers) at all "
-                    f"{n} sidecars: p50 {p50:.2f} s, p99 {p99:.2f} s over {len(joins)} of {CHANGES} changes"
-                    + ("" if len(joins) == CHANGES else " (the others missed a sidecar)"),
-                    flush=True,
-                )
+            for key, how in (("converge_s", "a mesh-file edit, its poll and settle included"), ("join_s", JOIN)):
+                times = sorted(r[key])
+                if times:
+                    p50, p99 = times[len(times) // 2], times[min(len(times) - 1, int(len(times) * 0.99))]
+                    print(
+                        f"{protocol:<8} converge: one endpoint change ({how}) at all {n} sidecars: p50 {p50:.2f} s, "
+                        f"p99 {p99:.2f} s over {len(times)} of {CHANGES} changes"
+                        + ("" if len(times) == CHANGES else " (the others missed a sidecar)"),
+                        flush=True,
+                    )
             back = r["restart"]
             print(
                 f"{protocol:<8} restart: new server listening {back['listening_s']:.2f} s after the old one exited; "

@@ -28,7 +28,7 @@ import json
 import random
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import aiohttp
 import grpc
@@ -355,11 +355,16 @@ async def measure(n: int, edits: int, server: Server) -> None:
         for reason in sorted(set(ended))[:3]:
             print(f"        stream ended: {reason}")
     finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for p in proxies:
-            await p.channel.close()
+        await stop(proxies, tasks)
+
+
+async def stop(proxies: Sequence[Proxy], tasks: list[asyncio.Task[None]]) -> None:
+    """End the simulated sidecars' streams (their `run` tasks) and close their connections."""
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for p in proxies:
+        await p.channel.close()
 
 
 async def wait_all(events: list[asyncio.Event], within: float) -> int:

@@ -101,7 +101,7 @@ class Registry:
         self._proxies[proxy_id] = (workload, count + 1)
         # The newest stream speaks for the proxy: a reconnect may bring new labels or an address.
         if self.self_registration and workload != previous:
-            self._rebuild()
+            self._rebuild(soon=True)
 
     def drain(self, proxy_id: str) -> None:
         """The proxy's last stream closed: it stays an endpoint until `unregister`, but draining."""
@@ -110,7 +110,7 @@ class Registry:
             return
         self._proxies[proxy_id] = (dataclasses.replace(entry[0], draining=True), entry[1])
         if self.self_registration:
-            self._rebuild()
+            self._rebuild(soon=True)
 
     def unregister(self, proxy_id: str) -> None:
         entry = self._proxies.get(proxy_id)
@@ -122,12 +122,16 @@ class Registry:
             return
         del self._proxies[proxy_id]
         if self.self_registration:
-            self._rebuild()
+            self._rebuild(soon=True)
 
-    def _rebuild(self) -> None:
-        """Rebuild the model, soon: within REBUILD_DELAY on an event loop, so that a storm of proxies
-        connecting or going away costs one rebuild, not one each (2-4 ms each at 1,000 services: a
-        second of event loop per 300 proxies). At once without a loop; `model` is always current."""
+    def _rebuild(self, *, soon: bool = False) -> None:
+        """Rebuild the model; `soon` (a proxy came or went): within REBUILD_DELAY on an event loop, so
+        that a storm of proxies connecting or going away costs one rebuild, not one each (2-4 ms each
+        at 1,000 services: a second of event loop per 300 proxies). Other sources (the mesh file, the
+        cluster) are coalesced already and rebuild at once; `model` is always current."""
+        if not soon:
+            self._apply()
+            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
