@@ -431,11 +431,10 @@ class XdsServer:
     @property
     def settled(self) -> bool:
         """No change waiting to be pushed, and every proxy has ACKed the latest of every type."""
-        return self._pending_model is None and all(
-            t.acked_version == t.version for c in self.connections.values() for t in c.state.types.values()
-        )
+        return self._pending_model is None and self._unacked_streams() == 0
 
     def _unacked_streams(self) -> int:
+        """Streams whose proxy has not ACKed the latest response of every type (NACKed ones included)."""
         return sum(any(t.acked_version != t.version for t in c.state.types.values()) for c in self.connections.values())
 
     def push_all(self) -> None:

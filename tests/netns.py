@@ -20,7 +20,7 @@ import pytest
 from meshplane.bootstrap.envoy import Ports, WorkloadIdentity, XdsCredentials, bootstrap, render
 from meshplane.controlplane.app import ControlPlane
 from meshplane.controlplane.settings import Settings
-from tests.harness import EnvoyAdmin, envoy_binary, wait_until
+from tests.harness import EnvoyAdmin, envoy_binary, plane_settings, wait_until
 
 
 def require_netns() -> None:
@@ -175,20 +175,14 @@ async def counted(admin: EnvoyAdmin, ns: str, ip: str, port: int, *stats: str) -
 def pod_plane_settings(runtime: Path, mesh_file: Path) -> Settings:
     """A control plane for sidecars in the tests' network namespaces: its unix socket in `runtime`
     (reachable by uid 1337), quick to push, to poll the mesh file and to stop."""
-    return Settings(
+    return plane_settings(
+        runtime / "ca",
         mesh_file=mesh_file,
-        bind="127.0.0.1",
-        xds_tls_port=0,
-        admin_port=0,
-        webhook_port=0,
         xds_socket=runtime / "xds.sock",
         xds_socket_group=1337,
-        ca_dir=runtime / "ca",
         debounce=0.05,
         proxy_grace=0.5,
         poll_interval=0.1,
-        shutdown_delay=0,
-        shutdown_grace=1,
     )
 
 

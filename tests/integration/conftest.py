@@ -11,8 +11,7 @@ from meshplane.bootstrap.envoy import Ports, WorkloadIdentity, XdsCredentials, b
 from meshplane.controlplane.app import ControlPlane
 from meshplane.controlplane.ca import TRUST_BUNDLE
 from meshplane.controlplane.generate import MeshConfig
-from meshplane.controlplane.settings import Settings
-from tests.harness import Envoy, free_port
+from tests.harness import Envoy, free_port, plane_settings
 
 MESH = """
 trustDomain: cluster.local
@@ -47,21 +46,10 @@ async def plane_factory(tmp_path: Path, mesh_file: Path) -> AsyncIterator[Callab
 
     async def start(config: type[MeshConfig] = MeshConfig, **settings: object) -> ControlPlane:
         values: dict[str, object] = dict(
-            mesh_file=mesh_file,
-            bind="127.0.0.1",
-            xds_tls_port=0,
-            admin_port=0,
-            webhook_port=0,
-            ca_dir=tmp_path / "ca",
-            debounce=0.05,
-            proxy_grace=0.5,
-            poll_interval=0.1,
-            mesh_settle=0.2,
-            shutdown_delay=0,
-            shutdown_grace=1,
+            mesh_file=mesh_file, debounce=0.05, proxy_grace=0.5, poll_interval=0.1, mesh_settle=0.2
         )
         values.update(settings)
-        plane = ControlPlane(Settings(**values), config=config)  # type: ignore[arg-type]
+        plane = ControlPlane(plane_settings(tmp_path / "ca", **values), config=config)
         await plane.start()
         started.append(plane)
         return plane

@@ -14,9 +14,8 @@ import pytest
 from meshplane.bootstrap.envoy import Ports, WorkloadIdentity, XdsCredentials, bootstrap, render
 from meshplane.controlplane.app import ControlPlane
 from meshplane.controlplane.ca import TRUST_BUNDLE
-from meshplane.controlplane.settings import Settings
 from tests.fakekube import FakeKube, endpoint_slice, namespace, pod, service
-from tests.harness import Envoy, free_port, wait_until
+from tests.harness import Envoy, free_port, plane_settings, wait_until
 from tests.harness import endpoints as endpoints_of
 
 WEB = "outbound|80||web.demo.svc.cluster.local"
@@ -48,18 +47,11 @@ async def start_plane(kube: FakeKube, directory: Path, **settings: Any) -> Contr
     values: dict[str, Any] = dict(
         kubernetes=True,
         kubeconfig=kube.write_kubeconfig(directory / "kubeconfig"),
-        bind="127.0.0.1",
-        xds_tls_port=0,
-        admin_port=0,
-        webhook_port=0,
-        ca_dir=directory / "ca",
         debounce=0.02,
         debounce_max=0.5,
-        shutdown_delay=0,
-        shutdown_grace=1,
     )
     values.update(settings)
-    plane = ControlPlane(Settings(**values))
+    plane = ControlPlane(plane_settings(directory / "ca", **values))
     try:
         await plane.start()
     except BaseException:
