@@ -27,15 +27,14 @@ def envoy_binary() -> str:
     return str(engine.envoy_binary())
 
 
-def plane_settings(ca_dir: Path, **settings: Any) -> Settings:
-    """Settings of an in-process control plane in a test: loopback, free ports, its CA in `ca_dir`,
-    stopping at once; `settings` add to these or override them."""
+def plane_settings(**settings: Any) -> Settings:
+    """Settings of an in-process control plane in a test: loopback, free ports, stopping at once;
+    `settings` (its `ca_dir` at least) add to these or override them."""
     values: dict[str, Any] = dict(
         bind="127.0.0.1",
         xds_tls_port=0,
         admin_port=0,
         webhook_port=0,
-        ca_dir=ca_dir,
         shutdown_delay=0,
         shutdown_grace=1,
     )

@@ -176,7 +176,7 @@ def pod_plane_settings(runtime: Path, mesh_file: Path) -> Settings:
     """A control plane for sidecars in the tests' network namespaces: its unix socket in `runtime`
     (reachable by uid 1337), quick to push, to poll the mesh file and to stop."""
     return plane_settings(
-        runtime / "ca",
+        ca_dir=runtime / "ca",
         mesh_file=mesh_file,
         xds_socket=runtime / "xds.sock",
         xds_socket_group=1337,

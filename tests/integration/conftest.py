@@ -46,10 +46,15 @@ async def plane_factory(tmp_path: Path, mesh_file: Path) -> AsyncIterator[Callab
 
     async def start(config: type[MeshConfig] = MeshConfig, **settings: object) -> ControlPlane:
         values: dict[str, object] = dict(
-            mesh_file=mesh_file, debounce=0.05, proxy_grace=0.5, poll_interval=0.1, mesh_settle=0.2
+            mesh_file=mesh_file,
+            ca_dir=tmp_path / "ca",
+            debounce=0.05,
+            proxy_grace=0.5,
+            poll_interval=0.1,
+            mesh_settle=0.2,
         )
         values.update(settings)
-        plane = ControlPlane(plane_settings(tmp_path / "ca", **values), config=config)
+        plane = ControlPlane(plane_settings(**values), config=config)
         await plane.start()
         started.append(plane)
         return plane

@@ -47,11 +47,12 @@ async def start_plane(kube: FakeKube, directory: Path, **settings: Any) -> Contr
     values: dict[str, Any] = dict(
         kubernetes=True,
         kubeconfig=kube.write_kubeconfig(directory / "kubeconfig"),
+        ca_dir=directory / "ca",
         debounce=0.02,
         debounce_max=0.5,
     )
     values.update(settings)
-    plane = ControlPlane(plane_settings(directory / "ca", **values))
+    plane = ControlPlane(plane_settings(**values))
     try:
         await plane.start()
     except BaseException:
