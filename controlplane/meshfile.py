@@ -44,9 +44,30 @@ class _Seq(list[Any]):
 
 # libyaml's parser, where PyYAML was built with it, reads the same marks several times faster.
 _SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_STR = "tag:yaml.org,2002:str"
 
 
 class _LineLoader(_SafeLoader):  # type: ignore[valid-type, misc]
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._resolved: dict[str, str] = {}
+
+    # The two overrides below halve the load of a large file. A mesh file repeats the same few
+    # keys and values thousands of times; PyYAML matched each against its regexps again.
+    def resolve(self, kind: type[yaml.Node], value: str, implicit: tuple[bool, bool]) -> Any:
+        if kind is not yaml.ScalarNode or not implicit[0]:
+            return super().resolve(kind, value, implicit)
+        tag = self._resolved.get(value)
+        if tag is None:
+            tag = self._resolved[value] = super().resolve(kind, value, implicit)
+        return tag
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        # Most of a mesh file is plain strings: no anchor bookkeeping or constructor lookup for them.
+        if node.tag == _STR and node.__class__ is yaml.ScalarNode:
+            return node.value
+        return super().construct_object(node, deep)
+
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Any:
         out = _Map()
         out.line = node.start_mark.line + 1

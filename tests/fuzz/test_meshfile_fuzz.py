@@ -157,10 +157,31 @@ def _load(text: str) -> Any:
     return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
+class _PlainLineLoader(meshfile._LineLoader):  # type: ignore[misc]
+    """The mesh file's loader without its shortcuts: PyYAML's own tag resolution and construction."""
+
+    resolve = yaml.resolver.BaseResolver.resolve
+    construct_object = yaml.constructor.BaseConstructor.construct_object
+
+
+def outcome(text: str, loader: type[Any]) -> str:
+    try:
+        return repr(yaml.load(text, Loader=loader))
+    except (yaml.YAMLError, MeshFileError, RecursionError) as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def same_as_pyyaml(text: str) -> None:
+    """The mesh file's loader takes shortcuts (resolved tags remembered, plain strings built directly):
+    it must read exactly what it reads without them, or fail the same way."""
+    assert outcome(text, meshfile._LineLoader) == outcome(text, _PlainLineLoader)
+
+
 # -- the property --------------------------------------------------------------------------------------
 
 
 def check(text: str) -> MeshModel | None:
+    same_as_pyyaml(text)
     try:
         model = meshfile.parse(text, SOURCE)
     except MeshFileError as e:
