@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import signal
 import time
@@ -37,6 +38,18 @@ CA_SYNC_INTERVAL = 10.0
 """Seconds between two comparisons of the CA directory with the shared Secret (Kubernetes mode)."""
 CLUSTER_SETTLE = 0.1
 """Seconds a burst of cluster changes (a rollout) may last before the model is rebuilt once."""
+GC_THRESHOLD = 10_000
+"""Allocations between two collections of the youngest generation (Python's default: 700)."""
+
+
+def tune_gc() -> None:
+    """Collect garbage the way a server with a large long-lived heap wants it: what exists at start (the
+    imported modules, among them Envoy's protobuf descriptors, 67 MiB) is frozen out of every
+    collection, and collections run 14 times less often. With the defaults a parse of a 1,000-service
+    mesh file spent 40% of its time in the collector, and a full config build 10-15%."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 10, 10)
 
 
 @dataclass
@@ -60,7 +73,6 @@ class ControlPlane:
     _injection_for: str = field(default="", init=False, repr=False)
     _ca_synced: dict[str, bytes] = field(default_factory=dict, init=False, repr=False)
     _pod_memo: kubemodel.PodMemo = field(default_factory=kubemodel.PodMemo, init=False, repr=False)
-    _settled_change: bool = field(default=False, init=False, repr=False)
     _injection: InjectionConfig = field(default_factory=InjectionConfig, init=False, repr=False)
 
     async def start(self) -> None:
@@ -222,11 +234,7 @@ class ControlPlane:
             log.warning("skipped %s", line)
         self._skipped = set(found.skipped)
         # The informers' burst was coalesced by CLUSTER_SETTLE: the push need not wait for another.
-        self._settled_change = True
-        try:
-            self.registry.set_cluster(found.services, found.workloads)
-        finally:
-            self._settled_change = False
+        self.registry.set_cluster(found.services, found.workloads, settled=True)
         if not self.xds.is_open:
             log.info(
                 "first view of the cluster: %d services, %d pods (%.0f ms); serving xDS",
@@ -268,9 +276,9 @@ class ControlPlane:
                 log.warning("cannot patch the caBundle of %s: %s", name, e)
             await asyncio.sleep(interval)
 
-    def _registry_changed(self, model: MeshModel) -> None:
+    def _registry_changed(self, model: MeshModel, settled: bool) -> None:
         if xds := getattr(self, "xds", None):
-            xds.model_changed(model, settled=self._settled_change)
+            xds.model_changed(model, settled=settled)
         self._registrations_changed.set()
 
     def _expire_restored(self) -> None:
@@ -330,6 +338,7 @@ class ControlPlane:
 
 async def serve(settings: Settings, injection: InjectionConfig | None = None) -> None:
     """Run until SIGINT or SIGTERM, then shut down cleanly."""
+    tune_gc()
     plane = ControlPlane(settings, injection=injection or InjectionConfig())
     await plane.start()
     stop = asyncio.Event()

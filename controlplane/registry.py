@@ -1,7 +1,8 @@
 """Sources of workloads and services -> one `MeshModel`, and a watcher for the mesh file.
 
 The registry merges the mesh file's model with the workloads that connected
-proxies announce about themselves. Every change calls `on_change` with a new model.
+proxies announce about themselves. Every change calls `on_change` with a new model, and whether
+its burst of changes is over already (`settled`: nothing to wait for before pushing it).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class Registry:
     def __init__(
         self,
         static: MeshModel,
-        on_change: Callable[[MeshModel], None] = lambda m: None,
+        on_change: Callable[[MeshModel, bool], None] = lambda m, settled: None,
         *,
         self_registration: bool = True,
     ) -> None:
@@ -50,10 +51,13 @@ class Registry:
         self._model = static
         self._dirty = False
 
-    def set_cluster(self, services: tuple[Service, ...], workloads: tuple[Workload, ...]) -> None:
-        """What Kubernetes says: its services and pods. Merged with the mesh file by `_rebuild`."""
+    def set_cluster(
+        self, services: tuple[Service, ...], workloads: tuple[Workload, ...], *, settled: bool = False
+    ) -> None:
+        """What Kubernetes says: its services and pods. Merged with the mesh file by `_rebuild`;
+        `settled`: the caller coalesced its burst (the informers went quiet)."""
         self._cluster = (services, workloads)
-        self._rebuild()
+        self._apply(settled=settled)
 
     def restore(self, registrations: dict[str, Workload]) -> None:
         self._restored = {k: w for k, w in registrations.items() if k not in self._proxies}
@@ -145,8 +149,9 @@ class Registry:
         if self._dirty:
             self._apply()
 
-    def _apply(self) -> None:
-        self._dirty = False
+    def _apply(self, *, settled: bool = False) -> None:
+        # Proxies coming and going were merged for REBUILD_DELAY: their burst is over.
+        settled, self._dirty = settled or self._dirty, False
         dynamic = tuple(w for _, w in sorted(self.registrations().items())) if self.self_registration else ()
         model = self._merged().with_workloads(dynamic)
         for w in self._static.workloads:
@@ -161,7 +166,7 @@ class Registry:
                 )
         if model != self._model:
             self._model = model
-            self._on_change(model)
+            self._on_change(model, settled)
 
 
 class RegistrationStore:

@@ -17,7 +17,7 @@ def proxy(name: str = "web-1") -> Workload:
 
 def test_proxies_become_endpoints_and_streams_are_counted() -> None:
     seen: list[MeshModel] = []
-    registry = Registry(meshfile.parse(MESH), seen.append)
+    registry = Registry(meshfile.parse(MESH), lambda m, settled: seen.append(m))
     registry.register("p1", proxy())
     registry.register("p1", proxy())  # a second stream of the same proxy (reconnect race)
     assert len(seen) == 1
@@ -84,7 +84,7 @@ async def test_debouncer_fires_by_max_delay_under_constant_change() -> None:
 def test_a_proxy_that_reconnects_with_new_labels_is_seen_with_them() -> None:
     """Reconnecting within the grace period (the old stream not yet unregistered) with other labels."""
     seen: list[MeshModel] = []
-    registry = Registry(meshfile.parse(MESH), seen.append)
+    registry = Registry(meshfile.parse(MESH), lambda m, settled: seen.append(m))
     registry.register("p1", proxy())
     moved = Workload("web-1", "default", "web", "10.0.0.1", labels({"app": "api"}))
     registry.register("p1", moved)  # the new stream
@@ -161,3 +161,18 @@ async def test_a_settled_change_runs_without_waiting_for_quiet_but_still_coalesc
     await asyncio.sleep(0.1)
     assert len(fired) == 1  # an ordinary change still waits
     debounce.cancel()
+
+
+async def test_proxies_coming_and_going_are_merged_then_pushed_as_settled() -> None:
+    """Registrations are coalesced here (REBUILD_DELAY): the push need not wait for quiet again.
+    A mesh file edit is not merged here, so the server's debounce applies to it."""
+    seen: list[tuple[int, bool]] = []
+    registry = Registry(meshfile.parse(MESH), lambda m, settled: seen.append((len(m.workloads), settled)))
+    for i in range(5):
+        registry.register(f"p{i}", proxy(f"web-{i}"))
+    await asyncio.sleep(0.1)
+    assert seen == [(5, True)]  # five proxies, one change
+    registry.set_static(meshfile.parse(MESH.replace("port: 80", "port: 81")))
+    assert seen[-1] == (5, False)
+    registry.set_cluster((), (proxy("pod-1"),), settled=True)
+    assert seen[-1] == (6, True)
