@@ -31,6 +31,7 @@ import itertools
 import sys
 import time
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -38,7 +39,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from .replies import Reply, delta_body
-from .resources import CLUSTER, ENDPOINT, PUSH_ORDER, WILDCARD, Resource, Resources, Snapshot
+from .resources import CLUSTER, ENDPOINT, PUSH_ORDER, WILDCARD, Resource, Resources, Snapshot, shared_names
 from .stream import Nack, Source
 
 WILDCARD_NAME = "*"
@@ -49,7 +50,7 @@ SHARED_DIFF = 64
 @dataclass(slots=True)
 class DeltaTypeState:
     wildcard: bool = False
-    names: set[str] = field(default_factory=set)
+    names: frozenset[str] = frozenset()
     held: dict[str, str] = field(default_factory=dict)
     """name -> version the proxy holds; a snapshot's own map while `held_shared` (copied before a change)."""
     held_shared: bool = False
@@ -137,10 +138,12 @@ class DeltaStreamState:
             if name == WILDCARD_NAME:
                 t.wildcard = False
             else:
-                t.names.discard(name)
+                t.names -= {name}
                 t.absent.discard(name)
                 _own(t).pop(name, None)
                 t.owed.discard(name)
+        if req.resource_names_subscribe or req.resource_names_unsubscribe:
+            t.names = shared_names(t.names, self._source(req.type_url))
         if t.held and first:
             t.owed -= set(t.held)  # reconnecting: what it holds at our version is not owed
         # A first request must be answered, even with nothing, to end a new Envoy's wait; one that
@@ -184,7 +187,7 @@ class DeltaStreamState:
         t.last_ack = self._clock()
         t.base = t.syncing
 
-    def _wanted(self, t: DeltaTypeState, available: Resources) -> set[str]:
+    def _wanted(self, t: DeltaTypeState, available: Resources) -> AbstractSet[str]:
         return set(available) if t.wildcard else t.names & set(available)
 
     def _sending(self, t: DeltaTypeState, plan: _Plan) -> None:

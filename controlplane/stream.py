@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from envoy.service.discovery.v3 import discovery_pb2
 
 from .replies import Reply, sotw_body
-from .resources import CLUSTER, ENDPOINT, PUSH_ORDER, WILDCARD, Resources, Snapshot, content_version
+from .resources import CLUSTER, ENDPOINT, PUSH_ORDER, WILDCARD, Resources, Snapshot, content_version, shared_names
 
 Source = Callable[[str], Resources]
 """type URL -> every resource of that type this proxy may receive."""
@@ -107,10 +107,12 @@ class StreamState:
                 kind = "ack"
         # Interned: every request (ACKs too) repeats the names, and thousands of streams name the same
         # ones; each stream keeping its own copies cost about 200 KB per sidecar of a 1,000-service mesh.
+        # The set itself is the snapshot's when it names all of it (`shared_names`).
         names = frozenset() if req.type_url in WILDCARD else frozenset(map(sys.intern, req.resource_names))
         first, changed = not t.requested, names != t.names
         t.requested = True
-        t.names = names
+        if changed or first:
+            t.names = shared_names(names, self._source(req.type_url))
         # Content changes reach the stream as pushes (on_change); a request needs an answer only
         # when it is the first, changes the subscription, or endpoints are owed after clusters.
         if not (first or changed or t.resend):

@@ -1,0 +1,81 @@
+"""The config cache across model changes: unchanged snapshots are kept (with what was worked out on
+them), replaced ones forget their encoded bodies, and streams that name all of a snapshot share its set."""
+
+import dataclasses
+
+from envoy.service.discovery.v3 import discovery_pb2
+
+from meshplane.controlplane import meshfile
+from meshplane.controlplane.cache import ConfigCache
+from meshplane.controlplane.delta import DeltaStreamState
+from meshplane.controlplane.model import InterceptionMode
+from meshplane.controlplane.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
+from meshplane.controlplane.stream import StreamState
+
+MESH = """
+services:
+  - {name: web, namespace: shop, ports: [{port: 80, name: http}], selector: {app: web}, addresses: [10.96.0.1]}
+  - {name: db, namespace: shop, ports: [{port: 5432, name: tcp}], selector: {app: db}, addresses: [10.96.0.2]}
+workloads:
+  - {name: web-1, namespace: shop, serviceAccount: web, labels: {app: web}, address: 10.0.0.1}
+  - {name: db-1, namespace: shop, serviceAccount: db, labels: {app: db}, address: 10.0.0.2}
+"""
+
+
+class NoSecrets:
+    trust_bundle_pem = b""
+
+
+def snapshots(cache: ConfigCache) -> dict[str, Snapshot]:
+    view = cache.view(cache.model.workloads[0])
+    out = {t: cache.resources(view, t) for t in (CLUSTER, ENDPOINT, LISTENER, ROUTE)}
+    assert all(isinstance(s, Snapshot) for s in out.values())
+    return out  # type: ignore[return-value]
+
+
+def test_a_model_change_keeps_the_snapshots_it_did_not_change_and_retires_the_others() -> None:
+    model = meshfile.parse(MESH)
+    cache = ConfigCache(model, NoSecrets())  # type: ignore[arg-type]
+    before = snapshots(cache)
+    for s in before.values():
+        s.memo("body", lambda: b"encoded once")
+    # db-1 moves: its endpoints change, nothing else does.
+    moved = dataclasses.replace(model.workloads[1], address="10.0.0.3")
+    changed = dataclasses.replace(model, workloads=(model.workloads[0], moved))
+    # Staged as the server stages a change: with the views of the connected proxies.
+    cache.adopt(cache.staged(changed, [(model.workloads[0], InterceptionMode.REDIRECT, False, False)]))
+    after = snapshots(cache)
+    assert after[ENDPOINT] is not before[ENDPOINT]
+    assert after[ENDPOINT].diff(before[ENDPOINT]) == (("outbound|5432||db.shop.svc.cluster.local",), ())
+    for t in (CLUSTER, LISTENER, ROUTE):
+        assert after[t] is before[t], t  # streams holding it have nothing to compare
+        assert after[t].memo("body", lambda: b"again") == b"encoded once"
+    # The replaced one is still whole (streams that hold it diff against it) but keeps no bodies.
+    assert before[ENDPOINT].versions() == {n: r.version for n, r in before[ENDPOINT].items()}
+    assert before[ENDPOINT].memo("body", lambda: b"again") == b"again"
+
+
+def test_streams_that_subscribe_to_all_of_a_snapshot_share_one_set_of_names() -> None:
+    cache = ConfigCache(meshfile.parse(MESH), NoSecrets())  # type: ignore[arg-type]
+    view = cache.view(cache.model.workloads[0])
+    endpoints = cache.resources(view, ENDPOINT)
+    assert isinstance(endpoints, Snapshot)
+    everything = sorted(endpoints)
+
+    def source(type_url: str) -> dict[str, object]:
+        return cache.resources(view, type_url)  # type: ignore[return-value]
+
+    deltas = [DeltaStreamState(source) for _ in range(2)]  # type: ignore[arg-type]
+    for d in deltas:
+        d.on_request(discovery_pb2.DeltaDiscoveryRequest(type_url=ENDPOINT, resource_names_subscribe=everything))
+    sotws = [StreamState(source) for _ in range(2)]  # type: ignore[arg-type]
+    for s in sotws:
+        s.on_request(discovery_pb2.DiscoveryRequest(type_url=ENDPOINT, resource_names=everything))
+    held = [d.types[ENDPOINT].names for d in deltas] + [s.types[ENDPOINT].names for s in sotws]
+    assert all(names is endpoints.names() for names in held)
+    # Naming only part of it: a set of the stream's own, with exactly those names.
+    deltas[0].on_request(
+        discovery_pb2.DeltaDiscoveryRequest(type_url=ENDPOINT, resource_names_unsubscribe=everything[:1])
+    )
+    assert deltas[0].types[ENDPOINT].names == set(everything[1:])
+    assert deltas[1].types[ENDPOINT].names is endpoints.names()
