@@ -104,7 +104,8 @@ class ConfigCache:
         return staged
 
     def adopt(self, staged: ConfigCache) -> None:
-        """Serve `staged`'s model and views from now on (secrets stay: they do not depend on the model)."""
+        """Serve `staged`'s model and views from now on (secrets stay: they do not depend on the model).
+        The snapshots it replaced are retired: streams may hold them for a while, their bodies are dead weight."""
         kept = {id(s) for snap in staged._views.values() for s in snap.values()}
         for snap in self._views.values():
             for s in snap.values():

@@ -150,8 +150,10 @@ class Registry:
             self._apply()
 
     def _apply(self, *, settled: bool = False) -> None:
-        # Proxies coming and going were merged for REBUILD_DELAY: their burst is over.
-        settled, self._dirty = settled or self._dirty, False
+        # Proxies coming and going are not `settled`, though merged for REBUILD_DELAY: in a connect
+        # storm they keep coming, and the server's debounce (at most a push a second) is what keeps
+        # state-of-the-world sidecars from being sent every endpoint many times a second.
+        self._dirty = False
         dynamic = tuple(w for _, w in sorted(self.registrations().items())) if self.self_registration else ()
         model = self._merged().with_workloads(dynamic)
         for w in self._static.workloads:

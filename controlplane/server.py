@@ -148,10 +148,13 @@ class Debouncer:
         self._calls = 0
         self._task: asyncio.Task[None] | None = None
         self._last_end = -float("inf")
+        self._closed = False
 
     def __call__(self, *, settled: bool = False) -> None:
         """`settled`: the caller already coalesced its burst (say a Kubernetes view built after the
         informers went quiet); no quiet `delay` is waited for before running, only `spacing`."""
+        if self._closed:  # shutting down: say proxies going away, nothing is pushed any more
+            return
         self._calls += 1
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._wait(time.monotonic(), settled))
@@ -177,6 +180,8 @@ class Debouncer:
             self()
 
     def cancel(self) -> None:
+        """Stop for good: a run waiting is cancelled, later calls are ignored."""
+        self._closed = True
         if self._task:
             self._task.cancel()
 

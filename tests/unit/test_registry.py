@@ -163,16 +163,26 @@ async def test_a_settled_change_runs_without_waiting_for_quiet_but_still_coalesc
     debounce.cancel()
 
 
-async def test_proxies_coming_and_going_are_merged_then_pushed_as_settled() -> None:
-    """Registrations are coalesced here (REBUILD_DELAY): the push need not wait for quiet again.
-    A mesh file edit is not merged here, so the server's debounce applies to it."""
+async def test_proxies_coming_and_going_are_merged_and_a_cluster_view_can_say_it_is_settled() -> None:
+    """Registrations are merged here (REBUILD_DELAY), then debounced by the server like a mesh-file
+    edit: a storm of them must not become a push every few milliseconds."""
     seen: list[tuple[int, bool]] = []
     registry = Registry(meshfile.parse(MESH), lambda m, settled: seen.append((len(m.workloads), settled)))
     for i in range(5):
         registry.register(f"p{i}", proxy(f"web-{i}"))
     await asyncio.sleep(0.1)
-    assert seen == [(5, True)]  # five proxies, one change
+    assert seen == [(5, False)]  # five proxies, one change
     registry.set_static(meshfile.parse(MESH.replace("port: 80", "port: 81")))
     assert seen[-1] == (5, False)
     registry.set_cluster((), (proxy("pod-1"),), settled=True)
     assert seen[-1] == (6, True)
+
+
+async def test_a_cancelled_debouncer_takes_no_more_calls() -> None:
+    """Shutting down: proxies going away still change the model, but nothing may be built or pushed."""
+    fired: list[float] = []
+    debounce = Debouncer(0.01, 0.1, fired.append)
+    debounce.cancel()
+    debounce(settled=True)
+    await asyncio.sleep(0.05)
+    assert fired == []
