@@ -63,28 +63,22 @@ class ConfigCache:
         self._secrets: dict[str, tuple[bytes, bytes, Snapshot]] = {}
         """identity -> (its certificate, the trust bundle, both secrets)"""
         if previous is None:
-            self._start(model, None, {}, {})
+            self._start(model, None, {})
         else:
-            self._start(model, previous._config, previous._packed, previous._views)
+            self._start(model, previous._config, previous._packed)
 
     @property
     def model(self) -> MeshModel:
         return self._model
 
     def update(self, model: MeshModel) -> None:
-        self._start(model, self._config, self._packed, self._views)
+        self._start(model, self._config, self._packed)
 
     def _start(
-        self,
-        model: MeshModel,
-        config: MeshConfig | None,
-        packed: dict[int, tuple[message.Message, Resource]],
-        views: dict[ProxyView, dict[str, Snapshot]],
+        self, model: MeshModel, config: MeshConfig | None, packed: dict[int, tuple[message.Message, Resource]]
     ) -> None:
         # The new config reuses the messages of the last one whose inputs did not change, and their
-        # packings are carried over with them, and the snapshots that did not change: one generation
-        # back, so nothing older is kept alive.
-        self._views_before = views
+        # packings are carried over with them: one generation back, so nothing older is kept alive.
         self._model = model
         self._config = self._config_factory(model, config)
         self._views: dict[ProxyView, dict[str, Snapshot]] = {}
@@ -105,13 +99,10 @@ class ConfigCache:
 
     def adopt(self, staged: ConfigCache) -> None:
         """Serve `staged`'s model and views from now on (secrets stay: they do not depend on the model).
-        The snapshots it replaced are retired: streams may hold them for a while, their bodies are dead weight."""
-        kept = {id(s) for snap in staged._views.values() for s in snap.values()}
+        Its snapshots are all its own: the ones it replaces are retired (streams may hold them a while)."""
         for snap in self._views.values():
             for s in snap.values():
-                if id(s) not in kept:
-                    s.retire()
-        self._views_before = staged._views_before
+                s.retire()
         self._model, self._config = staged._model, staged._config
         self._views, self._view_of = staged._views, staged._view_of
         self._packed, self._packed_before = staged._packed, staged._packed_before
@@ -149,8 +140,7 @@ class ConfigCache:
         if snap is None:
             generated = self._config.resources(view)
             check_consistent(generated)
-            before = self._views_before.get(view, {})
-            snap = {t: self._snapshot(msgs, before.get(t)) for t, msgs in generated.items()}
+            snap = {t: self._snapshot(msgs) for t, msgs in generated.items()}
             self._views[view] = snap
         found = snap.get(type_url)
         if found is None:
@@ -160,17 +150,12 @@ class ConfigCache:
     def views(self) -> int:
         return len(self._views)
 
-    def _snapshot(self, msgs: list[message.Message], before: Snapshot | None) -> Snapshot:
+    def _snapshot(self, msgs: list[message.Message]) -> Snapshot:
         # Views share whole lists (every view of a scope has the same endpoints, every view of a namespace
         # the same routes): one snapshot per list, so what is worked out on a snapshot is shared too.
         hit = self._snapshots.get(id(msgs))
         if hit is None or hit[0] is not msgs:
-            found = Snapshot((r.name, r) for r in map(self._pack_once, msgs))
-            if before is not None and before.versions() == found.versions():
-                # Unchanged by this model: the streams that hold `before` stay on it, with what was
-                # worked out on it (encoded bodies), and have nothing to compare.
-                found = before
-            hit = self._snapshots[id(msgs)] = (msgs, found)
+            hit = self._snapshots[id(msgs)] = (msgs, Snapshot((r.name, r) for r in map(self._pack_once, msgs)))
         return hit[1]
 
     def _pack_once(self, msg: message.Message) -> Resource:
