@@ -134,16 +134,17 @@ class DeltaStreamState:
                 subscribed.discard(WILDCARD_NAME)
             t.names |= subscribed
             t.owed |= subscribed  # a (re)subscription wants the resource even if it held it once
-        for name in req.resource_names_unsubscribe:
-            if name == WILDCARD_NAME:
-                t.wildcard = False
-            else:
-                t.names -= {name}
-                t.absent.discard(name)
-                _own(t).pop(name, None)
-                t.owed.discard(name)
+        unsubscribed = set(req.resource_names_unsubscribe)
+        if WILDCARD_NAME in unsubscribed:
+            t.wildcard = False
+            unsubscribed.discard(WILDCARD_NAME)
+        for name in unsubscribed:
+            t.absent.discard(name)
+            _own(t).pop(name, None)
+            t.owed.discard(name)
         if req.resource_names_subscribe or req.resource_names_unsubscribe:
-            t.names = shared_names(t.names, self._source(req.type_url))
+            # One new set per request, not per name: the set may be a snapshot's, shared and frozen.
+            t.names = shared_names(t.names - unsubscribed, self._source(req.type_url))
         if t.held and first:
             t.owed -= set(t.held)  # reconnecting: what it holds at our version is not owed
         # A first request must be answered, even with nothing, to end a new Envoy's wait; one that
