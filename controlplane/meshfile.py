@@ -108,8 +108,9 @@ def read(path: str | Path) -> str:
         raise MeshFileError(str(path), f"not UTF-8 text ({e.reason})") from None
 
 
-def parse(text: str, source: str = "<mesh>") -> MeshModel:
-    """Parse mesh-file YAML `text`; `source` names it in errors."""
+def parse(text: str, source: str = "<mesh>", *, empty: bool = True) -> MeshModel:
+    """Parse mesh-file YAML `text`; `source` names it in errors. Without `empty`, a text with no YAML
+    document at all is an error, not a mesh without services (a reload: see `MeshFileWatcher`)."""
     try:
         doc = yaml.load(text, Loader=_LineLoader)
     except MeshFileError as e:
@@ -120,6 +121,10 @@ def parse(text: str, source: str = "<mesh>") -> MeshModel:
     except yaml.YAMLError as e:
         raise MeshFileError(source, f"invalid YAML: {e}") from None
     if doc is None:
+        if not empty:
+            raise MeshFileError(
+                source, "the file is empty (no YAML document); to remove every service, write `services: []`"
+            )
         doc = _Map()
         doc.lines = {}
     return _Parser(source).mesh(doc)

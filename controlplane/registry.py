@@ -223,7 +223,8 @@ class MeshFileWatcher:
     Kubernetes ConfigMap volumes use, costs one stat per interval, and needs no extra package.
     A change is applied only once the file has stopped changing for `settle` seconds: a file
     written in place (`cat >`, `kubectl cp`, editors that truncate then write) is read half
-    written otherwise, and a valid first half would drop services mesh-wide.
+    written otherwise, and a valid first half would drop services mesh-wide. For the same reason a
+    reload that finds the file empty is refused (write `services: []` to remove every service).
     """
 
     def __init__(
@@ -290,7 +291,13 @@ class MeshFileWatcher:
         now = self._clock()
         if self._pending is None or self._pending[0] != stamp:
             self._pending = (stamp, now)
-        # Settled: unchanged across polls for `settle`, or last written at least that long ago.
+            if self.settle > 0:
+                # Never on first sight: a stat races the write it sees. A file being truncated by its
+                # writer was seen empty with the previous write's mtime (so "written long ago"), and
+                # that empty mesh was applied: every service gone mesh-wide for a moment, and every
+                # sidecar sent its whole config again (benchmarks/mesh_scale.py, 1 change in 70).
+                return None
+        # Settled: the same on two polls, and unchanged for `settle` (or last written that long ago).
         quiet_since = self._pending[1] if stamp is None else min(self._pending[1], stamp[0] / 1e9)
         if now - quiet_since < self.settle:
             return None
@@ -300,7 +307,7 @@ class MeshFileWatcher:
             digest = hashlib.sha256(text.encode()).digest()
             if digest == self._digest:
                 return None
-            model = meshfile.parse(text, str(self.path))
+            model = meshfile.parse(text, str(self.path), empty=False)
         except MeshFileError as e:
             return e
         self._digest = digest

@@ -115,6 +115,43 @@ def test_watcher_waits_until_a_file_written_in_place_stops_changing(tmp_path: Pa
     assert [s.name for s in applied[-1].services] == ["web", "api", "db"]
 
 
+def test_a_file_seen_mid_write_with_its_previous_mtime_is_not_applied(tmp_path: Path) -> None:
+    """A stat can race a truncating write: the new size with the previous write's mtime. That state looks
+    long settled, but it is seen once: it is never applied on first sight."""
+    path = tmp_path / "mesh.yaml"
+    path.write_text(MESH + "  - {name: api, ports: [{port: 81}]}\n")
+    now = [1000.0]
+    applied: list[MeshModel] = []
+    watcher = MeshFileWatcher(path, applied.append, settle=0.25, clock=lambda: now[0])
+    watcher.load_initial()
+    path.write_text(MESH)  # what the racing stat saw: part of the file, last written long ago
+    os.utime(path, (now[0] - 60, now[0] - 60))
+    assert not watcher.check() and not applied
+    now[0] += 0.2
+    path.write_text(MESH + "  - {name: api, ports: [{port: 81}]}\n  - {name: db, ports: [{port: 5432}]}\n")
+    os.utime(path, (now[0], now[0]))
+    assert not watcher.check() and not applied  # another state: first sight again
+    now[0] += 0.2
+    assert not watcher.check() and not applied  # seen twice, but written only 0.2 s ago
+    now[0] += 0.2
+    assert watcher.check()
+    assert [[s.name for s in m.services] for m in applied] == [["web", "api", "db"]]
+
+
+def test_an_empty_file_is_refused_on_reload_and_services_can_still_all_go(tmp_path: Path) -> None:
+    path = tmp_path / "mesh.yaml"
+    path.write_text(MESH)
+    applied: list[MeshModel] = []
+    errors: list[str] = []
+    watcher = MeshFileWatcher(path, applied.append, settle=0, on_error=lambda e: errors.append(str(e)))
+    watcher.load_initial()
+    path.write_text("# nothing yet\n")
+    assert not watcher.check() and not applied
+    assert errors == [f"{path}: the file is empty (no YAML document); to remove every service, write `services: []`"]
+    path.write_text("services: []\n")
+    assert watcher.check() and applied[-1].services == ()
+
+
 def test_a_mesh_file_entry_naming_another_identity_for_a_connected_proxy_is_dropped() -> None:
     static = meshfile.parse(
         MESH + "workloads:\n  - {name: web-1, serviceAccount: other, labels: {app: web}, address: 10.9.9.9}\n"
