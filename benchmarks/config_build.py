@@ -13,6 +13,9 @@ what the build costs, wall time what a proxy waits):
 - `one endpoint`: the same after one workload moves to another address, starting from the
   previous model's config (what a pod replaced in a rollout costs), and how many resources of
   each type changed.
+
+The garbage collector is set up as `meshctl serve` sets it up (`app.tune_gc`); `--default-gc` keeps
+Python's defaults, to see what that setting is worth.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import statistics
 import time
 from collections.abc import Callable
 
-from meshplane.controlplane import meshfile
+from meshplane.controlplane import app, meshfile
 from meshplane.controlplane.cache import ConfigCache
 from meshplane.controlplane.model import MeshModel
 from meshplane.controlplane.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resources
@@ -73,9 +76,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--services", type=int, default=1000)
     p.add_argument("--runs", type=int, default=7)
+    p.add_argument("--default-gc", action="store_true", help="Python's collector settings, not the server's")
     args = p.parse_args()
     if not 0 < args.services <= MAX_SERVICES or not 0 < args.runs <= 100:
         p.error(f"--services in 1..{MAX_SERVICES}, --runs in 1..100")
+    if not args.default_gc:
+        app.tune_gc()
     text = mesh(args.services)
     parse, full, incremental = [], [], []
     changed: dict[str, int] = {}
@@ -105,7 +111,10 @@ def main() -> None:
             for t in TYPES
         }
     counts = {t.rsplit(".", 1)[-1]: len(res) for t, res in before.items()}
-    print(f"{args.services} services, {2 * args.services} workloads; one view: {counts}, {size / 1e6:.2f} MB packed")
+    gc = "Python's default collector" if args.default_gc else "the collector as meshctl serve sets it"
+    print(
+        f"{args.services} services, {2 * args.services} workloads; one view: {counts}, {size / 1e6:.2f} MB packed; {gc}"
+    )
     print(
         f"median of {args.runs} (CPU ms): parse {statistics.median(parse):.0f}, "
         f"full build {statistics.median(full):.0f}, one endpoint {statistics.median(incremental):.0f} "

