@@ -81,8 +81,10 @@ class Registry:
         return self._model
 
     def set_static(self, static: MeshModel) -> None:
+        """A new mesh file. Settled: its watcher applies an edit only once the file stopped changing,
+        so the server's wait for quiet would only add to every edit's latency."""
         self._static = static
-        self._rebuild()
+        self._apply(settled=True)
 
     def _merged(self) -> MeshModel:
         """The mesh file plus the cluster. The cluster wins a service or workload both name (it is the
