@@ -254,6 +254,8 @@ class XdsServer:
         metrics.views.set_function(cache.views)
         metrics.behind.set_function(self._unacked_streams)
         self.connections: dict[int, Connection] = {}
+        self._streams_of: dict[str, int] = {}
+        """proxy id -> its open streams (counted, not searched for: a storm opens thousands)"""
         self._ids = itertools.count(1)
         self._pending_model: MeshModel | None = None
         self._change_started = time.monotonic()
@@ -584,7 +586,7 @@ class XdsServer:
             )
         if identity is not None and (refusal := self._pod_refusal(identity, node)) is not None:
             await self._refuse(context, peer, refusal)
-        if sum(1 for c in self.connections.values() if c.node.id == node.id) >= MAX_STREAMS_PER_PROXY:
+        if self._streams_of.get(node.id, 0) >= MAX_STREAMS_PER_PROXY:
             self.metrics.auth_failures.labels("too-many-streams").inc()
             log.warning("refused %s: proxy %s already has %d open streams", peer, node.id, MAX_STREAMS_PER_PROXY)
             await context.abort(
@@ -594,6 +596,7 @@ class XdsServer:
         source = self._source_for(node)
         conn = Connection(next(self._ids), peer, node, DeltaStreamState(source) if delta else StreamState(source))
         self.connections[conn.id] = conn
+        self._streams_of[node.id] = self._streams_of.get(node.id, 0) + 1
         self.metrics.connected.set(len(self.connections))
         self.registry.register(node.id, node.workload)
         log.info(
@@ -652,7 +655,9 @@ class XdsServer:
             self.connections.pop(conn.id, None)
             self.metrics.connected.set(len(self.connections))
             self.metrics.streams_ended.labels(how).inc()
-            if not any(c.node.id == node.id for c in self.connections.values()):
+            if (left := self._streams_of.pop(node.id) - 1) > 0:
+                self._streams_of[node.id] = left
+            else:
                 self.registry.drain(node.id)
             log.info(
                 "proxy %s disconnected (stream %d %s); it stays a draining endpoint for %.0fs",

@@ -254,7 +254,15 @@ async def test_streams_per_proxy_are_bounded(plane: ControlPlane) -> None:
         other = Client(channel)  # another proxy of the same identity is not affected
         other.send(type_url=CLUSTER, node=node("web-2"))
         assert (await other.recv()).resources
-        for c in clients:
+        clients.pop().call.cancel()  # one closed: room for one again
+        for _ in range(50):
+            if len(plane.xds.connections) == MAX_STREAMS_PER_PROXY:
+                break
+            await asyncio.sleep(0.05)
+        again = Client(channel)
+        again.send(type_url=CLUSTER, node=node())
+        assert (await again.recv()).resources
+        for c in [*clients, again, other]:
             c.call.cancel()
 
 
