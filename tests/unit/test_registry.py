@@ -39,13 +39,24 @@ def test_static_workload_wins_over_a_proxy_of_the_same_name() -> None:
     assert [w.address for w in registry.model.workloads] == ["10.9.9.9"]
 
 
-def test_watcher_applies_good_edits_and_keeps_last_good(tmp_path: Path) -> None:
+def watched(
+    tmp_path: Path, text: str, *, settle: float, now: list[float] | None = None
+) -> tuple[Path, MeshFileWatcher, list[MeshModel], list[str]]:
+    """A mesh file of `text` and its watcher (on the clock `now[0]` if given): what it applied, its errors."""
     path = tmp_path / "mesh.yaml"
-    path.write_text(MESH)
+    path.write_text(text)
     applied: list[MeshModel] = []
     errors: list[str] = []
-    watcher = MeshFileWatcher(path, applied.append, settle=0, on_error=lambda e: errors.append(str(e)))
+    clock = (lambda: now[0]) if now is not None else time.time
+    watcher = MeshFileWatcher(
+        path, applied.append, settle=settle, clock=clock, on_error=lambda e: errors.append(str(e))
+    )
     watcher.load_initial()
+    return path, watcher, applied, errors
+
+
+def test_watcher_applies_good_edits_and_keeps_last_good(tmp_path: Path) -> None:
+    path, watcher, applied, errors = watched(tmp_path, MESH, settle=0)
     assert not watcher.check()
     path.write_text(MESH + "  - {name: api, ports: [{port: 81}]}\n")
     assert watcher.check() and len(applied[-1].services) == 2
@@ -96,12 +107,8 @@ def test_a_proxy_that_reconnects_with_new_labels_is_seen_with_them() -> None:
 
 def test_watcher_waits_until_a_file_written_in_place_stops_changing(tmp_path: Path) -> None:
     """`cat > mesh.yaml` truncates then writes: a valid first half must never be applied."""
-    path = tmp_path / "mesh.yaml"
-    path.write_text(MESH + "  - {name: api, ports: [{port: 81}]}\n")
     now = [1000.0]
-    applied: list[MeshModel] = []
-    watcher = MeshFileWatcher(path, applied.append, settle=0.5, clock=lambda: now[0])
-    watcher.load_initial()
+    path, watcher, applied, _ = watched(tmp_path, MESH + "  - {name: api, ports: [{port: 81}]}\n", settle=0.5, now=now)
     path.write_text(MESH)  # half written: valid YAML with one service fewer
     os.utime(path, (now[0], now[0]))
     assert not watcher.check() and not applied  # too fresh
@@ -118,12 +125,8 @@ def test_watcher_waits_until_a_file_written_in_place_stops_changing(tmp_path: Pa
 def test_a_file_seen_mid_write_with_its_previous_mtime_is_not_applied(tmp_path: Path) -> None:
     """A stat can race a truncating write: the new size with the previous write's mtime. That state looks
     long settled, but it is seen once: it is never applied on first sight."""
-    path = tmp_path / "mesh.yaml"
-    path.write_text(MESH + "  - {name: api, ports: [{port: 81}]}\n")
     now = [1000.0]
-    applied: list[MeshModel] = []
-    watcher = MeshFileWatcher(path, applied.append, settle=0.25, clock=lambda: now[0])
-    watcher.load_initial()
+    path, watcher, applied, _ = watched(tmp_path, MESH + "  - {name: api, ports: [{port: 81}]}\n", settle=0.25, now=now)
     path.write_text(MESH)  # what the racing stat saw: part of the file, last written long ago
     os.utime(path, (now[0] - 60, now[0] - 60))
     assert not watcher.check() and not applied
@@ -139,12 +142,7 @@ def test_a_file_seen_mid_write_with_its_previous_mtime_is_not_applied(tmp_path: 
 
 
 def test_an_empty_file_is_refused_on_reload_and_services_can_still_all_go(tmp_path: Path) -> None:
-    path = tmp_path / "mesh.yaml"
-    path.write_text(MESH)
-    applied: list[MeshModel] = []
-    errors: list[str] = []
-    watcher = MeshFileWatcher(path, applied.append, settle=0, on_error=lambda e: errors.append(str(e)))
-    watcher.load_initial()
+    path, watcher, applied, errors = watched(tmp_path, MESH, settle=0)
     path.write_text("# nothing yet\n")
     assert not watcher.check() and not applied
     assert errors == [f"{path}: the file is empty (no YAML document); to remove every service, write `services: []`"]
