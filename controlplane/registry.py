@@ -297,7 +297,7 @@ class MeshFileWatcher:
                 # Never on first sight: a stat races the write it sees. A file being truncated by its
                 # writer was seen empty with the previous write's mtime (so "written long ago"), and
                 # that empty mesh was applied: every service gone mesh-wide for a moment, and every
-                # sidecar sent its whole config again (benchmarks/mesh_scale.py, 1 change in 70).
+                # sidecar sent its whole config again (seen under benchmarks/mesh_scale.py's edits).
                 return None
         # Settled: the same on two polls, and unchanged for `settle` (or last written that long ago).
         quiet_since = self._pending[1] if stamp is None else min(self._pending[1], stamp[0] / 1e9)
